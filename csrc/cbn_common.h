@@ -1,0 +1,52 @@
+// Device-agnostic pieces of the operators: argument checks, the choice of layout, the
+// allocation of the outputs, and the first-batch initialisation of the mixture.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace cbn_ext {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Shape of an input viewed as (N, C, S) and the layout the kernels walk.
+struct Shape {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool interleaved;  // channels innermost (NHWC-like, or S == 1); else planar (NCHW)
+  int64_t M() const { return N * S; }
+};
+
+// The input in a layout the kernels handle: unchanged when it is contiguous or has its
+// channels innermost with dense positions (channels_last, channels_last_3d, (N, C)),
+// otherwise a contiguous copy. Fills `shape`.
+Tensor canonical_input(const Tensor& input, Shape& shape);
+
+// Same strides as the canonical input (the output keeps the input's memory format).
+Tensor empty_like_input(const Tensor& x);
+
+// (N, K, *S) with the layout of x (channels innermost <-> components innermost); an empty
+// tensor when K == 1, where tau is identically 1.
+Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType acc);
+
+at::ScalarType acc_type_of(at::ScalarType input);
+
+// Checks shared by every operator; raise ValueError / TypeError / RuntimeError with a
+// message that names the argument.
+void check_input(const Tensor& input, const char* op);
+void check_param(const OptTensor& t, const char* name, const Tensor& input, int64_t K,
+                 int64_t C, bool per_channel);
+void check_groups(const OptTensor& groups, const Tensor& input, int64_t K);
+void check_num_components(int64_t K);
+
+// The first-batch initialisation of the running mixture (SPEC "Initialisation"), with
+// ATen operations so it runs on any device. x is the canonical input. Returns mean (K, C),
+// var (K, C), prior (K,) in the accumulation dtype.
+std::tuple<Tensor, Tensor, Tensor> initial_mixture(const Tensor& x, int64_t K, double eps);
+
+}  // namespace cbn_ext

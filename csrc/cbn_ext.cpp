@@ -1,0 +1,104 @@
+// The cbn_ext operator library: schemas (one TORCH_LIBRARY block) and the Python module
+// that loads them. Backends register their kernels with TORCH_LIBRARY_IMPL in
+// csrc/cpu/cbn_cpu.cpp and csrc/cuda/.
+//
+// Operators (SPEC notation; K components, C channels, M positions):
+//   forward_train: E-step (or given groups), M-step and normalization with batch
+//     statistics. Returns the output, tau (layout of the input, C -> K; empty for K = 1),
+//     the batch mean and biased variance (K, C) (the mixture's for inactive components),
+//     the counts N_k (K,), and the mixture the E-step used (mean, var, prior), which is
+//     the running one or, at the first batch (num_batches_tracked == 0, soft E-step),
+//     its initialisation. Pure: the running buffers are updated by update_running_stats.
+//   forward_eval: E-step (or given groups) and normalization with the running statistics.
+//   backward_train / backward_eval: gradients of the input, weight and bias.
+//   update_running_stats: the running update from forward_train's statistics, in place;
+//     nothing changes when an active statistic is not finite.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#if defined(CBN_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+#include <torch/csrc/api/include/torch/version.h>
+
+namespace cbn_ext {
+namespace cpu {
+const char* cpu_isa();
+}
+}  // namespace cbn_ext
+
+TORCH_LIBRARY(cbn_ext, m) {
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, Tensor? running_prior, Tensor? num_batches_tracked, Tensor? groups, "
+      "int num_components, float eps) -> (Tensor out, Tensor tau, Tensor mean, Tensor var, "
+      "Tensor count, Tensor mix_mean, Tensor mix_var, Tensor mix_prior)");
+  m.def(
+      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, Tensor? running_prior, Tensor? groups, int num_components, "
+      "float eps) -> (Tensor out, Tensor tau)");
+  m.def(
+      "backward_train(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
+      "Tensor mean, Tensor var, Tensor count, Tensor mix_mean, Tensor mix_var, bool soft, "
+      "float eps, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "backward_eval(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
+      "Tensor running_mean, Tensor running_var, bool soft, float eps, bool[3] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!)? running_prior, Tensor(d!)? num_batches_tracked, Tensor mix_mean, "
+      "Tensor mix_var, Tensor mix_prior, Tensor mean, Tensor var, Tensor count, "
+      "SymInt num_positions, float? momentum) -> ()");
+}
+
+namespace {
+
+#define CBN_STR2(x) #x
+#define CBN_STR(x) CBN_STR2(x)
+
+// What this binary was built with: {"cpu": True, "cuda": bool, "torch": str,
+// "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str}.
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  auto set = [&](const char* key, PyObject* value) {
+    PyDict_SetItemString(d, key, value);
+    Py_DECREF(value);
+  };
+  set("cpu", PyBool_FromLong(1));
+#if defined(CBN_WITH_CUDA)
+  set("cuda", PyBool_FromLong(1));
+  const std::string cuda = std::to_string(CUDART_VERSION / 1000) + "." +
+                           std::to_string((CUDART_VERSION % 1000) / 10);
+  set("cuda_version", PyUnicode_FromString(cuda.c_str()));
+  set("cuda_archs", PyUnicode_FromString(CBN_STR(CBN_CUDA_ARCHS)));
+#else
+  set("cuda", PyBool_FromLong(0));
+  Py_INCREF(Py_None);
+  set("cuda_version", Py_None);
+  Py_INCREF(Py_None);
+  set("cuda_archs", Py_None);
+#endif
+  const std::string torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                                    std::to_string(TORCH_VERSION_MINOR) + "." +
+                                    std::to_string(TORCH_VERSION_PATCH);
+  set("torch", PyUnicode_FromString(torch_version.c_str()));
+  set("cpu_isa", PyUnicode_FromString(cbn_ext::cpu::cpu_isa()));
+  return d;
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this binary was built with."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+// Importing cbn_ext._C loads this library, which registers the operators.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

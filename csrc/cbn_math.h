@@ -1,0 +1,217 @@
+// The per-element and per-(component, channel) math of Compound Batch Normalization,
+// shared by the CPU and the CUDA kernels (../shared/SPEC.md is the contract).
+//
+// Every function is always-inlined and host-device. The element-wise formulas are
+// templates over the value type T so that the CPU kernels call them on whole SIMD vectors
+// (GCC vector extensions) and the CUDA kernels on single values: the CPU tests then check
+// the very formulas the GPU runs. Always-inlining also keeps these templates from being
+// emitted out of line with a per-file instruction set (the CPU kernels are compiled once
+// per instruction set, see csrc/cpu/).
+//
+// Notation (SPEC): x[p,c] input, tau[p,k] responsibilities, m/v batch (or running) mean
+// and variance, r = 1/sqrt(v + eps), alpha = gamma r, delta = beta - alpha m,
+// mu/a = running mean and precision 1/(running_var + eps) of the E-step mixture.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#define CBN_INLINE C10_HOST_DEVICE C10_ALWAYS_INLINE
+
+namespace cbn_ext {
+namespace math {
+
+// Responsibilities use log(max(prior, kMinPrior)) so that an emptied component keeps a
+// finite log-likelihood.
+constexpr double kMinPrior = 1e-6;
+
+// ---------------------------------------------------------------------------------------
+// E-step: l[p,k] = b_k - 1/2 sum_c a_kc (x[p,c] - mu_kc)^2, tau = softmax_k(l).
+// ---------------------------------------------------------------------------------------
+
+// Per (k, c): 1/2 a_kc, the weight of the squared distance in the log-likelihood.
+template <typename acc_t>
+CBN_INLINE acc_t half_precision(acc_t var, acc_t eps) {
+  return acc_t(0.5) / (var + eps);
+}
+
+// Per (k, c): the channel's share of b_k, -1/2 log(var_kc + eps).
+template <typename acc_t>
+CBN_INLINE acc_t neg_half_log_var(acc_t var, acc_t eps) {
+  using std::log;
+  return acc_t(-0.5) * log(var + eps);
+}
+
+// Per k: the prior's share of b_k, log(max(prior_k, 1e-6)).
+template <typename acc_t>
+CBN_INLINE acc_t log_prior(acc_t prior) {
+  using std::log;
+  const acc_t floor = acc_t(kMinPrior);
+  return log(prior > floor ? prior : floor);
+}
+
+// Per element: 1/2 a (x - mu)^2. Written on the difference (never as a x^2 - 2 a mu x
+// + a mu^2), so inputs with a large mean keep their precision.
+template <typename T, typename P>
+CBN_INLINE T mahalanobis_term(T x, P mu, P half_a) {
+  const T d = x - mu;
+  return half_a * d * d;
+}
+
+template <typename T>
+CBN_INLINE T max_of(T a, T b) {
+  return a > b ? a : b;  // element-wise on GCC vectors, NaN-propagating from b
+}
+
+// In place over K log-likelihoods l[0..K): tau_k = exp(l_k - max) / sum_j exp(l_j - max).
+// `stride` separates consecutive components; exp_fn is exp on T.
+template <typename T, typename Exp>
+CBN_INLINE void softmax_in_place(T* l, int64_t K, int64_t stride, Exp exp_fn) {
+  T mx = l[0];
+  for (int64_t k = 1; k < K; ++k) mx = max_of(mx, l[k * stride]);
+  T sum = exp_fn(l[0] - mx);
+  l[0] = sum;
+  for (int64_t k = 1; k < K; ++k) {
+    const T e = exp_fn(l[k * stride] - mx);
+    l[k * stride] = e;
+    sum = sum + e;
+  }
+  const T inv = 1 / sum;
+  for (int64_t k = 0; k < K; ++k) l[k * stride] = l[k * stride] * inv;
+}
+
+// ---------------------------------------------------------------------------------------
+// M-step: per-component weighted mean and sum of squared deviations (M2), merged over
+// tiles with Chan's count-weighted formula, so no E[x^2] - E[x]^2 cancellation.
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct WeightedMoments {
+  acc_t n;     // sum of weights
+  acc_t mean;  // weighted mean
+  acc_t m2;    // weighted sum of squared deviations from mean
+};
+
+// Merge b into a (Chan et al.): exact for any split of the positions.
+template <typename acc_t>
+CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_t>& b) {
+  const acc_t n = a.n + b.n;
+  if (b.n == acc_t(0)) return;
+  if (a.n == acc_t(0)) {
+    a = b;
+    return;
+  }
+  const acc_t delta = b.mean - a.mean;
+  const acc_t wb = b.n / n;
+  a.mean = a.mean + delta * wb;
+  a.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+  a.n = n;
+}
+
+// A component takes part in the M-step (and the running update) when it holds more
+// than one position's worth of responsibility.
+template <typename acc_t>
+CBN_INLINE bool is_active(acc_t count) {
+  return count > acc_t(1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalization: y[p,c] = sum_k tau[p,k] (alpha_kc x[p,c] + delta_kc).
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+CBN_INLINE acc_t inv_std(acc_t var, acc_t eps) {
+  using std::sqrt;
+  return acc_t(1) / sqrt(var + eps);
+}
+
+// alpha = gamma r, delta = beta - alpha m.
+template <typename acc_t>
+CBN_INLINE void affine_coefs(acc_t gamma, acc_t beta, acc_t mean, acc_t var, acc_t eps,
+                             acc_t& alpha, acc_t& delta) {
+  alpha = gamma * inv_std(var, eps);
+  delta = beta - alpha * mean;
+}
+
+template <typename T, typename P>
+CBN_INLINE T normalize_term(T x, P alpha, P delta) {
+  return alpha * x + delta;
+}
+
+// ---------------------------------------------------------------------------------------
+// Running update (active components; the prior for every component).
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+CBN_INLINE acc_t ema(acc_t running, acc_t batch, acc_t eta) {
+  return (acc_t(1) - eta) * running + eta * batch;
+}
+
+// Unbiased variance from the biased one: v N / (N - 1).
+template <typename acc_t>
+CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
+  return var * count / (count - acc_t(1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward. With D = x - m, Sg = sum_p g tau, Sgx = sum_p g tau D:
+//   dbeta = Sg, dgamma = Sgx r, Dm = -r gamma Sg, Dv = -1/2 r^3 gamma Sgx,
+//   e1 = Dm / N, e2 = Dv / N                       (0 for inactive k and at eval)
+//   dtau[p,k] = sum_c [ g (alpha D + beta) + D (e1 + e2 D) ] - sum_c e2 v
+//   dl[p,k]   = tau_k (dtau_k - sum_j tau_j dtau_j)
+//   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct GradCoefs {
+  acc_t alpha;   // gamma r
+  acc_t e1;      // Dm / N
+  acc_t e2;      // Dv / N
+  acc_t dgamma;  // Sgx r
+  acc_t dbeta;   // Sg
+};
+
+template <typename acc_t>
+CBN_INLINE GradCoefs<acc_t> grad_coefs(acc_t gamma, acc_t var, acc_t count, acc_t sum_g,
+                                       acc_t sum_gx, acc_t eps, bool batch_stats) {
+  const acc_t r = inv_std(var, eps);
+  GradCoefs<acc_t> out;
+  out.alpha = gamma * r;
+  out.dgamma = sum_gx * r;
+  out.dbeta = sum_g;
+  if (batch_stats && is_active(count)) {
+    const acc_t dm = -r * gamma * sum_g;
+    const acc_t dv = acc_t(-0.5) * r * r * r * gamma * sum_gx;
+    out.e1 = dm / count;
+    out.e2 = dv / count;
+  } else {
+    out.e1 = acc_t(0);
+    out.e2 = acc_t(0);
+  }
+  return out;
+}
+
+// Per element of dtau, without the constant -e2 v (summed over c separately):
+// g (alpha D + beta) + D (e1 + e2 D).
+template <typename T, typename P>
+CBN_INLINE T dtau_term(T g, T d, P alpha, P beta, P e1, P e2) {
+  return g * (alpha * d + beta) + d * (e1 + e2 * d);
+}
+
+// Per element of dx, the part through the normalization of component k:
+// tau (alpha g + e1 + 2 e2 D).
+template <typename T, typename P>
+CBN_INLINE T dx_norm_term(T tau, T g, T d, P alpha, P e1, P two_e2) {
+  return tau * (alpha * g + e1 + two_e2 * d);
+}
+
+// Per element of dx, the part through the responsibilities: -dl a (x - mu).
+template <typename T, typename P>
+CBN_INLINE T dx_resp_term(T dl, T x, P a, P mu) {
+  return dl * a * (mu - x);
+}
+
+}  // namespace math
+}  // namespace cbn_ext

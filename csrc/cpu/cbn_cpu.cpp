@@ -1,0 +1,587 @@
+// CPU implementations of the cbn_ext operators: argument checks, the small per-(k, c)
+// steps (E-step coefficients, merging per-tile partials, affine and gradient
+// coefficients, running update) and the calls into the fused kernels of the instruction
+// set this processor supports.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../cbn_common.h"
+#include "../cbn_math.h"
+#include "cpu_kernels.h"
+
+namespace cbn_ext {
+namespace cpu {
+
+TilePlan make_tile_plan(const Geometry& g) {
+  // About 16k elements (64 KiB of float) per tile: the kernels pass over a tile two or
+  // three times while it sits in the L2 cache.
+  constexpr int64_t kTileElems = 16384;
+  TilePlan p{};
+  const int64_t M = g.N * g.S;
+  if (M == 0) return p;
+  if (g.interleaved) {
+    int64_t len = kTileElems / std::max<int64_t>(g.C, 1);
+    len = std::max<int64_t>(16, std::min<int64_t>(len, 4096));
+    p.len = len;
+    p.segs = 1;
+    p.chunks = 1;
+    p.num_tiles = (M + len - 1) / len;
+    return p;
+  }
+  const int64_t per_sample = g.S * g.C;
+  const int64_t target_len = std::max<int64_t>(64, kTileElems / std::max<int64_t>(g.C, 1));
+  if (g.S > 2 * target_len) {
+    // chunks of one sample, of nearly equal lengths rounded up to a multiple of 16
+    const int64_t chunks = (g.S + target_len - 1) / target_len;
+    int64_t len = (g.S + chunks - 1) / chunks;
+    len = (len + 15) / 16 * 16;
+    p.len = len;
+    p.segs = 1;
+    p.chunks = (g.S + len - 1) / len;
+    p.num_tiles = g.N * p.chunks;
+    return p;
+  }
+  p.len = g.S;
+  p.chunks = 1;
+  p.segs = std::max<int64_t>(1, kTileElems / std::max<int64_t>(per_sample, 1));
+  p.segs = std::min(p.segs, g.N);
+  p.num_tiles = (g.N + p.segs - 1) / p.segs;
+  return p;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Which compiled variant of the kernels runs on this processor.
+// ---------------------------------------------------------------------------------------
+
+bool use_avx2() {
+#if defined(CBN_HAVE_AVX2_KERNELS)
+  static const bool ok = [] {
+    const char* env = std::getenv("CBN_EXT_CPU_ISA");
+    if (env != nullptr && std::string(env) == "baseline") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if defined(CBN_HAVE_AVX2_KERNELS)
+#define CBN_CALL_KERNEL(name, args) \
+  (use_avx2() ? ::cbn_ext::cpu::avx2::name(args) : ::cbn_ext::cpu::baseline::name(args))
+#else
+#define CBN_CALL_KERNEL(name, args) ::cbn_ext::cpu::baseline::name(args)
+#endif
+
+Geometry geometry_of(const Shape& s) { return Geometry{s.N, s.C, s.S, s.interleaved}; }
+
+Resp resp_of(int64_t K, const OptTensor& groups) {
+  if (K == 1) return Resp::kOne;  // given groups are then all 0: tau == 1 either way
+  return groups.has_value() && groups->defined() ? Resp::kGiven : Resp::kSoft;
+}
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void check_group_values(const OptTensor& groups, int64_t K) {
+  if (!defined(groups)) return;
+  const Tensor g = groups->contiguous();
+  const int64_t* p = g.data_ptr<int64_t>();
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < K, "expected group ids in [0, ", K, "), got ", p[i],
+                      " for sample ", i);
+  }
+}
+
+// E-step coefficients of the mixture: mu, 1/2 a = 1/2 / (var + eps),
+// b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps).
+std::tuple<Tensor, Tensor, Tensor> estep_coefs(const Tensor& mix_mean, const Tensor& mix_var,
+                                               const Tensor& mix_prior, double eps) {
+  const int64_t K = mix_mean.size(0), C = mix_mean.size(1);
+  Tensor mu = mix_mean.contiguous();
+  Tensor ha = at::empty_like(mu);
+  Tensor b = at::empty({K}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "cbn_estep_coefs", [&] {
+    const Tensor var = mix_var.contiguous();
+    const Tensor prior = mix_prior.contiguous();
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    const scalar_t* pr = prior.data_ptr<scalar_t>();
+    scalar_t* h = ha.data_ptr<scalar_t>();
+    scalar_t* bb = b.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t k = 0; k < K; ++k) {
+      scalar_t acc = math::log_prior(pr[k]);
+      for (int64_t c = 0; c < C; ++c) {
+        h[k * C + c] = math::half_precision(v[k * C + c], e);
+        acc += math::neg_half_log_var(v[k * C + c], e);
+      }
+      bb[k] = acc;
+    }
+  });
+  return {mu, ha, b};
+}
+
+// alpha = gamma r, delta = beta - alpha m (K x C).
+std::tuple<Tensor, Tensor> affine_coefs(const OptTensor& weight, const OptTensor& bias,
+                                        const Tensor& mean, const Tensor& var, double eps) {
+  const int64_t K = mean.size(0), C = mean.size(1);
+  Tensor alpha = at::empty({K, C}, mean.options());
+  Tensor delta = at::empty({K, C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_affine_coefs", [&] {
+    const Tensor m = mean.contiguous(), v = var.contiguous();
+    const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+    const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
+    const scalar_t* pm = m.data_ptr<scalar_t>();
+    const scalar_t* pv = v.data_ptr<scalar_t>();
+    const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pb = bb.defined() ? bb.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pa = alpha.data_ptr<scalar_t>();
+    scalar_t* pd = delta.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < K * C; ++i) {
+      math::affine_coefs<scalar_t>(pw ? pw[i] : scalar_t(1), pb ? pb[i] : scalar_t(0), pm[i],
+                                   pv[i], static_cast<scalar_t>(eps), pa[i], pd[i]);
+    }
+  });
+  return {alpha, delta};
+}
+
+// Merge the per-tile partials in tile order: biased mean and variance per (k, c) and the
+// count per k. Inactive components (count <= 1) take the mixture's statistics.
+void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& part_m2,
+                   const Tensor& mix_mean, const Tensor& mix_var, Tensor& mean, Tensor& var,
+                   Tensor& count) {
+  const int64_t tiles = part_n.size(0), K = part_n.size(1), C = part_mean.size(2);
+  AT_DISPATCH_FLOATING_TYPES(part_mean.scalar_type(), "cbn_merge_moments", [&] {
+    const scalar_t* pn = part_n.data_ptr<scalar_t>();
+    const scalar_t* pmean = part_mean.data_ptr<scalar_t>();
+    const scalar_t* pm2 = part_m2.data_ptr<scalar_t>();
+    const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous();
+    const scalar_t* pmm = mm.data_ptr<scalar_t>();
+    const scalar_t* pmv = mv.data_ptr<scalar_t>();
+    scalar_t* om = mean.data_ptr<scalar_t>();
+    scalar_t* ov = var.data_ptr<scalar_t>();
+    scalar_t* on = count.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      double n = 0;
+      for (int64_t t = 0; t < tiles; ++t) n += static_cast<double>(pn[t * K + k]);
+      on[k] = static_cast<scalar_t>(n);
+    }
+    at::parallel_for(0, K * C, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = i / C, c = i % C;
+        math::WeightedMoments<scalar_t> acc{0, 0, 0};
+        for (int64_t t = 0; t < tiles; ++t) {
+          const math::WeightedMoments<scalar_t> part{pn[t * K + k], pmean[(t * K + k) * C + c],
+                                                     pm2[(t * K + k) * C + c]};
+          math::chan_merge(acc, part);
+        }
+        if (math::is_active(on[k])) {
+          om[i] = acc.mean;
+          ov[i] = acc.m2 / acc.n;
+        } else {
+          om[i] = pmm[i];
+          ov[i] = pmv[i];
+        }
+      }
+    });
+  });
+}
+
+// Sum per-tile partial sums (tiles, K, C) in tile order.
+Tensor sum_partials(const Tensor& part) {
+  const int64_t tiles = part.size(0), KC = part.size(1) * part.size(2);
+  Tensor out = at::zeros({part.size(1), part.size(2)}, part.options());
+  AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "cbn_sum_partials", [&] {
+    const scalar_t* p = part.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, KC, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t s = 0;
+        for (int64_t t = 0; t < tiles; ++t) s += p[t * KC + i];
+        o[i] = s;
+      }
+    });
+  });
+  return out;
+}
+
+Tensor grad_like(const Tensor& grad, const Tensor& x) {
+  if (grad.sizes() == x.sizes() && grad.strides() == x.strides() &&
+      grad.scalar_type() == x.scalar_type())
+    return grad;
+  Tensor g = empty_like_input(x);
+  g.copy_(grad);
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------
+// Operators
+// ---------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& running_prior,
+    const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
+  check_input(input, "compound_batch_norm");
+  check_num_components(K);
+  Shape shape;
+  const Tensor x = canonical_input(input, shape);
+  const int64_t C = shape.C, M = shape.M();
+  TORCH_CHECK_VALUE(M > 1, "Expected more than 1 value per channel when training, got input size ",
+                    input.sizes());
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  check_param(running_mean, "running_mean", input, K, C, true);
+  check_param(running_var, "running_var", input, K, C, true);
+  check_param(running_prior, "running_prior", input, K, C, false);
+  check_groups(groups, input, K);
+  check_group_values(groups, K);
+  const Resp resp = resp_of(K, groups);
+  const bool have_running = defined(running_mean) && defined(running_var);
+  TORCH_CHECK_VALUE(have_running || K == 1,
+                    "compound_batch_norm with ", K, " components needs running_mean and running_var "
+                    "(the E-step uses the running mixture)");
+  TORCH_CHECK_VALUE(resp != Resp::kSoft || defined(running_prior),
+                    "compound_batch_norm with ", K, " components needs running_prior");
+  const auto acc = acc_type_of(input.scalar_type());
+  const auto aopt = x.options().dtype(acc);
+
+  // The mixture of the E-step: the running one, or the first batch's initialisation.
+  Tensor mix_mean, mix_var, mix_prior;
+  const bool first = resp == Resp::kSoft && defined(num_batches_tracked) &&
+                     num_batches_tracked->item<int64_t>() == 0;
+  if (first) {
+    std::tie(mix_mean, mix_var, mix_prior) = initial_mixture(x, K, eps);
+  } else {
+    mix_mean = have_running ? running_mean->clone() : at::zeros({K, C}, aopt);
+    mix_var = have_running ? running_var->clone() : at::ones({K, C}, aopt);
+    mix_prior = defined(running_prior) ? running_prior->clone() : at::full({K}, 1.0 / K, aopt);
+  }
+
+  const Geometry geo = geometry_of(shape);
+  const TilePlan plan = make_tile_plan(geo);
+  Tensor tau = empty_tau(x, shape, K, acc);
+  Tensor part_n = at::empty({plan.num_tiles, K}, aopt);
+  Tensor part_mean = at::empty({plan.num_tiles, K, C}, aopt);
+  Tensor part_m2 = at::empty({plan.num_tiles, K, C}, aopt);
+  Tensor mu, ha, b;
+  if (resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs(mix_mean, mix_var, mix_prior, eps);
+  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+
+  StatsArgs sa{};
+  sa.geo = geo;
+  sa.plan = plan;
+  sa.K = K;
+  sa.resp = resp;
+  sa.dtype = x.scalar_type();
+  sa.x = x.data_ptr();
+  sa.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
+  sa.mu = mu.defined() ? mu.data_ptr() : nullptr;
+  sa.half_a = ha.defined() ? ha.data_ptr() : nullptr;
+  sa.b = b.defined() ? b.data_ptr() : nullptr;
+  sa.tau = tau.numel() > 0 ? tau.data_ptr() : nullptr;
+  sa.part_n = part_n.data_ptr();
+  sa.part_mean = part_mean.data_ptr();
+  sa.part_m2 = part_m2.data_ptr();
+  CBN_CALL_KERNEL(collect_mixture_stats, sa);
+
+  Tensor mean = at::empty({K, C}, aopt), var = at::empty({K, C}, aopt), count = at::empty({K}, aopt);
+  merge_moments(part_n, part_mean, part_m2, mix_mean, mix_var, mean, var, count);
+
+  Tensor alpha, delta;
+  std::tie(alpha, delta) = affine_coefs(weight, bias, mean, var, eps);
+  Tensor out = empty_like_input(x);
+  NormalizeArgs na{};
+  na.geo = geo;
+  na.plan = plan;
+  na.K = K;
+  na.resp = resp;
+  na.dtype = x.scalar_type();
+  na.x = x.data_ptr();
+  na.groups = sa.groups;
+  na.tau = sa.tau;
+  na.alpha = alpha.data_ptr();
+  na.delta = delta.data_ptr();
+  na.y = out.data_ptr();
+  CBN_CALL_KERNEL(normalize_mixture, na);
+  return {out, tau, mean, var, count, mix_mean, mix_var, mix_prior};
+}
+
+std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& weight,
+                                        const OptTensor& bias, const Tensor& running_mean,
+                                        const Tensor& running_var, const OptTensor& running_prior,
+                                        const OptTensor& groups, int64_t K, double eps) {
+  check_input(input, "compound_batch_norm");
+  check_num_components(K);
+  Shape shape;
+  const Tensor x = canonical_input(input, shape);
+  const int64_t C = shape.C;
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  check_param(running_mean, "running_mean", input, K, C, true);
+  check_param(running_var, "running_var", input, K, C, true);
+  check_param(running_prior, "running_prior", input, K, C, false);
+  check_groups(groups, input, K);
+  check_group_values(groups, K);
+  const Resp resp = resp_of(K, groups);
+  TORCH_CHECK_VALUE(resp != Resp::kSoft || defined(running_prior),
+                    "compound_batch_norm with ", K, " components needs running_prior");
+  const auto acc = acc_type_of(input.scalar_type());
+
+  const Geometry geo = geometry_of(shape);
+  const TilePlan plan = make_tile_plan(geo);
+  Tensor tau = empty_tau(x, shape, K, acc);
+  Tensor out = empty_like_input(x);
+  if (shape.M() == 0) return {out, tau};
+  Tensor mu, ha, b;
+  if (resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs(running_mean, running_var, *running_prior, eps);
+  Tensor alpha, delta;
+  std::tie(alpha, delta) = affine_coefs(weight, bias, running_mean, running_var, eps);
+  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+
+  NormalizeArgs na{};
+  na.geo = geo;
+  na.plan = plan;
+  na.K = K;
+  na.resp = resp;
+  na.dtype = x.scalar_type();
+  na.x = x.data_ptr();
+  na.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
+  na.mu = mu.defined() ? mu.data_ptr() : nullptr;
+  na.half_a = ha.defined() ? ha.data_ptr() : nullptr;
+  na.b = b.defined() ? b.data_ptr() : nullptr;
+  na.tau = tau.numel() > 0 ? tau.data_ptr() : nullptr;
+  na.alpha = alpha.data_ptr();
+  na.delta = delta.data_ptr();
+  na.y = out.data_ptr();
+  CBN_CALL_KERNEL(estep_normalize_mixture, na);
+  return {out, tau};
+}
+
+// Shared by backward_train and backward_eval. batch_stats: the forward normalized with
+// batch statistics (training), so gradients flow through m and v of active components.
+std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
+    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
+    std::array<bool, 3> output_mask, bool batch_stats) {
+  check_input(input, "compound_batch_norm_backward");
+  Shape shape;
+  const Tensor x = canonical_input(input, shape);
+  const int64_t K = mean.size(0), C = shape.C;
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out has shape ", grad_out.sizes(),
+              ", expected ", input.sizes());
+  const Resp resp = K == 1 ? Resp::kOne : (soft ? Resp::kSoft : Resp::kGiven);
+  const auto acc = acc_type_of(input.scalar_type());
+  const auto aopt = x.options().dtype(acc);
+  const Tensor g = grad_like(grad_out, x);
+  const Geometry geo = geometry_of(shape);
+  const TilePlan plan = make_tile_plan(geo);
+  TORCH_CHECK(resp == Resp::kOne || (tau.scalar_type() == acc && tau.numel() == shape.M() * K),
+              "tau does not match the input");
+  // tau was allocated by the forward with the layout of the canonical input
+  const void* tau_ptr = resp == Resp::kOne ? nullptr : tau.data_ptr();
+
+  const bool need_sums = batch_stats || output_mask[1] || output_mask[2];
+  Tensor sum_g, sum_gx;
+  if (need_sums) {
+    Tensor part_sg = at::empty({plan.num_tiles, K, C}, aopt);
+    Tensor part_sgx = at::empty({plan.num_tiles, K, C}, aopt);
+    const Tensor m = mean.contiguous();
+    GradStatsArgs ga{};
+    ga.geo = geo;
+    ga.plan = plan;
+    ga.K = K;
+    ga.resp = resp;
+    ga.dtype = x.scalar_type();
+    ga.grad = g.data_ptr();
+    ga.x = x.data_ptr();
+    ga.tau = tau_ptr;
+    ga.mean = m.data_ptr();
+    ga.part_sg = part_sg.data_ptr();
+    ga.part_sgx = part_sgx.data_ptr();
+    if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_grad_stats, ga);
+    sum_g = sum_partials(part_sg);
+    sum_gx = sum_partials(part_sgx);
+  }
+
+  Tensor alpha = at::empty({K, C}, aopt), e1 = at::zeros({K, C}, aopt);
+  Tensor e2 = at::zeros({K, C}, aopt), two_e2 = at::zeros({K, C}, aopt);
+  Tensor ev = at::zeros({K}, aopt), beta = at::zeros({K, C}, aopt);
+  Tensor dgamma = at::empty({K, C}, aopt), dbeta = at::empty({K, C}, aopt);
+  AT_DISPATCH_FLOATING_TYPES(acc, "cbn_grad_coefs", [&] {
+    const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+    const Tensor v = var.contiguous();
+    const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
+    const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pv = v.data_ptr<scalar_t>();
+    const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* psg = need_sums ? sum_g.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* psgx = need_sums ? sum_gx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pa = alpha.data_ptr<scalar_t>();
+    scalar_t* p1 = e1.data_ptr<scalar_t>();
+    scalar_t* p2 = e2.data_ptr<scalar_t>();
+    scalar_t* p22 = two_e2.data_ptr<scalar_t>();
+    scalar_t* pev = ev.data_ptr<scalar_t>();
+    scalar_t* pdg = dgamma.data_ptr<scalar_t>();
+    scalar_t* pdb = dbeta.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      scalar_t acc_ev = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = k * C + c;
+        const auto gc = math::grad_coefs<scalar_t>(
+            pw ? pw[i] : scalar_t(1), pv[i], pn ? pn[k] : scalar_t(0), psg ? psg[i] : scalar_t(0),
+            psgx ? psgx[i] : scalar_t(0), static_cast<scalar_t>(eps), batch_stats);
+        pa[i] = gc.alpha;
+        p1[i] = gc.e1;
+        p2[i] = gc.e2;
+        p22[i] = gc.e2 + gc.e2;
+        pdg[i] = gc.dgamma;
+        pdb[i] = gc.dbeta;
+        acc_ev += gc.e2 * pv[i];
+      }
+      pev[k] = acc_ev;
+    }
+  });
+  if (defined(bias)) beta.copy_(*bias);
+
+  Tensor grad_input = at::empty({0}, x.options());
+  if (output_mask[0]) {
+    grad_input = empty_like_input(x);
+    Tensor mu, a;
+    if (resp == Resp::kSoft) {
+      mu = mix_mean.contiguous();
+      a = (mix_var + eps).reciprocal().contiguous();
+    }
+    const Tensor m = mean.contiguous();
+    GradInputArgs ia{};
+    ia.geo = geo;
+    ia.plan = plan;
+    ia.K = K;
+    ia.resp = resp;
+    ia.dtype = x.scalar_type();
+    ia.grad = g.data_ptr();
+    ia.x = x.data_ptr();
+    ia.tau = tau_ptr;
+    ia.mean = m.data_ptr();
+    ia.alpha = alpha.data_ptr();
+    ia.beta = beta.data_ptr();
+    ia.e1 = e1.data_ptr();
+    ia.two_e2 = two_e2.data_ptr();
+    ia.e2 = e2.data_ptr();
+    ia.ev = ev.data_ptr();
+    ia.mu = mu.defined() ? mu.data_ptr() : nullptr;
+    ia.a = a.defined() ? a.data_ptr() : nullptr;
+    ia.dx = grad_input.data_ptr();
+    if (plan.num_tiles > 0) CBN_CALL_KERNEL(mixture_grad_input, ia);
+  }
+  Tensor grad_weight = output_mask[1] ? dgamma : at::empty({0}, aopt);
+  Tensor grad_bias = output_mask[2] ? dbeta : at::empty({0}, aopt);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_train(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
+    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
+    std::array<bool, 3> output_mask) {
+  return backward_impl(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
+                       soft, eps, output_mask, /*batch_stats=*/true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_eval(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& running_mean, const Tensor& running_var, bool soft,
+    double eps, std::array<bool, 3> output_mask) {
+  return backward_impl(grad_out, input, weight, bias, tau, running_mean, running_var, Tensor(),
+                       running_mean, running_var, soft, eps, output_mask, /*batch_stats=*/false);
+}
+
+void update_running_stats(Tensor& running_mean, Tensor& running_var,
+                          const OptTensor& running_prior, const OptTensor& num_batches_tracked,
+                          const Tensor& mix_mean, const Tensor& mix_var, const Tensor& mix_prior,
+                          const Tensor& mean, const Tensor& var, const Tensor& count,
+                          int64_t num_positions, std::optional<double> momentum) {
+  const int64_t K = mean.size(0), C = mean.size(1);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "running_mean and running_var must be contiguous");
+  TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == mean.sizes(),
+              "running statistics of shape ", running_mean.sizes(), " do not match ", mean.sizes());
+  TORCH_CHECK(running_mean.scalar_type() == mean.scalar_type() &&
+                  running_var.scalar_type() == mean.scalar_type(),
+              "running statistics must have dtype ", mean.scalar_type());
+  TORCH_CHECK_VALUE(momentum.has_value() || defined(num_batches_tracked),
+                    "momentum=None (a cumulative average) needs num_batches_tracked");
+  if (defined(running_prior)) {
+    TORCH_CHECK(running_prior->is_contiguous() && running_prior->numel() == K &&
+                    running_prior->scalar_type() == mean.scalar_type(),
+                "running_prior must be a contiguous (", K, ",) tensor of dtype ", mean.scalar_type());
+  }
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats", [&] {
+    const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
+    const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous(), mp = mix_prior.contiguous();
+    const scalar_t* pm = m.data_ptr<scalar_t>();
+    const scalar_t* pv = v.data_ptr<scalar_t>();
+    const scalar_t* pn = n.data_ptr<scalar_t>();
+    const scalar_t* pmm = mm.data_ptr<scalar_t>();
+    const scalar_t* pmv = mv.data_ptr<scalar_t>();
+    const scalar_t* pmp = mp.data_ptr<scalar_t>();
+    // one bad batch must not poison the running statistics
+    for (int64_t k = 0; k < K; ++k) {
+      if (!std::isfinite(static_cast<double>(pn[k]))) return;
+      if (!math::is_active(pn[k])) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        if (!std::isfinite(static_cast<double>(pm[k * C + c])) ||
+            !std::isfinite(static_cast<double>(pv[k * C + c])))
+          return;
+      }
+    }
+    int64_t* nbt = defined(num_batches_tracked) ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+    const scalar_t eta = static_cast<scalar_t>(momentum.has_value() ? *momentum
+                                                                    : 1.0 / static_cast<double>(*nbt + 1));
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      const bool active = math::is_active(pn[k]);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = k * C + c;
+        rm[i] = active ? math::ema(pmm[i], pm[i], eta) : pmm[i];
+        rv[i] = active ? math::ema(pmv[i], math::unbiased_var(pv[i], pn[k]), eta) : pmv[i];
+      }
+    }
+    if (defined(running_prior)) {
+      scalar_t* rp = running_prior->data_ptr<scalar_t>();
+      for (int64_t k = 0; k < K; ++k)
+        rp[k] = math::ema(pmp[k], pn[k] / static_cast<scalar_t>(num_positions), eta);
+    }
+    if (nbt != nullptr) *nbt += 1;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbn_ext, CPU, m) {
+  m.impl("forward_train", &forward_train);
+  m.impl("forward_eval", &forward_eval);
+  m.impl("backward_train", &backward_train);
+  m.impl("backward_eval", &backward_eval);
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
+
+}  // namespace cpu
+}  // namespace cbn_ext

@@ -1,0 +1,136 @@
+// The interface between the CPU operators (cbn_cpu.cpp) and the CPU kernels, which are
+// compiled once per instruction set (kernels_baseline.cpp, kernels_avx2.cpp) into
+// namespaces of their own. Only plain data crosses this boundary, so that nothing inline
+// is shared between translation units compiled for different instruction sets.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+// The AVX2+FMA variant is compiled with a per-file target pragma, which GCC supports.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define CBN_HAVE_AVX2_KERNELS 1
+#endif
+
+namespace cbn_ext {
+namespace cpu {
+
+// Where the responsibilities come from.
+enum class Resp : int32_t {
+  kOne = 0,    // K = 1: tau == 1, nothing stored
+  kSoft = 1,   // E-step from the running mixture
+  kGiven = 2,  // split path: tau[p, k] = (groups[n(p)] == k)
+};
+
+// x viewed as (N, C, S): interleaved = channels innermost (x[(n S + s) C + c], NHWC and
+// (N, C) inputs), planar = x[(n C + c) S + s] (NCHW).
+struct Geometry {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool interleaved;
+};
+
+// Positions are cut into tiles that depend on the shape alone, so that per-tile partial
+// sums merged in tile order give bit-identical results for any number of threads.
+//   interleaved: tile t holds positions [t len, min(M, (t+1) len)).
+//   planar: tile t holds `segs` whole samples (len == S), or one chunk of `len`
+//   positions of one sample (segs == 1, chunks chunks per sample).
+struct TilePlan {
+  int64_t num_tiles;
+  int64_t len;
+  int64_t segs;
+  int64_t chunks;
+};
+
+TilePlan make_tile_plan(const Geometry& g);
+
+// Pointers to float (float32/bfloat16/float16 input) or double (float64) data are
+// `acc` pointers; `x`, `y`, `grad`, `dx` have the input's dtype. Per-(k, c) arrays are
+// K x C, row-major. tau has the layout of x with C replaced by K.
+struct StatsArgs {
+  Geometry geo;
+  TilePlan plan;
+  int64_t K;
+  Resp resp;
+  c10::ScalarType dtype;
+  const void* x;
+  const int64_t* groups;  // (N,), kGiven only
+  const void* mu;         // E-step mixture mean, kSoft only
+  const void* half_a;     // 1/2 / (running_var + eps), kSoft only
+  const void* b;          // (K,) log prior - 1/2 sum_c log(running_var + eps), kSoft only
+  void* tau;              // output, unless kOne
+  void* part_n;           // output (tiles, K)
+  void* part_mean;        // output (tiles, K, C)
+  void* part_m2;          // output (tiles, K, C)
+};
+
+struct NormalizeArgs {
+  Geometry geo;
+  TilePlan plan;
+  int64_t K;
+  Resp resp;
+  c10::ScalarType dtype;
+  const void* x;
+  const int64_t* groups;  // eval, kGiven
+  const void* mu;         // eval, kSoft
+  const void* half_a;     // eval, kSoft
+  const void* b;          // eval, kSoft
+  void* tau;              // train: input; eval: output (unless kOne)
+  const void* alpha;      // gamma r
+  const void* delta;      // beta - alpha m
+  void* y;
+};
+
+struct GradStatsArgs {
+  Geometry geo;
+  TilePlan plan;
+  int64_t K;
+  Resp resp;
+  c10::ScalarType dtype;
+  const void* grad;
+  const void* x;
+  const void* tau;
+  const void* mean;   // m (batch, or running at eval)
+  void* part_sg;      // output (tiles, K, C): sum_p g tau
+  void* part_sgx;     // output (tiles, K, C): sum_p g tau (x - m)
+};
+
+struct GradInputArgs {
+  Geometry geo;
+  TilePlan plan;
+  int64_t K;
+  Resp resp;
+  c10::ScalarType dtype;
+  const void* grad;
+  const void* x;
+  const void* tau;
+  const void* mean;    // m
+  const void* alpha;   // gamma r
+  const void* beta;    // kSoft only
+  const void* e1;      // Dm / N (0 at eval and for inactive k)
+  const void* two_e2;  // 2 Dv / N
+  const void* e2;      // Dv / N, kSoft only
+  const void* ev;      // (K,) sum_c e2 v, kSoft only
+  const void* mu;      // E-step mixture mean, kSoft only
+  const void* a;       // E-step precision 1 / (running_var + eps), kSoft only
+  void* dx;
+};
+
+#define CBN_DECLARE_CPU_KERNELS(isa)                              \
+  namespace isa {                                                 \
+  void collect_mixture_stats(const StatsArgs& args);              \
+  void normalize_mixture(const NormalizeArgs& args);              \
+  void estep_normalize_mixture(const NormalizeArgs& args);        \
+  void collect_grad_stats(const GradStatsArgs& args);             \
+  void mixture_grad_input(const GradInputArgs& args);             \
+  }
+
+CBN_DECLARE_CPU_KERNELS(baseline)
+#if defined(CBN_HAVE_AVX2_KERNELS)
+CBN_DECLARE_CPU_KERNELS(avx2)
+#endif
+
+}  // namespace cpu
+}  // namespace cbn_ext

@@ -1,0 +1,159 @@
+"""Build of cbn_ext: the C++ extension cbn_ext._C.
+
+The CPU kernels are always compiled. The CUDA kernels (csrc/cuda/*.cu) are compiled too
+when torch has CUDA and a CUDA toolkit is found, or when FORCE_CUDA=1 (an error if that is
+impossible); FORCE_CPU=1 skips them. Build without build isolation, against the torch that
+will run the extension:
+
+    pip install --no-build-isolation -e .
+
+Environment:
+    FORCE_CUDA=1 / FORCE_CPU=1   see above
+    TORCH_CUDA_ARCH_LIST         CUDA targets, e.g. "8.0;9.0"; default: the visible GPU,
+                                 else 8.0 and 9.0
+    CUDA_HOME                    the CUDA toolkit; default: found behind `nvcc`
+    MAX_JOBS                     parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _toolkit_from_nvcc(nvcc):
+    """The toolkit root behind an `nvcc`, which may be a wrapper script: nvcc's dry run
+    prints the folder of the real compiler."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        m = re.match(r"#\$ _HERE_=(.+)$", line.strip())
+        if m:
+            return os.path.dirname(os.path.normpath(m.group(1)))
+    return None
+
+
+def find_cuda_home():
+    """CUDA_HOME / CUDA_PATH, else the toolkit behind `nvcc` on the PATH, else
+    /usr/local/cuda. None when no toolkit with nvcc and headers is found."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(_toolkit_from_nvcc(nvcc))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+                os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.realpath(home)
+    return None
+
+
+def nvidia_wheel_includes():
+    """Include folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE headers that
+    ATen/cuda/CUDAContext.h needs and a bare toolkit may lack)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def default_arch_list(torch):
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{major}.{minor}"
+    return "8.0;9.0"
+
+
+def get_extensions():
+    force_cuda, force_cpu = _flag("FORCE_CUDA"), _flag("FORCE_CPU")
+    if force_cuda and force_cpu:
+        sys.exit("error: FORCE_CUDA=1 and FORCE_CPU=1 contradict each other")
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+
+    # CUDA_HOME must be set before torch.utils.cpp_extension is imported: it guesses the
+    # toolkit from nvcc's folder, which is wrong behind a wrapper script.
+    cuda_home = None if force_cpu else find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = False
+    if not force_cpu and cuda_sources:
+        reasons = []
+        if torch.version.cuda is None:
+            reasons.append(f"torch {torch.__version__} has no CUDA")
+        if cuda_home is None:
+            reasons.append("no CUDA toolkit found (set CUDA_HOME)")
+        if force_cuda and reasons:
+            sys.exit("error: FORCE_CUDA=1 but " + "; ".join(reasons))
+        with_cuda = not reasons
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-psabi",
+           "-Wno-unknown-pragmas"]
+    define_macros = []
+    extra_link_args = ["-fopenmp"]
+    if with_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or default_arch_list(torch)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        define_macros += [("CBN_WITH_CUDA", None),
+                          ("CBN_CUDA_ARCHS", archs.replace(" ", "").replace(";", "_"))]
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcudafe",
+                "--diag_suppress=186"]
+        for inc in nvidia_wheel_includes():
+            # after the toolkit's own headers: only what the toolkit lacks comes from here
+            cxx += ["-idirafter", inc]
+            nvcc += ["-idirafter", inc]
+        print(f"cbn_ext: building CPU and CUDA kernels (toolkit {cuda_home}, archs {archs})")
+        ext = CUDAExtension("cbn_ext._C", sources + cuda_sources, define_macros=define_macros,
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                            extra_link_args=extra_link_args)
+    else:
+        why = "FORCE_CPU=1" if force_cpu else (
+            "no CUDA sources" if not cuda_sources else "CUDA unavailable")
+        print(f"cbn_ext: building CPU kernels only ({why})")
+        ext = CppExtension("cbn_ext._C", sources, define_macros=define_macros,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=extra_link_args)
+    return [ext], BuildExtension
+
+
+def main():
+    ext_modules, build_ext = get_extensions()
+    setup(
+        name="cbn_ext",
+        version="0.1.0",
+        description="Compound Batch Normalization: fused CPU and CUDA kernels for PyTorch",
+        long_description=open(os.path.join(ROOT, "README.md")).read()
+        if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+        long_description_content_type="text/markdown",
+        packages=find_packages(include=["cbn_ext", "cbn_ext.*"]),
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
