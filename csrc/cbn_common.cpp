@@ -19,6 +19,16 @@ bool channels_innermost(const Tensor& x) {
   return x.permute(perm).is_contiguous();
 }
 
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(t);
+  }
+}
+
 }  // namespace
 
 at::ScalarType acc_type_of(at::ScalarType input) {
@@ -62,11 +72,10 @@ Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType 
 }
 
 void check_input(const Tensor& input, const char* op) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) &&
-                       (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                        input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16),
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
                    op, ": expected a float32, float64, float16 or bfloat16 input, got ",
-                   input.scalar_type());
+                   dtype_name(t));
   TORCH_CHECK_VALUE(input.dim() >= 2, op, ": expected an input of shape (N, C, *), got ",
                     input.dim(), "D input");
   TORCH_CHECK_VALUE(input.size(1) > 0, op, ": the input has no channels");
@@ -83,8 +92,10 @@ void check_param(const OptTensor& t, const char* name, const Tensor& input, int6
   TORCH_CHECK(p.device() == input.device(), "expected ", name, " on ", input.device(),
               " (the input's device), got ", p.device());
   const auto acc = acc_type_of(input.scalar_type());
-  TORCH_CHECK_TYPE(p.scalar_type() == acc, "expected ", name, " of dtype ", acc, " for ",
-                   input.scalar_type(), " input, got ", p.scalar_type());
+  TORCH_CHECK_TYPE(p.scalar_type() == acc, "expected ", name, " of dtype ", dtype_name(acc),
+                   " for ", dtype_name(input.scalar_type()), " input, got ",
+                   dtype_name(p.scalar_type()),
+                   " (parameters and buffers are float64 for float64 input, else float32)");
   if (per_channel) {
     TORCH_CHECK_VALUE(p.dim() == 2 && p.size(0) == K && p.size(1) == C, "expected ", name,
                       " of shape (", K, ", ", C, ") for ", K, " components and an input with ",
@@ -101,7 +112,7 @@ void check_groups(const OptTensor& groups, const Tensor& input, int64_t K) {
   TORCH_CHECK(g.device() == input.device(), "expected groups on ", input.device(),
               " (the input's device), got ", g.device());
   TORCH_CHECK_TYPE(g.scalar_type() == at::kLong, "expected groups of dtype int64, got ",
-                   g.scalar_type());
+                   dtype_name(g.scalar_type()));
   TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == input.size(0),
                     "expected groups of shape (", input.size(0), ",) (one group per sample), got ",
                     g.sizes());

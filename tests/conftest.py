@@ -1,0 +1,182 @@
+"""Shared helpers: devices, random mixture-like inputs, runs of the kernels and of the
+float64 reference, and relative errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+import cbn_ext
+from cbn_ext import functional as Fc
+from cbn_ext import reference as R
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# SPEC "Accuracy": relative error against a float64 evaluation of the formulas.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available() and cbn_ext.build_info()["cuda"]:
+        out.append("cuda")
+    return out
+
+
+def device_params():
+    return [pytest.param("cpu")] + [
+        pytest.param("cuda", marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and cbn_ext.build_info()["cuda"]),
+            reason="needs a CUDA device and a build with CUDA kernels"))]
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channels_inner(x: torch.Tensor) -> torch.Tensor:
+    """x with its channels innermost in memory (channels_last for 4D/5D; the same
+    strides for 2D/3D inputs), same values."""
+    perm = [0, *range(2, x.dim()), 1]
+    inv = [0, x.dim() - 1, *range(1, x.dim() - 1)]
+    return x.permute(perm).contiguous().permute(inv)
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    running_prior: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    grad: torch.Tensor
+    groups: Optional[torch.Tensor]
+
+    @property
+    def K(self):
+        return self.running_mean.shape[0]
+
+
+def make_case(shape, K, dtype=torch.float32, channels_last=False, seed=0, device="cpu",
+              groups=False, spread=0.8, offset=0.0) -> Case:
+    """Mixture-like random data: each sample around one of max(K, 2) random centers, and
+    running statistics near those centers (never zeros, never constants)."""
+    g = torch.Generator().manual_seed(seed)
+    N, C = shape[0], shape[1]
+    nc = max(K, 2)
+    centers = torch.randn(nc, C, generator=g, dtype=torch.float64) * 1.5
+    assign = torch.randint(0, nc, (N,), generator=g)
+    view = (N, C) + (1,) * (len(shape) - 2)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread
+         + centers[assign].view(view) + offset)
+    rm = centers[:K] + 0.3 * torch.randn(K, C, generator=g, dtype=torch.float64) + offset
+    rv = 0.5 + torch.rand(K, C, generator=g, dtype=torch.float64)
+    rp = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    w = 1.0 + 0.3 * torch.randn(K, C, generator=g, dtype=torch.float64)
+    b = 0.3 * torch.randn(K, C, generator=g, dtype=torch.float64)
+    gr = torch.randn(shape, generator=g, dtype=torch.float64)
+    grp = torch.randint(0, K, (N,), generator=g) if groups else None
+    acc = acc_dtype(dtype)
+
+    def dev(t, dt):
+        return t.to(device=device, dtype=dt)
+
+    x, gr = dev(x, dtype), dev(gr, dtype)
+    if channels_last:
+        x, gr = channels_inner(x), channels_inner(gr)
+    return Case(x, dev(rm, acc), dev(rv, acc), dev(rp, acc), dev(w, acc), dev(b, acc), gr,
+                None if grp is None else grp.to(device))
+
+
+def counts_near_one(case: Case, nbt: Optional[int] = 3, eps=1e-5, band=1e-3) -> bool:
+    """Whether some component's N_k lies within `band` of 1 (float64 evaluation). The
+    SPEC's active rule (N_k > 1) is discontinuous there, so a float32 and a float64
+    evaluation may then legitimately disagree on whether the component is active."""
+    d = torch.float64
+    n = None if nbt is None else torch.tensor(nbt, device=case.x.device)
+    out = torch.ops.cbn_ext.forward_train(
+        case.x.to(d), case.weight.to(d), case.bias.to(d), case.running_mean.to(d),
+        case.running_var.to(d), case.running_prior.to(d), n, case.groups, case.K, eps)
+    count = out[4]
+    return bool(((count - 1).abs() < band).any())
+
+
+def make_stable_case(*args, seed=0, nbt: Optional[int] = 3, **kwargs) -> Case:
+    """make_case, with the seed moved on until no N_k sits at the active threshold."""
+    for s in range(seed, seed + 50):
+        case = make_case(*args, seed=s, **kwargs)
+        if not counts_near_one(case, nbt):
+            return case
+    raise AssertionError("no seed without a count near 1")
+
+
+@dataclass
+class Result:
+    y: torch.Tensor
+    dx: Optional[torch.Tensor]
+    dw: Optional[torch.Tensor]
+    db: Optional[torch.Tensor]
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    running_prior: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
+
+def run(fn, case: Case, training: bool, nbt: Optional[int] = 3, momentum=0.1, eps=1e-5,
+        dtype=None, backward=True, affine=True) -> Result:
+    """Forward (and backward with case.grad) of fn = functional or reference; dtype: run
+    on copies cast to it (the reference in float64)."""
+    def cast(t, dt=None):
+        if t is None:
+            return None
+        t = t.detach().clone()
+        return t if dt is None else t.to(dt)
+
+    in_dt = dtype
+    acc = None if dtype is None else acc_dtype(dtype)
+    x = cast(case.x, in_dt).requires_grad_(backward)
+    w = cast(case.weight, acc).requires_grad_(backward) if affine else None
+    b = cast(case.bias, acc).requires_grad_(backward) if affine else None
+    rm, rv, rp = cast(case.running_mean, acc), cast(case.running_var, acc), cast(case.running_prior, acc)
+    n = None if nbt is None else torch.tensor(nbt, device=case.x.device)
+    y = fn(x, rm, rv, rp, w, b, training, momentum, eps, n, case.groups)
+    dx = dw = db = None
+    if backward:
+        y.backward(cast(case.grad, in_dt))
+        dx, dw, db = x.grad, (w.grad if affine else None), (b.grad if affine else None)
+    return Result(y.detach(), dx, dw, db, rm, rv, rp, n)
+
+
+def compare(ours: Result, ref: Result, tol: float, what=("y", "dx", "dw", "db", "running_mean",
+                                                         "running_var", "running_prior")):
+    errs = {}
+    for name in what:
+        a, b = getattr(ours, name), getattr(ref, name)
+        if a is None and b is None:
+            continue
+        errs[name] = rel_err(a, b)
+    bad = {k: v for k, v in errs.items() if not (v <= tol)}  # NaN fails
+    assert not bad, f"relative errors above {tol:g}: {bad} (all: {errs})"
+    return errs
+
+
+def positions(shape):
+    return shape[0] * math.prod(shape[2:])
+
+
+__all__ = ["DTYPES", "TOL", "Case", "Result", "make_case", "make_stable_case", "run", "compare", "rel_err",
+           "devices", "device_params", "channels_inner", "Fc", "R", "positions", "acc_dtype"]

@@ -1,0 +1,67 @@
+"""The CPU kernels exist in two builds, the compiler's default instruction set and
+AVX2+FMA, chosen at run time. Both must be right, and the AVX2 code must stay inside its
+own functions (else a machine without AVX2 could run it)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import cbn_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {here!r})
+    import cbn_ext
+    from conftest import Fc, R, TOL, compare, make_stable_case, run
+    assert cbn_ext.build_info()["cpu_isa"] == "baseline", cbn_ext.build_info()
+    for shape, layout in [((64, 13), False), ((4, 10, 5, 7), False), ((4, 10, 5, 7), True),
+                          ((3, 64, 9, 9), True)]:
+        for K in (1, 2, 3):
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                for training in (True, False):
+                    case = make_stable_case(shape, K, dtype, channels_last=layout, seed=K)
+                    ours = run(Fc.compound_batch_norm, case, training)
+                    ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
+                    compare(ours, ref, TOL[dtype])
+    print("baseline ok")
+""")
+
+
+def test_baseline_kernels_match_reference():
+    env = dict(os.environ, CBN_EXT_CPU_ISA="baseline")
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(here=HERE)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "baseline ok" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+def test_avx2_code_stays_in_its_namespace():
+    """Every function of the library that uses AVX (ymm registers) or FMA belongs to the
+    AVX2 build of the kernels (cbn_ext::cpu::avx2)."""
+    if cbn_ext.build_info()["cpu_isa"] != "avx2" and sys.platform != "linux":
+        pytest.skip("no AVX2 kernels on this platform")
+    so = cbn_ext._C.__file__
+    dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True,
+                         text=True, check=True).stdout
+    func = None
+    offenders, avx2_funcs = set(), 0
+    for line in dis.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            func = m.group(1)
+            continue
+        if func and (re.search(r"%ymm|vfmadd|vfnmadd|vfmsub", line)):
+            if "cbn_ext::cpu::avx2::" in func:
+                avx2_funcs += 1
+            elif not func.startswith("cbn_ext::cpu::avx2"):
+                offenders.add(func)
+    assert avx2_funcs > 0, "the AVX2 kernels were not found"
+    assert not offenders, f"AVX2 instructions outside the AVX2 kernels: {sorted(offenders)[:10]}"

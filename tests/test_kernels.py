@@ -1,0 +1,270 @@
+"""The fused kernels against the float64 reference: forward, backward and running
+statistics, over components, dtypes, layouts, shapes and modes (train / eval / split)."""
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import (DTYPES, TOL, Fc, R, compare, device_params, make_case, make_stable_case,
+                      positions, rel_err, run)
+
+SHAPES = {
+    "1d": (64, 13),              # (N, C), C not a multiple of 8
+    "1d-seq": (4, 6, 9),          # (N, C, L)
+    "2d-odd": (4, 10, 5, 7),      # odd spatial size
+    "n1": (1, 12, 6, 5),          # N = 1, spatial > 1
+    "1x1": (48, 24, 1, 1),        # spatial 1x1
+    "3d": (2, 6, 3, 4, 5),        # (N, C, D, H, W)
+    "wide": (3, 64, 9, 9),        # whole SIMD blocks of channels
+    "many": (40, 12, 3, 3),       # many small samples per tile
+    "chunked": (2, 16, 48, 50),   # samples cut into several tiles
+    "tiles": (64, 8, 8, 8),       # several channels-last tiles
+}
+KS = [1, 2, 3, 4, 8]
+MODES = ["train", "eval", "split-train", "split-eval"]
+
+
+def seed_of(*params) -> int:
+    """A seed that depends on the test's parameters only (str hashes vary per process)."""
+    return zlib.crc32(repr(params).encode())
+
+
+def _run_case(shape, K, dtype, layout, mode, device, seed):
+    split = mode.startswith("split")
+    if split and K == 1:
+        pytest.skip("K = 1 has a single group")
+    training = mode.endswith("train")
+    case = make_stable_case(shape, K, dtype, channels_last=(layout == "channels_last"),
+                            seed=seed, device=device, groups=split)
+    ours = run(Fc.compound_batch_norm, case, training)
+    ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
+    assert ours.y.dtype == dtype and ours.y.shape == case.x.shape
+    assert ours.y.stride() == case.x.stride(), "the output keeps the input's memory format"
+    assert ours.dx.stride() == case.x.stride()
+    compare(ours, ref, TOL[dtype])
+    if training:
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 4
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(dtype, shape_name, layout, K, mode, device):
+    seed = seed_of(shape_name, layout, K, mode)
+    _run_case(SHAPES[shape_name], K, dtype, layout, mode, device, seed)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape_name", ["1d", "2d-odd", "wide", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(dtype, shape_name, layout, K, mode, device):
+    seed = seed_of(shape_name, layout, K, mode, str(dtype))
+    _run_case(SHAPES[shape_name], K, dtype, layout, mode, device, seed)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("K", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_first_batch_initialisation(dtype, K, layout, device):
+    """num_batches_tracked == 0: the running mixture is reset from the batch first."""
+    shape = (6, 9, 5, 6)
+    case = make_stable_case(shape, K, dtype, channels_last=(layout == "channels_last"), seed=K,
+                            device=device, nbt=0)
+    ours = run(Fc.compound_batch_norm, case, True, nbt=0)
+    ref = run(R.compound_batch_norm, case, True, nbt=0, dtype=torch.float64)
+    compare(ours, ref, TOL[dtype])
+    assert ours.num_batches_tracked.item() == 1
+    # the prior was reset to 1/K before the update
+    Nk = None  # noqa: F841 (documenting: prior = (1 - eta) / K + eta N_k / M)
+    assert torch.allclose(ours.running_prior.sum(), torch.tensor(1.0, dtype=ours.running_prior.dtype,
+                                                                  device=device))
+
+
+def test_initial_mixture_chunks():
+    """Chunk means follow tensor_split of the z-order; an empty chunk takes the batch mean."""
+    x = torch.tensor([[0.0, 1.0], [4.0, 5.0], [2.0, 3.0]], dtype=torch.float64)
+    mean, var, prior = R.initial_mixture(x, 2, 1e-5)
+    assert torch.equal(mean, torch.tensor([[1.0, 2.0], [4.0, 5.0]], dtype=torch.float64))
+    assert torch.allclose(var, x.var(0, unbiased=False).expand(2, -1))
+    assert torch.equal(prior, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    mean4, _, _ = R.initial_mixture(x, 4, 1e-5)
+    assert torch.equal(mean4[3], x.mean(0))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_k1_is_batch_norm(training, dtype, layout, device):
+    """With one component, forward, backward and running statistics are F.batch_norm's."""
+    shape = (5, 11, 6, 7)
+    case = make_case(shape, 1, dtype, channels_last=(layout == "channels_last"), seed=11,
+                     device=device)
+    ours = run(Fc.compound_batch_norm, case, training, momentum=0.2)
+
+    x = case.x.detach().clone().requires_grad_()
+    w = case.weight[0].detach().clone().requires_grad_()
+    b = case.bias[0].detach().clone().requires_grad_()
+    rm, rv = case.running_mean[0].clone(), case.running_var[0].clone()
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-5)
+    y.backward(case.grad)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+    assert rel_err(ours.y, y) <= tol
+    assert rel_err(ours.dx, x.grad) <= tol
+    assert rel_err(ours.dw[0], w.grad) <= tol
+    assert rel_err(ours.db[0], b.grad) <= tol
+    assert rel_err(ours.running_mean[0], rm) <= tol
+    assert rel_err(ours.running_var[0], rv) <= tol
+    assert torch.equal(ours.running_prior.cpu(), torch.ones(1, dtype=ours.running_prior.dtype))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_k1_without_running_stats_is_batch_norm(device):
+    x = torch.randn(6, 5, 4, 3, device=device, requires_grad=True)
+    y = Fc.compound_batch_norm(x, None, None, training=True)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.batch_norm(x2, None, None, training=True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert rel_err(y, y2) <= 1e-5 and rel_err(x.grad, x2.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("split", [False, True])
+def test_inactive_component(split, layout, device):
+    """A component with N_k <= 1 uses its running statistics, gets no gradient through
+    them, and keeps its running statistics."""
+    K, shape = 3, (6, 8, 4, 5)
+    case = make_case(shape, K, torch.float32, channels_last=(layout == "channels_last"), seed=5,
+                     device=device, groups=split)
+    if split:
+        case.groups = torch.tensor([0, 0, 2, 2, 0, 2], device=device)  # component 1 empty
+    else:
+        case.running_mean[1] += 50.0  # far from every position: tau ~ 0
+    ours = run(Fc.compound_batch_norm, case, True)
+    ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
+    compare(ours, ref, TOL[torch.float32])
+    assert torch.equal(ours.running_mean[1], case.running_mean[1])
+    assert torch.equal(ours.running_var[1], case.running_var[1])
+    assert torch.isfinite(ours.dx).all() and torch.isfinite(ours.dw).all()
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_large_mean_input(K, layout, device):
+    """Mean 1000 and unit spread in float32: within 1e-3 of the float64 evaluation."""
+    shape = (8, 16, 6, 6)
+    case = make_case(shape, K, torch.float32, channels_last=(layout == "channels_last"), seed=7,
+                     device=device, offset=1000.0)
+    for nbt in (0, 3):
+        ours = run(Fc.compound_batch_norm, case, True, nbt=nbt)
+        ref = run(R.compound_batch_norm, case, True, nbt=nbt, dtype=torch.float64)
+        compare(ours, ref, 1e-3)
+    ours = run(Fc.compound_batch_norm, case, False)
+    ref = run(R.compound_batch_norm, case, False, dtype=torch.float64)
+    compare(ours, ref, 1e-3)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("nbt", [0, 3])
+def test_nan_input_leaves_running_buffers(nbt, K, layout, device):
+    shape = (4, 6, 5, 5)
+    case = make_case(shape, K, torch.float32, channels_last=(layout == "channels_last"), seed=9,
+                     device=device)
+    case.x = case.x.clone()
+    case.x[1, 2, 3, 4] = float("nan")
+    ours = run(Fc.compound_batch_norm, case, True, nbt=nbt, backward=False)
+    assert torch.isnan(ours.y).any(), "the output carries the NaN"
+    assert torch.equal(ours.running_mean, case.running_mean)
+    assert torch.equal(ours.running_var, case.running_var)
+    assert torch.equal(ours.running_prior, case.running_prior)
+    assert ours.num_batches_tracked.item() == nbt, "a bad batch is not tracked"
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_momentum_none_is_cumulative_average(device):
+    K, shape = 2, (6, 5, 4, 4)
+    case = make_case(shape, K, torch.float64, seed=3, device=device)
+    ours = run(Fc.compound_batch_norm, case, True, nbt=4, momentum=None)
+    ref = run(R.compound_batch_norm, case, True, nbt=4, momentum=None, dtype=torch.float64)
+    compare(ours, ref, 1e-10)
+    # eta = 1/5: the prior moves a fifth of the way towards N_k / M
+    moved = ours.running_prior - case.running_prior
+    assert moved.abs().max() > 0
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("K", [1, 3])
+def test_affine_false(K, device):
+    case = make_case((4, 7, 5, 3), K, torch.float32, seed=4, device=device)
+    for training in (True, False):
+        ours = run(Fc.compound_batch_norm, case, training, affine=False)
+        ref = run(R.compound_batch_norm, case, training, affine=False, dtype=torch.float64)
+        compare(ours, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_non_contiguous_input(device):
+    """An input that is neither contiguous nor channels-last is copied; the result matches."""
+    K = 2
+    base = make_case((4, 6, 10, 8), K, torch.float32, seed=21, device=device)
+    x = base.x[:, :, ::2, 1::2]
+    case = make_case(x.shape, K, torch.float32, seed=22, device=device)
+    case.x = x
+    case.grad = base.grad[:, :, ::2, 1::2]
+    for training in (True, False):
+        ours = run(Fc.compound_batch_norm, case, training)
+        ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
+        compare(ours, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_empty_batch_in_eval(device):
+    case = make_case((3, 5, 4, 4), 2, torch.float32, seed=1, device=device)
+    x = case.x[:0].clone().requires_grad_()
+    y = Fc.compound_batch_norm(x, case.running_mean, case.running_var, case.running_prior,
+                               case.weight, case.bias, training=False)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
+def test_deterministic(mode, layout, device):
+    """The same input gives bit-identical outputs and gradients, whatever the number of
+    threads."""
+    K = 4
+    case = make_case((8, 24, 12, 12), K, torch.float32, channels_last=(layout == "channels_last"),
+                     seed=13, device=device, groups=mode.startswith("split"))
+    training = mode != "eval"
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            results.append(run(Fc.compound_batch_norm, case, training))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
+            assert torch.equal(getattr(results[0], name), getattr(other, name)), name
+
+
+def test_positions_helper():
+    assert positions((2, 3, 4, 5)) == 40 and positions((7, 3)) == 7
