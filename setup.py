@@ -97,6 +97,8 @@ def get_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = False
+    if force_cuda and not cuda_sources:
+        print("cbn_ext: FORCE_CUDA=1, but there are no CUDA sources in csrc/cuda")
     if not force_cpu and cuda_sources:
         reasons = []
         if torch.version.cuda is None:

@@ -162,6 +162,11 @@ CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
 //   dtau[p,k] = sum_c [ g (alpha D + beta) + D (e1 + e2 D) ] - sum_c e2 v
 //   dl[p,k]   = tau_k (dtau_k - sum_j tau_j dtau_j)
 //   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
+// The kernels evaluate dx as g A + x B + E, summing per component
+//   A += tau alpha,  B += tau P - dl a,  E += tau Q + dl a mu,
+// with P = 2 e2 and Q = e1 - 2 e2 m per (k, c): five multiply-adds per component instead
+// of eight. x B and E cancel to about |x| / sd(x) times the float epsilon, the precision
+// to which x itself is known.
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -200,17 +205,49 @@ CBN_INLINE T dtau_term(T g, T d, P alpha, P beta, P e1, P e2) {
   return g * (alpha * d + beta) + d * (e1 + e2 * d);
 }
 
-// Per element of dx, the part through the normalization of component k:
-// tau (alpha g + e1 + 2 e2 D).
-template <typename T, typename P>
-CBN_INLINE T dx_norm_term(T tau, T g, T d, P alpha, P e1, P two_e2) {
-  return tau * (alpha * g + e1 + two_e2 * d);
+// Per (k, c): the coefficients of dx = g A + x B + E (see above).
+template <typename acc_t>
+struct DxCoefs {
+  acc_t alpha;  // gamma r
+  acc_t p;      // 2 e2
+  acc_t q;      // e1 - 2 e2 m
+  acc_t a;      // E-step precision 1 / (running_var + eps)
+  acc_t amu;    // a mu
+};
+
+template <typename acc_t>
+CBN_INLINE DxCoefs<acc_t> dx_coefs(acc_t alpha, acc_t e1, acc_t e2, acc_t mean, acc_t a,
+                                   acc_t mu) {
+  DxCoefs<acc_t> out;
+  out.alpha = alpha;
+  out.p = e2 + e2;
+  out.q = e1 - (e2 + e2) * mean;
+  out.a = a;
+  out.amu = a * mu;
+  return out;
 }
 
-// Per element of dx, the part through the responsibilities: -dl a (x - mu).
-template <typename T, typename P>
-CBN_INLINE T dx_resp_term(T dl, T x, P a, P mu) {
-  return dl * a * (mu - x);
+// Component k's share of A, B and E (tau_k, dl_k at the element), soft responsibilities.
+template <typename T, typename S, typename P>
+CBN_INLINE void dx_accumulate(S tau, S dl, P alpha, P p, P q, P a, P amu, T& A, T& B, T& E) {
+  A = A + tau * alpha;
+  B = B + tau * p;
+  B = B - dl * a;
+  E = E + tau * q;
+  E = E + dl * amu;
+}
+
+// The same for given or single responsibilities, where dl = 0.
+template <typename T, typename S, typename P>
+CBN_INLINE void dx_accumulate(S tau, P alpha, P p, P q, T& A, T& B, T& E) {
+  A = A + tau * alpha;
+  B = B + tau * p;
+  E = E + tau * q;
+}
+
+template <typename T>
+CBN_INLINE T dx_combine(T g, T x, T A, T B, T E) {
+  return g * A + x * B + E;
 }
 
 }  // namespace math

@@ -400,7 +400,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   if (need_sums) {
     Tensor part_sg = at::empty({plan.num_tiles, K, C}, aopt);
     Tensor part_sgx = at::empty({plan.num_tiles, K, C}, aopt);
-    const Tensor m = mean.contiguous();
+    const Tensor mc = mean.contiguous();
     GradStatsArgs ga{};
     ga.geo = geo;
     ga.plan = plan;
@@ -410,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     ga.grad = g.data_ptr();
     ga.x = x.data_ptr();
     ga.tau = tau_ptr;
-    ga.mean = m.data_ptr();
+    ga.mean = mc.data_ptr();
     ga.part_sg = part_sg.data_ptr();
     ga.part_sgx = part_sgx.data_ptr();
     if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_grad_stats, ga);
@@ -418,24 +418,37 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     sum_gx = sum_partials(part_sgx);
   }
 
-  Tensor alpha = at::empty({K, C}, aopt), e1 = at::zeros({K, C}, aopt);
-  Tensor e2 = at::zeros({K, C}, aopt), two_e2 = at::zeros({K, C}, aopt);
-  Tensor ev = at::zeros({K}, aopt), beta = at::zeros({K, C}, aopt);
+  // Per (k, c): alpha, e1, e2 (and sum_c e2 v) for dtau; p, q, a, a mu for dx.
+  Tensor alpha = at::empty({K, C}, aopt), e1 = at::empty({K, C}, aopt);
+  Tensor e2 = at::empty({K, C}, aopt), ev = at::empty({K}, aopt);
+  Tensor pc = at::empty({K, C}, aopt), qc = at::empty({K, C}, aopt);
+  Tensor ac = at::zeros({K, C}, aopt), amuc = at::zeros({K, C}, aopt);
   Tensor dgamma = at::empty({K, C}, aopt), dbeta = at::empty({K, C}, aopt);
+  Tensor beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
+  const Tensor m = mean.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "cbn_grad_coefs", [&] {
     const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
     const Tensor v = var.contiguous();
     const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
+    const Tensor mm = resp == Resp::kSoft ? mix_mean.contiguous() : Tensor();
+    const Tensor mv = resp == Resp::kSoft ? mix_var.contiguous() : Tensor();
     const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pv = v.data_ptr<scalar_t>();
+    const scalar_t* pm = m.data_ptr<scalar_t>();
     const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pmm = mm.defined() ? mm.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pmv = mv.defined() ? mv.data_ptr<scalar_t>() : nullptr;
     const scalar_t* psg = need_sums ? sum_g.data_ptr<scalar_t>() : nullptr;
     const scalar_t* psgx = need_sums ? sum_gx.data_ptr<scalar_t>() : nullptr;
+    const scalar_t e = static_cast<scalar_t>(eps);
     scalar_t* pa = alpha.data_ptr<scalar_t>();
     scalar_t* p1 = e1.data_ptr<scalar_t>();
     scalar_t* p2 = e2.data_ptr<scalar_t>();
-    scalar_t* p22 = two_e2.data_ptr<scalar_t>();
     scalar_t* pev = ev.data_ptr<scalar_t>();
+    scalar_t* pp = pc.data_ptr<scalar_t>();
+    scalar_t* pq = qc.data_ptr<scalar_t>();
+    scalar_t* pac = ac.data_ptr<scalar_t>();
+    scalar_t* pamu = amuc.data_ptr<scalar_t>();
     scalar_t* pdg = dgamma.data_ptr<scalar_t>();
     scalar_t* pdb = dbeta.data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) {
@@ -444,29 +457,29 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
         const int64_t i = k * C + c;
         const auto gc = math::grad_coefs<scalar_t>(
             pw ? pw[i] : scalar_t(1), pv[i], pn ? pn[k] : scalar_t(0), psg ? psg[i] : scalar_t(0),
-            psgx ? psgx[i] : scalar_t(0), static_cast<scalar_t>(eps), batch_stats);
+            psgx ? psgx[i] : scalar_t(0), e, batch_stats);
+        // the E-step precision: only soft responsibilities depend on x through it
+        const scalar_t a = pmv ? scalar_t(2) * math::half_precision(pmv[i], e) : scalar_t(0);
+        const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
+                                                 pmm ? pmm[i] : scalar_t(0));
         pa[i] = gc.alpha;
         p1[i] = gc.e1;
         p2[i] = gc.e2;
-        p22[i] = gc.e2 + gc.e2;
         pdg[i] = gc.dgamma;
         pdb[i] = gc.dbeta;
+        pp[i] = dc.p;
+        pq[i] = dc.q;
+        pac[i] = dc.a;
+        pamu[i] = dc.amu;
         acc_ev += gc.e2 * pv[i];
       }
       pev[k] = acc_ev;
     }
   });
-  if (defined(bias)) beta.copy_(*bias);
 
   Tensor grad_input = at::empty({0}, x.options());
   if (output_mask[0]) {
     grad_input = empty_like_input(x);
-    Tensor mu, a;
-    if (resp == Resp::kSoft) {
-      mu = mix_mean.contiguous();
-      a = (mix_var + eps).reciprocal().contiguous();
-    }
-    const Tensor m = mean.contiguous();
     GradInputArgs ia{};
     ia.geo = geo;
     ia.plan = plan;
@@ -480,11 +493,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     ia.alpha = alpha.data_ptr();
     ia.beta = beta.data_ptr();
     ia.e1 = e1.data_ptr();
-    ia.two_e2 = two_e2.data_ptr();
     ia.e2 = e2.data_ptr();
     ia.ev = ev.data_ptr();
-    ia.mu = mu.defined() ? mu.data_ptr() : nullptr;
-    ia.a = a.defined() ? a.data_ptr() : nullptr;
+    ia.p = pc.data_ptr();
+    ia.q = qc.data_ptr();
+    ia.a = ac.data_ptr();
+    ia.amu = amuc.data_ptr();
     ia.dx = grad_input.data_ptr();
     if (plan.num_tiles > 0) CBN_CALL_KERNEL(mixture_grad_input, ia);
   }

@@ -97,6 +97,7 @@ struct GradStatsArgs {
   void* part_sgx;     // output (tiles, K, C): sum_p g tau (x - m)
 };
 
+// dx = g A + x B + E with A, B, E summed over components (cbn_math.h).
 struct GradInputArgs {
   Geometry geo;
   TilePlan plan;
@@ -106,15 +107,18 @@ struct GradInputArgs {
   const void* grad;
   const void* x;
   const void* tau;
-  const void* mean;    // m
-  const void* alpha;   // gamma r
-  const void* beta;    // kSoft only
-  const void* e1;      // Dm / N (0 at eval and for inactive k)
-  const void* two_e2;  // 2 Dv / N
-  const void* e2;      // Dv / N, kSoft only
-  const void* ev;      // (K,) sum_c e2 v, kSoft only
-  const void* mu;      // E-step mixture mean, kSoft only
-  const void* a;       // E-step precision 1 / (running_var + eps), kSoft only
+  // dtau (kSoft only): D = x - mean, sum_c g (alpha D + beta) + D (e1 + e2 D) - ev
+  const void* mean;
+  const void* alpha;
+  const void* beta;
+  const void* e1;
+  const void* e2;
+  const void* ev;  // (K,) sum_c e2 v
+  // dx: alpha (above), p = 2 e2, q = e1 - 2 e2 m; a, amu = a mu (kSoft only)
+  const void* p;
+  const void* q;
+  const void* a;
+  const void* amu;
   void* dx;
 };
 

@@ -1,7 +1,7 @@
 // The fused CPU kernels of compound batch norm. This file is included once per
 // instruction set, inside namespace cbn_ext::cpu::CBN_CPU_ISA, by kernels_<isa>.cpp,
-// after every external header (see kernels_deps.h): whatever is defined here is compiled
-// for that instruction set only, and nothing here is shared between the variants.
+// after every external header (kernels_deps.h): whatever is defined here is compiled for
+// that instruction set only, and nothing here is shared between the variants.
 //
 // Layouts (cpu_kernels.h): interleaved (channels innermost: NHWC, (N, C)) and planar
 // (NCHW). Each kernel walks the tiles of a TilePlan in parallel; per-tile partial results
@@ -9,6 +9,12 @@
 // Inner loops run over SIMD vectors (GCC vector extensions, 32 bytes): over channels in
 // the interleaved layout, over positions in the planar one. The per-element formulas are
 // those of csrc/cbn_math.h.
+//
+// Performance notes: the work on a tile is done by functions that take their pointers
+// as parameters (locals the compiler can keep in registers: a store through a float
+// pointer cannot then force their reload); per-(k, c) coefficients of a planar row are
+// copied to locals before the loop over positions; loops are specialised for whole
+// vectors and one partial tail.
 //
 // Expects: CBN_CPU_ISA defined, kernels_deps.h included.
 
@@ -31,11 +37,13 @@ struct VecTraits;
 template <>
 struct VecTraits<float> {
   typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), aligned(4), may_alias));
   typedef int32_t I __attribute__((vector_size(32)));
 };
 template <>
 struct VecTraits<double> {
   typedef double V __attribute__((vector_size(32)));
+  typedef double U __attribute__((vector_size(32), aligned(8), may_alias));
   typedef int64_t I __attribute__((vector_size(32)));
 };
 
@@ -47,42 +55,65 @@ constexpr int64_t kW = 32 / sizeof(T);
 
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const typename VecTraits<T>::U*>(p);
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v) {
+  *reinterpret_cast<typename VecTraits<T>::U*>(p) = v;
 }
 
 // The first n (< width) lanes from p, zero elsewhere.
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> vload_part(const T* p, int64_t n) {
   Vec<T> v = {};
-  std::memcpy(&v, p, n * sizeof(T));
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
 
 template <typename T>
-C10_ALWAYS_INLINE Vec<T> vload_n(const T* p, int64_t n) {
-  return n >= kW<T> ? vload(p) : vload_part(p, n);
+C10_ALWAYS_INLINE void vstore_part(T* p, Vec<T> v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
 
-// v with the lanes from n on set to zero.
-template <typename V>
-C10_ALWAYS_INLINE V vkeep_n(V v, int64_t n) {
-  constexpr int64_t w = sizeof(V) / sizeof(v[0]);
-  if (n >= w) return v;
-  V r = {};
-  for (int64_t i = 0; i < n; ++i) r[i] = v[i];
-  return r;
+// Whole vector (Full) or the first n lanes.
+template <bool Full, typename T>
+C10_ALWAYS_INLINE Vec<T> ld(const T* p, int64_t n) {
+  if constexpr (Full) {
+    return vload(p);
+  } else {
+    return vload_part(p, n);
+  }
 }
 
-template <typename T>
-C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
+template <bool Full, typename T>
+C10_ALWAYS_INLINE void st(T* p, Vec<T> v, int64_t n) {
+  if constexpr (Full) {
+    vstore(p, v);
+  } else {
+    vstore_part(p, v, n);
+  }
 }
 
-template <typename T>
-C10_ALWAYS_INLINE void vstore_n(T* p, Vec<T> v, int64_t n) {
-  std::memcpy(p, &v, (n >= kW<T> ? kW<T> : n) * sizeof(T));
+// v with the lanes from n on set to zero (Full: v).
+template <bool Full, typename V>
+C10_ALWAYS_INLINE V keep(V v, int64_t n) {
+  if constexpr (Full) {
+    return v;
+  } else {
+    V r = {};
+    for (int64_t i = 0; i < n; ++i) r[i] = v[i];
+    return r;
+  }
+}
+
+// body(std::true_type, i, W) over whole vectors of [0, n), then body(std::false_type, i,
+// rest) for a partial tail.
+template <typename T, typename F>
+C10_ALWAYS_INLINE void for_vectors(int64_t n, F&& body) {
+  int64_t i = 0;
+  for (; i + kW<T> <= n; i += kW<T>) body(std::true_type{}, i, kW<T>);
+  if (i < n) body(std::false_type{}, i, n - i);
 }
 
 template <typename T>
@@ -141,6 +172,19 @@ struct VExp {
   }
 };
 
+// Calls f(std::integral_constant<int, KB>, k0) over blocks of at most 4 components.
+template <typename F>
+C10_ALWAYS_INLINE void for_component_blocks(int64_t K, F&& f) {
+  int64_t k0 = 0;
+  for (; k0 + 4 <= K; k0 += 4) f(std::integral_constant<int, 4>{}, k0);
+  switch (K - k0) {
+    case 3: f(std::integral_constant<int, 3>{}, k0); break;
+    case 2: f(std::integral_constant<int, 2>{}, k0); break;
+    case 1: f(std::integral_constant<int, 1>{}, k0); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Tiles and their data
 // ---------------------------------------------------------------------------------------
@@ -154,7 +198,7 @@ struct Tile {
   int64_t len;   // planar: positions per segment
 };
 
-C10_ALWAYS_INLINE Tile tile_at(const Geometry& g, const TilePlan& plan, int64_t t) {
+Tile tile_at(const Geometry& g, const TilePlan& plan, int64_t t) {
   Tile tl{};
   if (g.interleaved) {
     const int64_t M = g.N * g.S;
@@ -176,9 +220,8 @@ C10_ALWAYS_INLINE Tile tile_at(const Geometry& g, const TilePlan& plan, int64_t 
   return tl;
 }
 
-// A tile of an (N, C, S) tensor as acc_t: element (j, c) of an interleaved tile is
-// base[j * C + c]; element (seg, c, s) of a planar tile is
-// base[seg * seg_stride + c * c_stride + s].
+// A tile as acc_t: element (j, c) of an interleaved tile is base[j * C + c]; element
+// (seg, c, s) of a planar tile is base[seg * seg_stride + c * c_stride + s].
 template <typename T>
 struct View {
   T* base;
@@ -221,7 +264,7 @@ struct TileIO {
     }
   }
 
-  // Where to write a tile of dst (native) or the scratch to convert from (store()).
+  // Where to write a tile of dst: dst itself (native) or the scratch store() converts.
   static View<acc_t> out(const Geometry& g, const Tile& tl, scalar_t* dst, acc_t* scratch) {
     if constexpr (kNative) {
       if (g.interleaved) return {dst + tl.p0 * g.C, 0, g.C};
@@ -260,13 +303,7 @@ struct Scratch {
   T* get() { return data.get(); }
 };
 
-template <typename scalar_t>
-C10_ALWAYS_INLINE int64_t tile_scratch_size(const Geometry& g, const TilePlan& plan) {
-  const int64_t positions = g.interleaved ? plan.len : plan.len * plan.segs;
-  return positions * g.C;
-}
-
-C10_ALWAYS_INLINE int64_t max_tile_positions(const Geometry& g, const TilePlan& plan) {
+int64_t max_tile_positions(const Geometry& g, const TilePlan& plan) {
   return g.interleaved ? plan.len : plan.len * plan.segs;
 }
 
@@ -275,7 +312,7 @@ C10_ALWAYS_INLINE int64_t sample_of(const Geometry& g, const Tile& tl, int64_t j
   return g.interleaved ? (tl.p0 + j) / g.S : tl.n0 + j / tl.len;
 }
 
-// The tile's responsibilities tau[k * T + j], from / to the tensor's layout.
+// The tile's responsibilities loc[k * T + j], to / from the tensor's layout.
 template <typename acc_t>
 void tau_to_global(const Geometry& g, const Tile& tl, int64_t K, const acc_t* loc, acc_t* tau) {
   if (g.interleaved) {
@@ -304,266 +341,266 @@ void tau_from_global(const Geometry& g, const Tile& tl, int64_t K, const acc_t* 
                   tl.len * sizeof(acc_t));
 }
 
-// ---------------------------------------------------------------------------------------
-// E-step over a tile: loc[k * T + j] = tau (soft / given).
-// ---------------------------------------------------------------------------------------
-
-// out[kb] = sum_c half_a[kb][c] (x[c] - mu[kb][c])^2 for one interleaved row.
-template <int KB, typename acc_t>
-C10_ALWAYS_INLINE void maha_row(const acc_t* x, const acc_t* mu, const acc_t* ha, int64_t C,
-                                acc_t* out) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  V acc0[KB], acc1[KB];
-  for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
-  int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) {
-    const V x0 = vload(x + c), x1 = vload(x + c + W);
-    for (int kb = 0; kb < KB; ++kb) {
-      const acc_t* m = mu + kb * C + c;
-      const acc_t* h = ha + kb * C + c;
-      acc0[kb] += math::mahalanobis_term(x0, vload(m), vload(h));
-      acc1[kb] += math::mahalanobis_term(x1, vload(m + W), vload(h + W));
-    }
+// One-hot responsibilities of the split path.
+template <typename acc_t>
+void given_responsibilities(const Geometry& g, const Tile& tl, int64_t K, const int64_t* groups,
+                            acc_t* loc) {
+  const int64_t T = tl.T;
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t grp = groups[sample_of(g, tl, j)];
+    for (int64_t k = 0; k < K; ++k) loc[k * T + j] = k == grp ? acc_t(1) : acc_t(0);
   }
-  for (; c < C; c += W) {
-    const int64_t n = C - c;
-    const V x0 = vload_n(x + c, n);
-    for (int kb = 0; kb < KB; ++kb)
-      acc0[kb] += math::mahalanobis_term(x0, vload_n(mu + kb * C + c, n),
-                                         vload_n(ha + kb * C + c, n));
-  }
-  for (int kb = 0; kb < KB; ++kb) out[kb] = vsum(acc0[kb] + acc1[kb]);
 }
 
-// For positions [j, j + n) of planar segment seg (n <= 2W), components [0, KB):
-// loc[kb * T + j + i] = b[kb] - sum_c half_a (x - mu)^2.
-template <int KB, typename acc_t>
-C10_ALWAYS_INLINE void maha_cols(const View<const acc_t>& xv, int64_t seg, int64_t s,
-                                 int64_t n, int64_t C, const acc_t* mu, const acc_t* ha,
-                                 const acc_t* b, acc_t* loc, int64_t T, int64_t j) {
+// ---------------------------------------------------------------------------------------
+// E-step: loc[k * T + j] = l (log-likelihood), then softmax over k.
+// ---------------------------------------------------------------------------------------
+
+// Interleaved: for each position (row of C channels), components in blocks of KB.
+template <typename acc_t>
+void estep_interleaved(const acc_t* x, int64_t T, int64_t C, int64_t K, const acc_t* mu,
+                       const acc_t* ha, const acc_t* b, acc_t* loc) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kW<acc_t>;
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t* xr = x + j * C;
+    for_component_blocks(K, [&](auto KBc, int64_t k0) {
+      constexpr int KB = decltype(KBc)::value;
+      V acc0[KB], acc1[KB];
+      for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
+      const acc_t* m = mu + k0 * C;
+      const acc_t* h = ha + k0 * C;
+      int64_t c = 0;
+      for (; c + 2 * W <= C; c += 2 * W) {
+        const V x0 = vload(xr + c), x1 = vload(xr + c + W);
+        for (int kb = 0; kb < KB; ++kb) {
+          acc0[kb] += math::mahalanobis_term(x0, vload(m + kb * C + c), vload(h + kb * C + c));
+          acc1[kb] += math::mahalanobis_term(x1, vload(m + kb * C + c + W),
+                                             vload(h + kb * C + c + W));
+        }
+      }
+      for_vectors<acc_t>(C - c, [&](auto full, int64_t i, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const V x0 = ld<F>(xr + c + i, n);
+        for (int kb = 0; kb < KB; ++kb)
+          acc0[kb] += math::mahalanobis_term(x0, ld<F>(m + kb * C + c + i, n),
+                                             ld<F>(h + kb * C + c + i, n));
+      });
+      for (int kb = 0; kb < KB; ++kb) loc[(k0 + kb) * T + j] = b[k0 + kb] - vsum(acc0[kb] + acc1[kb]);
+    });
+  }
+}
+
+// Planar: positions [s, s + 2W) (or fewer, n) of segment seg, over all channels.
+template <bool Full, int KB, typename acc_t>
+C10_ALWAYS_INLINE void estep_planar_block(View<const acc_t> xv, int64_t seg, int64_t s, int64_t n,
+                                          int64_t C, const acc_t* mu, const acc_t* ha,
+                                          const acc_t* b, acc_t* loc, int64_t T, int64_t j) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
   V acc0[KB], acc1[KB];
   for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
-  if (n == 2 * W) {
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t* r = xv.row(seg, c) + s;
-      const V x0 = vload(r), x1 = vload(r + W);
-      for (int kb = 0; kb < KB; ++kb) {
-        const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
-        acc0[kb] += math::mahalanobis_term(x0, m, h);
-        acc1[kb] += math::mahalanobis_term(x1, m, h);
-      }
-    }
-  } else {
-    const int64_t n0 = std::min(n, W), n1 = n - n0;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t* r = xv.row(seg, c) + s;
-      const V x0 = vload_n(r, n0);
-      const V x1 = n1 > 0 ? vload_n(r + W, n1) : V{};
-      for (int kb = 0; kb < KB; ++kb) {
-        const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
-        acc0[kb] += math::mahalanobis_term(x0, m, h);
-        acc1[kb] += math::mahalanobis_term(x1, m, h);
-      }
+  const int64_t n0 = Full ? W : std::min(n, W), n1 = Full ? W : n - n0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* r = xv.row(seg, c) + s;
+    const V x0 = ld<Full>(r, n0);
+    const V x1 = (Full || n1 > 0) ? ld<Full>(r + W, n1) : V{};
+    for (int kb = 0; kb < KB; ++kb) {
+      const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
+      acc0[kb] += math::mahalanobis_term(x0, m, h);
+      acc1[kb] += math::mahalanobis_term(x1, m, h);
     }
   }
   for (int kb = 0; kb < KB; ++kb) {
     acc_t* o = loc + kb * T + j;
     const V bk = vsplat(b[kb]);
-    vstore_n(o, bk - acc0[kb], n);
-    if (n > W) vstore_n(o + W, bk - acc1[kb], n - W);
+    st<Full>(o, bk - acc0[kb], n0);
+    if (Full || n1 > 0) st<Full>(o + W, bk - acc1[kb], n1);
   }
 }
 
-// Calls f.template operator()<KB>(k0) over blocks of at most 4 components.
-template <typename F>
-C10_ALWAYS_INLINE void for_component_blocks(int64_t K, F&& f) {
-  int64_t k0 = 0;
-  for (; k0 + 4 <= K; k0 += 4) f(std::integral_constant<int, 4>{}, k0);
-  switch (K - k0) {
-    case 3: f(std::integral_constant<int, 3>{}, k0); break;
-    case 2: f(std::integral_constant<int, 2>{}, k0); break;
-    case 1: f(std::integral_constant<int, 1>{}, k0); break;
-    default: break;
+template <typename acc_t>
+void estep_planar(View<const acc_t> xv, int64_t nseg, int64_t len, int64_t C, int64_t K,
+                  const acc_t* mu, const acc_t* ha, const acc_t* b, acc_t* loc) {
+  constexpr int64_t W = kW<acc_t>;
+  const int64_t T = nseg * len;
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    for (int64_t s = 0; s < len; s += 2 * W) {
+      const int64_t n = std::min(2 * W, len - s);
+      for_component_blocks(K, [&](auto KBc, int64_t k0) {
+        constexpr int KB = decltype(KBc)::value;
+        if (n == 2 * W)
+          estep_planar_block<true, KB>(xv, seg, s, n, C, mu + k0 * C, ha + k0 * C, b + k0,
+                                       loc + k0 * T, T, seg * len + s);
+        else
+          estep_planar_block<false, KB>(xv, seg, s, n, C, mu + k0 * C, ha + k0 * C, b + k0,
+                                        loc + k0 * T, T, seg * len + s);
+      });
+    }
   }
 }
 
-// Log-likelihoods then softmax into loc (soft), or one-hot of the groups (given).
+// In place over loc (K rows of T): tau = softmax over k, W positions at a time.
+template <typename acc_t>
+void softmax_components(acc_t* loc, int64_t T, int64_t K, Vec<acc_t>* lanes) {
+  for_vectors<acc_t>(T, [&](auto full, int64_t j, int64_t n) {
+    constexpr bool F = decltype(full)::value;
+    for (int64_t k = 0; k < K; ++k) lanes[k] = ld<F>(loc + k * T + j, n);
+    math::softmax_in_place(lanes, K, 1, VExp{});
+    for (int64_t k = 0; k < K; ++k) st<F>(loc + k * T + j, lanes[k], n);
+  });
+}
+
 template <typename acc_t>
 void tile_responsibilities(const Geometry& g, const Tile& tl, int64_t K, Resp resp,
                            const View<const acc_t>& xv, const int64_t* groups, const acc_t* mu,
                            const acc_t* ha, const acc_t* b, acc_t* loc, Vec<acc_t>* lanes) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  const int64_t C = g.C, T = tl.T;
   if (resp == Resp::kGiven) {
-    for (int64_t j = 0; j < T; ++j) {
-      const int64_t grp = groups[sample_of(g, tl, j)];
-      for (int64_t k = 0; k < K; ++k) loc[k * T + j] = k == grp ? acc_t(1) : acc_t(0);
-    }
+    given_responsibilities(g, tl, K, groups, loc);
     return;
   }
-  if (g.interleaved) {
-    acc_t out[4];
-    for (int64_t j = 0; j < T; ++j) {
-      const acc_t* xr = xv.base + j * C;
-      for_component_blocks(K, [&](auto KB, int64_t k0) {
-        maha_row<decltype(KB)::value>(xr, mu + k0 * C, ha + k0 * C, C, out);
-        for (int kb = 0; kb < decltype(KB)::value; ++kb)
-          loc[(k0 + kb) * T + j] = b[k0 + kb] - out[kb];
-      });
-    }
-  } else {
-    for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-      for (int64_t s = 0; s < tl.len; s += 2 * W) {
-        const int64_t n = std::min(2 * W, tl.len - s);
-        for_component_blocks(K, [&](auto KB, int64_t k0) {
-          maha_cols<decltype(KB)::value>(xv, seg, s, n, C, mu + k0 * C, ha + k0 * C, b + k0,
-                                         loc + k0 * T, T, seg * tl.len + s);
-        });
-      }
-    }
-  }
-  // softmax over k, W positions at a time
-  for (int64_t j = 0; j < T; j += W) {
-    const int64_t n = std::min(W, T - j);
-    for (int64_t k = 0; k < K; ++k) lanes[k] = vload_n(loc + k * T + j, n);
-    math::softmax_in_place(lanes, K, 1, VExp{});
-    for (int64_t k = 0; k < K; ++k) vstore_n(loc + k * T + j, lanes[k], n);
-  }
-  (void)sizeof(V);
+  if (g.interleaved)
+    estep_interleaved(xv.base, tl.T, g.C, K, mu, ha, b, loc);
+  else
+    estep_planar(xv, tl.nseg, tl.len, g.C, K, mu, ha, b, loc);
+  softmax_components(loc, tl.T, K, lanes);
 }
 
 // ---------------------------------------------------------------------------------------
-// M-step partials of one tile: count, mean and M2 per (k, c).
+// M-step partials of one tile: count, mean and M2 per (k, c), by two passes over the tile
+// (mean first, then squared deviations from it) while it is in cache.
 // ---------------------------------------------------------------------------------------
 
-template <typename acc_t>
-void tile_moments(const Geometry& g, const Tile& tl, int64_t K, bool one,
-                  const View<const acc_t>& xv, const acc_t* loc, acc_t* pn, acc_t* pmean,
-                  acc_t* pm2) {
+// Interleaved: channels [c, c + n) of all T rows; One: tau == 1.
+template <bool Full, bool One, int KB, typename acc_t>
+C10_ALWAYS_INLINE void moments_interleaved_block(const acc_t* x, int64_t T, int64_t C, int64_t c,
+                                                 int64_t n, const acc_t* loc, const acc_t* inv,
+                                                 acc_t* pmean, acc_t* pm2) {
   using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  const int64_t C = g.C, T = tl.T;
-  acc_t inv_n[64];
-  std::unique_ptr<acc_t[]> inv_heap;
-  acc_t* inv = inv_n;
-  if (K > 64) {
-    inv_heap.reset(new acc_t[K]);
-    inv = inv_heap.get();
+  V s0[KB], s1[KB];
+  for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
+  int64_t j = 0;
+  for (; j + 2 <= T; j += 2) {
+    const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
+    for (int kb = 0; kb < KB; ++kb) {
+      if constexpr (One) {
+        s0[kb] += x0;
+        s1[kb] += x1;
+      } else {
+        s0[kb] += loc[kb * T + j] * x0;
+        s1[kb] += loc[kb * T + j + 1] * x1;
+      }
+    }
   }
+  if (j < T) {
+    const V x0 = ld<Full>(x + j * C + c, n);
+    for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : loc[kb * T + j] * x0;
+  }
+  V mt[KB];
+  for (int kb = 0; kb < KB; ++kb) {
+    mt[kb] = (s0[kb] + s1[kb]) * inv[kb];
+    s0[kb] = s1[kb] = V{};
+  }
+  for (j = 0; j + 2 <= T; j += 2) {
+    const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
+    for (int kb = 0; kb < KB; ++kb) {
+      const V d0 = x0 - mt[kb], d1 = x1 - mt[kb];
+      if constexpr (One) {
+        s0[kb] += d0 * d0;
+        s1[kb] += d1 * d1;
+      } else {
+        s0[kb] += (loc[kb * T + j] * d0) * d0;
+        s1[kb] += (loc[kb * T + j + 1] * d1) * d1;
+      }
+    }
+  }
+  if (j < T) {
+    const V x0 = ld<Full>(x + j * C + c, n);
+    for (int kb = 0; kb < KB; ++kb) {
+      const V d0 = x0 - mt[kb];
+      s0[kb] += One ? d0 * d0 : (loc[kb * T + j] * d0) * d0;
+    }
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    st<Full>(pmean + kb * C + c, mt[kb], n);
+    st<Full>(pm2 + kb * C + c, keep<Full>(s0[kb] + s1[kb], n), n);
+  }
+}
+
+// Planar: channel c over all segments of the tile.
+template <bool One, int KB, typename acc_t>
+C10_ALWAYS_INLINE void moments_planar_row(View<const acc_t> xv, int64_t nseg, int64_t len,
+                                          int64_t c, const acc_t* loc, int64_t T,
+                                          const acc_t* inv, acc_t* pmean, acc_t* pm2,
+                                          int64_t C) {
+  using V = Vec<acc_t>;
+  V s0[KB];
+  for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    const acc_t* r = xv.row(seg, c);
+    const acc_t* lt = loc + seg * len;
+    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+      constexpr bool F = decltype(full)::value;
+      const V x0 = ld<F>(r + s, n);
+      for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : ld<F>(lt + kb * T + s, n) * x0;
+    });
+  }
+  acc_t mt[KB];
+  for (int kb = 0; kb < KB; ++kb) {
+    mt[kb] = vsum(s0[kb]) * inv[kb];
+    s0[kb] = V{};
+  }
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    const acc_t* r = xv.row(seg, c);
+    const acc_t* lt = loc + seg * len;
+    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+      constexpr bool F = decltype(full)::value;
+      const V x0 = ld<F>(r + s, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const V d = keep<F>(x0 - mt[kb], n);
+        s0[kb] += One ? d * d : (ld<F>(lt + kb * T + s, n) * d) * d;
+      }
+    });
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    pmean[kb * C + c] = mt[kb];
+    pm2[kb * C + c] = vsum(s0[kb]);
+  }
+}
+
+template <bool One, typename acc_t>
+void tile_moments(const Geometry& g, const Tile& tl, int64_t K, const View<const acc_t>& xv,
+                  const acc_t* loc, acc_t* inv, acc_t* pn, acc_t* pmean, acc_t* pm2) {
+  using V = Vec<acc_t>;
+  const int64_t C = g.C, T = tl.T;
   for (int64_t k = 0; k < K; ++k) {
     acc_t n;
-    if (one) {
+    if constexpr (One) {
       n = acc_t(T);
     } else {
       V s = {};
-      for (int64_t j = 0; j < T; j += W) s += vload_n(loc + k * T + j, T - j);
+      for_vectors<acc_t>(T, [&](auto full, int64_t j, int64_t m) {
+        s += ld<decltype(full)::value>(loc + k * T + j, m);
+      });
       n = vsum(s);
     }
     pn[k] = n;
     inv[k] = n > acc_t(0) ? acc_t(1) / n : acc_t(0);
   }
-
   if (g.interleaved) {
-    for (int64_t c = 0; c < C; c += W) {
-      const int64_t nc = C - c;
+    for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+      constexpr bool F = decltype(full)::value;
       for_component_blocks(K, [&](auto KBc, int64_t k0) {
-        constexpr int KB = decltype(KBc)::value;
-        V s0[KB], s1[KB];
-        for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
-        int64_t j = 0;
-        for (; j + 2 <= T; j += 2) {
-          const V x0 = vload_n(xv.base + j * C + c, nc);
-          const V x1 = vload_n(xv.base + (j + 1) * C + c, nc);
-          for (int kb = 0; kb < KB; ++kb) {
-            if (one) {
-              s0[kb] += x0;
-              s1[kb] += x1;
-            } else {
-              s0[kb] += loc[(k0 + kb) * T + j] * x0;
-              s1[kb] += loc[(k0 + kb) * T + j + 1] * x1;
-            }
-          }
-        }
-        if (j < T) {
-          const V x0 = vload_n(xv.base + j * C + c, nc);
-          for (int kb = 0; kb < KB; ++kb) s0[kb] += (one ? acc_t(1) : loc[(k0 + kb) * T + j]) * x0;
-        }
-        V mt[KB];
-        for (int kb = 0; kb < KB; ++kb) {
-          mt[kb] = (s0[kb] + s1[kb]) * inv[k0 + kb];
-          s0[kb] = s1[kb] = V{};
-        }
-        for (j = 0; j + 2 <= T; j += 2) {
-          const V x0 = vload_n(xv.base + j * C + c, nc);
-          const V x1 = vload_n(xv.base + (j + 1) * C + c, nc);
-          for (int kb = 0; kb < KB; ++kb) {
-            const V d0 = x0 - mt[kb], d1 = x1 - mt[kb];
-            if (one) {
-              s0[kb] += d0 * d0;
-              s1[kb] += d1 * d1;
-            } else {
-              s0[kb] += loc[(k0 + kb) * T + j] * (d0 * d0);
-              s1[kb] += loc[(k0 + kb) * T + j + 1] * (d1 * d1);
-            }
-          }
-        }
-        if (j < T) {
-          const V x0 = vload_n(xv.base + j * C + c, nc);
-          for (int kb = 0; kb < KB; ++kb) {
-            const V d0 = x0 - mt[kb];
-            s0[kb] += (one ? acc_t(1) : loc[(k0 + kb) * T + j]) * (d0 * d0);
-          }
-        }
-        for (int kb = 0; kb < KB; ++kb) {
-          vstore_n(pmean + (k0 + kb) * C + c, mt[kb], nc);
-          vstore_n(pm2 + (k0 + kb) * C + c, s0[kb] + s1[kb], nc);
-        }
+        moments_interleaved_block<F, One, decltype(KBc)::value>(
+            xv.base, T, C, c, n, loc + k0 * T, inv + k0, pmean + k0 * C, pm2 + k0 * C);
       });
-    }
+    });
     return;
   }
-
-  // planar: one channel row at a time, positions along the vector
   for (int64_t c = 0; c < C; ++c) {
     for_component_blocks(K, [&](auto KBc, int64_t k0) {
-      constexpr int KB = decltype(KBc)::value;
-      V s0[KB];
-      for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
-      for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-        const acc_t* r = xv.row(seg, c);
-        const acc_t* lt = loc + seg * tl.len;
-        for (int64_t s = 0; s < tl.len; s += W) {
-          const int64_t n = tl.len - s;
-          const V x0 = vload_n(r + s, n);
-          for (int kb = 0; kb < KB; ++kb)
-            s0[kb] += one ? x0 : vload_n(lt + (k0 + kb) * T + s, n) * x0;
-        }
-      }
-      acc_t mt[KB];
-      for (int kb = 0; kb < KB; ++kb) {
-        mt[kb] = vsum(s0[kb]) * inv[k0 + kb];
-        s0[kb] = V{};
-      }
-      for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-        const acc_t* r = xv.row(seg, c);
-        const acc_t* lt = loc + seg * tl.len;
-        for (int64_t s = 0; s < tl.len; s += W) {
-          const int64_t n = tl.len - s;
-          const V x0 = vload_n(r + s, n);
-          for (int kb = 0; kb < KB; ++kb) {
-            const V d = vkeep_n(x0 - mt[kb], n);
-            s0[kb] += one ? d * d : vload_n(lt + (k0 + kb) * T + s, n) * (d * d);
-          }
-        }
-      }
-      for (int kb = 0; kb < KB; ++kb) {
-        pmean[(k0 + kb) * C + c] = mt[kb];
-        pm2[(k0 + kb) * C + c] = vsum(s0[kb]);
-      }
+      moments_planar_row<One, decltype(KBc)::value>(xv, tl.nseg, tl.len, c, loc + k0 * T, T,
+                                                    inv + k0, pmean + k0 * C, pm2 + k0 * C, C);
     });
   }
 }
@@ -573,62 +610,367 @@ void tile_moments(const Geometry& g, const Tile& tl, int64_t K, bool one,
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
-void tile_normalize(const Geometry& g, const Tile& tl, int64_t K, Resp resp,
-                    const View<const acc_t>& xv, const View<acc_t>& yv, const acc_t* loc,
-                    const int64_t* groups, const acc_t* alpha, const acc_t* delta) {
+void normalize_interleaved(const acc_t* x, acc_t* y, int64_t T, int64_t C, int64_t K,
+                           const acc_t* loc, const int64_t* kfix, const acc_t* alpha,
+                           const acc_t* delta) {
   using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  const int64_t C = g.C, T = tl.T;
-  if (g.interleaved) {
-    for (int64_t j = 0; j < T; ++j) {
-      const acc_t* xr = xv.base + j * C;
-      acc_t* yr = yv.base + j * C;
-      if (resp != Resp::kSoft) {
-        const int64_t k = resp == Resp::kOne ? 0 : groups[sample_of(g, tl, j)];
-        const acc_t* al = alpha + k * C;
-        const acc_t* de = delta + k * C;
-        for (int64_t c = 0; c < C; c += W) {
-          const int64_t n = C - c;
-          vstore_n(yr + c, math::normalize_term(vload_n(xr + c, n), vload_n(al + c, n),
-                                                vload_n(de + c, n)), n);
-        }
-        continue;
-      }
-      for (int64_t c = 0; c < C; c += W) {
-        const int64_t n = C - c;
-        const V x0 = vload_n(xr + c, n);
-        V y0 = {};
-        for (int64_t k = 0; k < K; ++k)
-          y0 += loc[k * T + j] *
-                math::normalize_term(x0, vload_n(alpha + k * C + c, n), vload_n(delta + k * C + c, n));
-        vstore_n(yr + c, y0, n);
-      }
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t* xr = x + j * C;
+    acc_t* yr = y + j * C;
+    if (kfix != nullptr) {  // one component per position
+      const acc_t* al = alpha + kfix[j] * C;
+      const acc_t* de = delta + kfix[j] * C;
+      for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        st<F>(yr + c, math::normalize_term(ld<F>(xr + c, n), ld<F>(al + c, n), ld<F>(de + c, n)), n);
+      });
+      continue;
     }
-    return;
+    for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+      constexpr bool F = decltype(full)::value;
+      const V x0 = ld<F>(xr + c, n);
+      V y0 = {};
+      for (int64_t k = 0; k < K; ++k)
+        y0 += loc[k * T + j] *
+              math::normalize_term(x0, ld<F>(alpha + k * C + c, n), ld<F>(delta + k * C + c, n));
+      st<F>(yr + c, y0, n);
+    });
   }
-  for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-    const acc_t* lt = loc + seg * tl.len;
-    const int64_t kfix = resp == Resp::kOne ? 0 : resp == Resp::kGiven ? groups[tl.n0 + seg] : -1;
+}
+
+template <typename acc_t>
+void normalize_planar(View<const acc_t> xv, View<acc_t> yv, int64_t nseg, int64_t len, int64_t C,
+                      int64_t K, const acc_t* loc, const int64_t* kfix, const acc_t* alpha,
+                      const acc_t* delta, acc_t* coef) {
+  using V = Vec<acc_t>;
+  const int64_t T = nseg * len;
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    const acc_t* lt = loc + seg * len;
     for (int64_t c = 0; c < C; ++c) {
       const acc_t* xr = xv.row(seg, c);
       acc_t* yr = yv.row(seg, c);
-      if (kfix >= 0) {
-        const acc_t al = alpha[kfix * C + c], de = delta[kfix * C + c];
-        for (int64_t s = 0; s < tl.len; s += W) {
-          const int64_t n = tl.len - s;
-          vstore_n(yr + s, math::normalize_term(vload_n(xr + s, n), al, de), n);
-        }
+      if (kfix != nullptr) {
+        const acc_t al = alpha[kfix[seg] * C + c], de = delta[kfix[seg] * C + c];
+        for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+          constexpr bool F = decltype(full)::value;
+          st<F>(yr + s, math::normalize_term(ld<F>(xr + s, n), al, de), n);
+        });
         continue;
       }
-      for (int64_t s = 0; s < tl.len; s += W) {
-        const int64_t n = tl.len - s;
-        const V x0 = vload_n(xr + s, n);
+      for (int64_t k = 0; k < K; ++k) {
+        coef[2 * k] = alpha[k * C + c];
+        coef[2 * k + 1] = delta[k * C + c];
+      }
+      for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const V x0 = ld<F>(xr + s, n);
         V y0 = {};
         for (int64_t k = 0; k < K; ++k)
-          y0 += vload_n(lt + k * T + s, n) *
-                math::normalize_term(x0, alpha[k * C + c], delta[k * C + c]);
-        vstore_n(yr + s, y0, n);
+          y0 += ld<F>(lt + k * T + s, n) * math::normalize_term(x0, coef[2 * k], coef[2 * k + 1]);
+        st<F>(yr + s, y0, n);
+      });
+    }
+  }
+}
+
+// The single component of each position (interleaved) or segment (planar), or nullptr
+// when responsibilities are soft.
+void fixed_components(const Geometry& g, const Tile& tl, Resp resp, const int64_t* groups,
+                      int64_t* out) {
+  const int64_t n = g.interleaved ? tl.T : tl.nseg;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t sample = g.interleaved ? (tl.p0 + i) / g.S : tl.n0 + i;
+    out[i] = resp == Resp::kOne ? 0 : groups[sample];
+  }
+}
+
+template <typename acc_t>
+void tile_normalize(const Geometry& g, const Tile& tl, int64_t K, Resp resp,
+                    const View<const acc_t>& xv, const View<acc_t>& yv, const acc_t* loc,
+                    const int64_t* groups, int64_t* kfix_buf, const acc_t* alpha,
+                    const acc_t* delta, acc_t* coef) {
+  const int64_t* kfix = nullptr;
+  if (resp != Resp::kSoft) {
+    fixed_components(g, tl, resp, groups, kfix_buf);
+    kfix = kfix_buf;
+  }
+  if (g.interleaved)
+    normalize_interleaved(xv.base, yv.base, tl.T, g.C, K, loc, kfix, alpha, delta);
+  else
+    normalize_planar(xv, yv, tl.nseg, tl.len, g.C, K, loc, kfix, alpha, delta, coef);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, pass 1: per-tile Sg = sum g tau, Sgx = sum g tau (x - m).
+// ---------------------------------------------------------------------------------------
+
+template <bool Full, bool One, int KB, typename acc_t>
+C10_ALWAYS_INLINE void grad_stats_interleaved_block(const acc_t* x, const acc_t* gr, int64_t T,
+                                                    int64_t C, int64_t c, int64_t n,
+                                                    const acc_t* loc, const acc_t* mean,
+                                                    acc_t* sg, acc_t* sgx) {
+  using V = Vec<acc_t>;
+  V ag[KB], agx[KB], m[KB];
+  for (int kb = 0; kb < KB; ++kb) {
+    ag[kb] = agx[kb] = V{};
+    m[kb] = ld<Full>(mean + kb * C + c, n);
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    const V g0 = ld<Full>(gr + j * C + c, n);
+    const V x0 = ld<Full>(x + j * C + c, n);
+    for (int kb = 0; kb < KB; ++kb) {
+      const V gt = One ? g0 : loc[kb * T + j] * g0;
+      ag[kb] += gt;
+      agx[kb] += gt * (x0 - m[kb]);
+    }
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    st<Full>(sg + kb * C + c, ag[kb], n);
+    st<Full>(sgx + kb * C + c, agx[kb], n);
+  }
+}
+
+template <bool One, int KB, typename acc_t>
+C10_ALWAYS_INLINE void grad_stats_planar_row(View<const acc_t> xv, View<const acc_t> gv,
+                                             int64_t nseg, int64_t len, int64_t c,
+                                             const acc_t* loc, int64_t T, const acc_t* mean,
+                                             acc_t* sg, acc_t* sgx, int64_t C) {
+  using V = Vec<acc_t>;
+  V ag[KB], agx[KB];
+  acc_t m[KB];
+  for (int kb = 0; kb < KB; ++kb) {
+    ag[kb] = agx[kb] = V{};
+    m[kb] = mean[kb * C + c];
+  }
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    const acc_t* xr = xv.row(seg, c);
+    const acc_t* grr = gv.row(seg, c);
+    const acc_t* lt = loc + seg * len;
+    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+      constexpr bool F = decltype(full)::value;
+      const V g0 = ld<F>(grr + s, n);
+      const V x0 = ld<F>(xr + s, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const V gt = One ? g0 : ld<F>(lt + kb * T + s, n) * g0;
+        ag[kb] += gt;
+        agx[kb] += gt * (x0 - m[kb]);
       }
+    });
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    sg[kb * C + c] = vsum(ag[kb]);
+    sgx[kb * C + c] = vsum(agx[kb]);
+  }
+}
+
+template <bool One, typename acc_t>
+void tile_grad_stats(const Geometry& g, const Tile& tl, int64_t K, const View<const acc_t>& xv,
+                     const View<const acc_t>& gv, const acc_t* loc, const acc_t* mean, acc_t* sg,
+                     acc_t* sgx) {
+  const int64_t C = g.C, T = tl.T;
+  if (g.interleaved) {
+    for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+      for_component_blocks(K, [&](auto KBc, int64_t k0) {
+        grad_stats_interleaved_block<decltype(full)::value, One, decltype(KBc)::value>(
+            xv.base, gv.base, T, C, c, n, loc + k0 * T, mean + k0 * C, sg + k0 * C,
+            sgx + k0 * C);
+      });
+    });
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for_component_blocks(K, [&](auto KBc, int64_t k0) {
+      grad_stats_planar_row<One, decltype(KBc)::value>(xv, gv, tl.nseg, tl.len, c, loc + k0 * T,
+                                                       T, mean + k0 * C, sg + k0 * C,
+                                                       sgx + k0 * C, C);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, pass 2: dtau -> dl (soft), then dx = g A + x B + E.
+// ---------------------------------------------------------------------------------------
+
+struct DtauCoefs {
+  const void* mean;
+  const void* alpha;
+  const void* beta;
+  const void* e1;
+  const void* e2;
+  const void* ev;
+};
+
+template <typename acc_t>
+struct DtauPtrs {
+  const acc_t* m;
+  const acc_t* al;
+  const acc_t* be;
+  const acc_t* e1;
+  const acc_t* e2;
+  const acc_t* ev;
+};
+
+// Interleaved: dl[k * T + j] = dtau (before the softmax's Jacobian).
+template <typename acc_t>
+void dtau_interleaved(const acc_t* x, const acc_t* gr, int64_t T, int64_t C, int64_t K,
+                      DtauPtrs<acc_t> cf, acc_t* dl) {
+  using V = Vec<acc_t>;
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t* xr = x + j * C;
+    const acc_t* grr = gr + j * C;
+    for_component_blocks(K, [&](auto KBc, int64_t k0) {
+      constexpr int KB = decltype(KBc)::value;
+      V acc[KB];
+      for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
+      for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const V x0 = ld<F>(xr + c, n), g0 = ld<F>(grr + c, n);
+        for (int kb = 0; kb < KB; ++kb) {
+          const int64_t o = (k0 + kb) * C + c;
+          const V d = keep<F>(x0 - ld<F>(cf.m + o, n), n);
+          acc[kb] += math::dtau_term(g0, d, ld<F>(cf.al + o, n), ld<F>(cf.be + o, n),
+                                     ld<F>(cf.e1 + o, n), ld<F>(cf.e2 + o, n));
+        }
+      });
+      for (int kb = 0; kb < KB; ++kb) dl[(k0 + kb) * T + j] = vsum(acc[kb]) - cf.ev[k0 + kb];
+    });
+  }
+}
+
+// Planar: positions [s, s + n), n <= W, of segment seg, components [k0, k0 + KB).
+template <bool Full, int KB, typename acc_t>
+C10_ALWAYS_INLINE void dtau_planar_block(View<const acc_t> xv, View<const acc_t> gv, int64_t seg,
+                                         int64_t s, int64_t n, int64_t C, int64_t k0,
+                                         DtauPtrs<acc_t> cf, acc_t* dl, int64_t T, int64_t j) {
+  using V = Vec<acc_t>;
+  V acc[KB];
+  for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
+  for (int64_t c = 0; c < C; ++c) {
+    const V x0 = ld<Full>(xv.row(seg, c) + s, n);
+    const V g0 = ld<Full>(gv.row(seg, c) + s, n);
+    for (int kb = 0; kb < KB; ++kb) {
+      const int64_t o = (k0 + kb) * C + c;
+      acc[kb] += math::dtau_term(g0, x0 - cf.m[o], cf.al[o], cf.be[o], cf.e1[o], cf.e2[o]);
+    }
+  }
+  for (int kb = 0; kb < KB; ++kb) st<Full>(dl + (k0 + kb) * T + j, acc[kb] - cf.ev[k0 + kb], n);
+}
+
+template <typename acc_t>
+void dtau_planar(View<const acc_t> xv, View<const acc_t> gv, int64_t nseg, int64_t len, int64_t C,
+                 int64_t K, DtauPtrs<acc_t> cf, acc_t* dl) {
+  const int64_t T = nseg * len;
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+      for_component_blocks(K, [&](auto KBc, int64_t k0) {
+        dtau_planar_block<decltype(full)::value, decltype(KBc)::value>(xv, gv, seg, s, n, C, k0,
+                                                                      cf, dl, T, seg * len + s);
+      });
+    });
+  }
+}
+
+// dl = tau (dtau - sum_i tau_i dtau_i), in place over dl.
+template <typename acc_t>
+void softmax_jacobian(const acc_t* loc, acc_t* dl, int64_t T, int64_t K, Vec<acc_t>* lanes) {
+  using V = Vec<acc_t>;
+  for_vectors<acc_t>(T, [&](auto full, int64_t j, int64_t n) {
+    constexpr bool F = decltype(full)::value;
+    V dot = {};
+    for (int64_t k = 0; k < K; ++k) {
+      lanes[k] = ld<F>(loc + k * T + j, n);
+      lanes[K + k] = ld<F>(dl + k * T + j, n);
+      dot += lanes[k] * lanes[K + k];
+    }
+    for (int64_t k = 0; k < K; ++k) st<F>(dl + k * T + j, lanes[k] * (lanes[K + k] - dot), n);
+  });
+}
+
+template <typename acc_t>
+struct DxPtrs {
+  const acc_t* al;
+  const acc_t* p;
+  const acc_t* q;
+  const acc_t* a;
+  const acc_t* amu;
+};
+
+// Interleaved dx; loc/dl soft (dl may be null: given), or kfix (one component each).
+template <typename acc_t>
+void dx_interleaved(const acc_t* x, const acc_t* gr, acc_t* dx, int64_t T, int64_t C, int64_t K,
+                    const acc_t* loc, const acc_t* dl, const int64_t* kfix, DxPtrs<acc_t> cf) {
+  using V = Vec<acc_t>;
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t* xr = x + j * C;
+    const acc_t* grr = gr + j * C;
+    acc_t* dr = dx + j * C;
+    if (kfix != nullptr) {
+      const int64_t o = kfix[j] * C;
+      for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        V A = {}, B = {}, E = {};
+        math::dx_accumulate(acc_t(1), ld<F>(cf.al + o + c, n), ld<F>(cf.p + o + c, n),
+                            ld<F>(cf.q + o + c, n), A, B, E);
+        st<F>(dr + c, math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n), A, B, E), n);
+      });
+      continue;
+    }
+    for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
+      constexpr bool F = decltype(full)::value;
+      V A = {}, B = {}, E = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t o = k * C + c;
+        math::dx_accumulate(loc[k * T + j], dl[k * T + j], ld<F>(cf.al + o, n),
+                            ld<F>(cf.p + o, n), ld<F>(cf.q + o, n), ld<F>(cf.a + o, n),
+                            ld<F>(cf.amu + o, n), A, B, E);
+      }
+      st<F>(dr + c, math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n), A, B, E), n);
+    });
+  }
+}
+
+template <typename acc_t>
+void dx_planar(View<const acc_t> xv, View<const acc_t> gv, View<acc_t> dv, int64_t nseg,
+               int64_t len, int64_t C, int64_t K, const acc_t* loc, const acc_t* dl,
+               const int64_t* kfix, DxPtrs<acc_t> cf, acc_t* coef) {
+  using V = Vec<acc_t>;
+  const int64_t T = nseg * len;
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    const acc_t* lt = loc + seg * len;
+    const acc_t* dlt = dl + seg * len;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* xr = xv.row(seg, c);
+      const acc_t* grr = gv.row(seg, c);
+      acc_t* dr = dv.row(seg, c);
+      if (kfix != nullptr) {
+        const int64_t o = kfix[seg] * C + c;
+        const acc_t al = cf.al[o], p = cf.p[o], q = cf.q[o];
+        for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+          constexpr bool F = decltype(full)::value;
+          V A = {}, B = {}, E = {};
+          math::dx_accumulate(acc_t(1), al, p, q, A, B, E);
+          st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n), A, B, E), n);
+        });
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t o = k * C + c;
+        coef[5 * k + 0] = cf.al[o];
+        coef[5 * k + 1] = cf.p[o];
+        coef[5 * k + 2] = cf.q[o];
+        coef[5 * k + 3] = cf.a[o];
+        coef[5 * k + 4] = cf.amu[o];
+      }
+      for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        V A = {}, B = {}, E = {};
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t* q = coef + 5 * k;
+          math::dx_accumulate(ld<F>(lt + k * T + s, n), ld<F>(dlt + k * T + s, n), q[0], q[1],
+                              q[2], q[3], q[4], A, B, E);
+        }
+        st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n), A, B, E), n);
+      });
     }
   }
 }
@@ -644,63 +986,77 @@ void for_each_tile(const TilePlan& plan, F&& f) {
 
 template <typename scalar_t, typename acc_t>
 void collect_mixture_stats_impl(const StatsArgs& a) {
-  const Geometry& g = a.geo;
+  const Geometry g = a.geo;
+  const TilePlan plan = a.plan;
   const int64_t K = a.K, C = g.C;
+  const Resp resp = a.resp;
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* mu = static_cast<const acc_t*>(a.mu);
   const auto* ha = static_cast<const acc_t*>(a.half_a);
   const auto* b = static_cast<const acc_t*>(a.b);
+  const int64_t* groups = a.groups;
   auto* tau = static_cast<acc_t*>(a.tau);
   auto* pn = static_cast<acc_t*>(a.part_n);
   auto* pmean = static_cast<acc_t*>(a.part_mean);
   auto* pm2 = static_cast<acc_t*>(a.part_m2);
-  const int64_t maxT = max_tile_positions(g, a.plan);
-  for_each_tile(a.plan, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> xs(TileIO<scalar_t, acc_t>::kNative ? 0 : tile_scratch_size<scalar_t>(g, a.plan));
-    Scratch<acc_t> loc(a.resp == Resp::kOne ? 0 : K * maxT);
+  using IO = TileIO<scalar_t, acc_t>;
+  const int64_t maxT = max_tile_positions(g, plan);
+  for_each_tile(plan, [=](int64_t begin, int64_t end) {
+    Scratch<acc_t> xs(IO::kNative ? 0 : maxT * C);
+    Scratch<acc_t> loc(resp == Resp::kOne ? 0 : K * maxT);
+    Scratch<acc_t> inv(K);
     Scratch<Vec<acc_t>> lanes(K);
     for (int64_t t = begin; t < end; ++t) {
-      const Tile tl = tile_at(g, a.plan, t);
-      const View<const acc_t> xv = TileIO<scalar_t, acc_t>::load(g, tl, x, xs.get());
-      if (a.resp != Resp::kOne) {
-        tile_responsibilities(g, tl, K, a.resp, xv, a.groups, mu, ha, b, loc.get(), lanes.get());
-        tau_to_global(g, tl, K, loc.get(), tau);
+      const Tile tl = tile_at(g, plan, t);
+      const View<const acc_t> xv = IO::load(g, tl, x, xs.get());
+      if (resp == Resp::kOne) {
+        tile_moments<true>(g, tl, K, xv, loc.get(), inv.get(), pn + t * K, pmean + t * K * C,
+                           pm2 + t * K * C);
+        continue;
       }
-      tile_moments(g, tl, K, a.resp == Resp::kOne, xv, loc.get(), pn + t * K,
-                   pmean + t * K * C, pm2 + t * K * C);
+      tile_responsibilities(g, tl, K, resp, xv, groups, mu, ha, b, loc.get(), lanes.get());
+      tau_to_global(g, tl, K, loc.get(), tau);
+      tile_moments<false>(g, tl, K, xv, loc.get(), inv.get(), pn + t * K, pmean + t * K * C,
+                          pm2 + t * K * C);
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
 void normalize_mixture_impl(const NormalizeArgs& a, bool estep) {
-  const Geometry& g = a.geo;
-  const int64_t K = a.K;
+  const Geometry g = a.geo;
+  const TilePlan plan = a.plan;
+  const int64_t K = a.K, C = g.C;
+  const Resp resp = a.resp;
   const auto* x = static_cast<const scalar_t*>(a.x);
   auto* y = static_cast<scalar_t*>(a.y);
   auto* tau = static_cast<acc_t*>(a.tau);
   const auto* alpha = static_cast<const acc_t*>(a.alpha);
   const auto* delta = static_cast<const acc_t*>(a.delta);
-  const int64_t maxT = max_tile_positions(g, a.plan);
+  const auto* mu = static_cast<const acc_t*>(a.mu);
+  const auto* ha = static_cast<const acc_t*>(a.half_a);
+  const auto* b = static_cast<const acc_t*>(a.b);
+  const int64_t* groups = a.groups;
   using IO = TileIO<scalar_t, acc_t>;
-  for_each_tile(a.plan, [&](int64_t begin, int64_t end) {
-    const int64_t scratch = IO::kNative ? 0 : tile_scratch_size<scalar_t>(g, a.plan);
-    Scratch<acc_t> xs(scratch), ys(scratch);
-    Scratch<acc_t> loc(a.resp == Resp::kOne ? 0 : K * maxT);
+  const int64_t maxT = max_tile_positions(g, plan);
+  for_each_tile(plan, [=](int64_t begin, int64_t end) {
+    Scratch<acc_t> xs(IO::kNative ? 0 : maxT * C), ys(IO::kNative ? 0 : maxT * C);
+    Scratch<acc_t> loc(resp == Resp::kOne ? 0 : K * maxT);
+    Scratch<int64_t> kfix(maxT);
+    Scratch<acc_t> coef(2 * K);
     Scratch<Vec<acc_t>> lanes(K);
     for (int64_t t = begin; t < end; ++t) {
-      const Tile tl = tile_at(g, a.plan, t);
+      const Tile tl = tile_at(g, plan, t);
       const View<const acc_t> xv = IO::load(g, tl, x, xs.get());
-      if (estep && a.resp != Resp::kOne) {
-        tile_responsibilities(g, tl, K, a.resp, xv, a.groups, static_cast<const acc_t*>(a.mu),
-                              static_cast<const acc_t*>(a.half_a),
-                              static_cast<const acc_t*>(a.b), loc.get(), lanes.get());
+      if (estep && resp != Resp::kOne) {
+        tile_responsibilities(g, tl, K, resp, xv, groups, mu, ha, b, loc.get(), lanes.get());
         tau_to_global(g, tl, K, loc.get(), tau);
-      } else if (a.resp == Resp::kSoft) {
+      } else if (resp == Resp::kSoft) {
         tau_from_global(g, tl, K, tau, loc.get());
       }
       const View<acc_t> yv = IO::out(g, tl, y, ys.get());
-      tile_normalize(g, tl, K, a.resp, xv, yv, loc.get(), a.groups, alpha, delta);
+      tile_normalize(g, tl, K, resp, xv, yv, loc.get(), groups, kfix.get(), alpha, delta,
+                     coef.get());
       IO::store(g, tl, y, ys.get());
     }
   });
@@ -708,9 +1064,8 @@ void normalize_mixture_impl(const NormalizeArgs& a, bool estep) {
 
 template <typename scalar_t, typename acc_t>
 void collect_grad_stats_impl(const GradStatsArgs& a) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  const Geometry& g = a.geo;
+  const Geometry g = a.geo;
+  const TilePlan plan = a.plan;
   const int64_t K = a.K, C = g.C;
   const bool one = a.resp == Resp::kOne;
   const auto* gr = static_cast<const scalar_t*>(a.grad);
@@ -719,244 +1074,88 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
   const auto* mean = static_cast<const acc_t*>(a.mean);
   auto* psg = static_cast<acc_t*>(a.part_sg);
   auto* psgx = static_cast<acc_t*>(a.part_sgx);
-  const int64_t maxT = max_tile_positions(g, a.plan);
   using IO = TileIO<scalar_t, acc_t>;
-  for_each_tile(a.plan, [&](int64_t begin, int64_t end) {
-    const int64_t scratch = IO::kNative ? 0 : tile_scratch_size<scalar_t>(g, a.plan);
-    Scratch<acc_t> xs(scratch), gs(scratch);
+  const int64_t maxT = max_tile_positions(g, plan);
+  for_each_tile(plan, [=](int64_t begin, int64_t end) {
+    Scratch<acc_t> xs(IO::kNative ? 0 : maxT * C), gs(IO::kNative ? 0 : maxT * C);
     Scratch<acc_t> loc(one ? 0 : K * maxT);
     for (int64_t t = begin; t < end; ++t) {
-      const Tile tl = tile_at(g, a.plan, t);
-      const int64_t T = tl.T;
+      const Tile tl = tile_at(g, plan, t);
       const View<const acc_t> xv = IO::load(g, tl, x, xs.get());
       const View<const acc_t> gv = IO::load(g, tl, gr, gs.get());
-      if (!one) tau_from_global(g, tl, K, tau, loc.get());
-      const acc_t* lc = loc.get();
-      acc_t* sg = psg + t * K * C;
-      acc_t* sgx = psgx + t * K * C;
-      if (g.interleaved) {
-        for (int64_t c = 0; c < C; c += W) {
-          const int64_t nc = C - c;
-          for_component_blocks(K, [&](auto KBc, int64_t k0) {
-            constexpr int KB = decltype(KBc)::value;
-            V ag[KB], agx[KB], m[KB];
-            for (int kb = 0; kb < KB; ++kb) {
-              ag[kb] = agx[kb] = V{};
-              m[kb] = vload_n(mean + (k0 + kb) * C + c, nc);
-            }
-            for (int64_t j = 0; j < T; ++j) {
-              const V g0 = vload_n(gv.base + j * C + c, nc);
-              const V x0 = vload_n(xv.base + j * C + c, nc);
-              for (int kb = 0; kb < KB; ++kb) {
-                const V gt = one ? g0 : lc[(k0 + kb) * T + j] * g0;
-                ag[kb] += gt;
-                agx[kb] += gt * (x0 - m[kb]);
-              }
-            }
-            for (int kb = 0; kb < KB; ++kb) {
-              vstore_n(sg + (k0 + kb) * C + c, ag[kb], nc);
-              vstore_n(sgx + (k0 + kb) * C + c, agx[kb], nc);
-            }
-          });
-        }
-        continue;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        for_component_blocks(K, [&](auto KBc, int64_t k0) {
-          constexpr int KB = decltype(KBc)::value;
-          V ag[KB], agx[KB];
-          for (int kb = 0; kb < KB; ++kb) ag[kb] = agx[kb] = V{};
-          for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-            const acc_t* xr = xv.row(seg, c);
-            const acc_t* grr = gv.row(seg, c);
-            const acc_t* lt = lc + seg * tl.len;
-            for (int64_t s = 0; s < tl.len; s += W) {
-              const int64_t n = tl.len - s;
-              const V g0 = vload_n(grr + s, n);
-              const V x0 = vload_n(xr + s, n);
-              for (int kb = 0; kb < KB; ++kb) {
-                const V gt = one ? g0 : vload_n(lt + (k0 + kb) * T + s, n) * g0;
-                ag[kb] += gt;
-                agx[kb] += gt * (x0 - mean[(k0 + kb) * C + c]);
-              }
-            }
-          }
-          for (int kb = 0; kb < KB; ++kb) {
-            sg[(k0 + kb) * C + c] = vsum(ag[kb]);
-            sgx[(k0 + kb) * C + c] = vsum(agx[kb]);
-          }
-        });
+      if (one) {
+        tile_grad_stats<true>(g, tl, K, xv, gv, loc.get(), mean, psg + t * K * C,
+                              psgx + t * K * C);
+      } else {
+        tau_from_global(g, tl, K, tau, loc.get());
+        tile_grad_stats<false>(g, tl, K, xv, gv, loc.get(), mean, psg + t * K * C,
+                               psgx + t * K * C);
       }
     }
   });
 }
 
-// dtau for one interleaved row, components [0, KB) (coefficient pointers offset to k0).
-template <int KB, typename acc_t>
-C10_ALWAYS_INLINE void dtau_row(const acc_t* x, const acc_t* gr, int64_t C, const acc_t* m,
-                                const acc_t* al, const acc_t* be, const acc_t* e1,
-                                const acc_t* e2, acc_t* out) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  V acc[KB];
-  for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
-  for (int64_t c = 0; c < C; c += W) {
-    const int64_t n = C - c;
-    const V x0 = vload_n(x + c, n), g0 = vload_n(gr + c, n);
-    for (int kb = 0; kb < KB; ++kb) {
-      const int64_t o = kb * C + c;
-      const V d = x0 - vload_n(m + o, n);
-      acc[kb] += math::dtau_term(g0, d, vload_n(al + o, n), vload_n(be + o, n),
-                                 vload_n(e1 + o, n), vload_n(e2 + o, n));
-    }
-  }
-  for (int kb = 0; kb < KB; ++kb) out[kb] = vsum(acc[kb]);
-}
-
 template <typename scalar_t, typename acc_t>
 void mixture_grad_input_impl(const GradInputArgs& a) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  const Geometry& g = a.geo;
+  const Geometry g = a.geo;
+  const TilePlan plan = a.plan;
   const int64_t K = a.K, C = g.C;
-  const bool one = a.resp == Resp::kOne;
-  const bool soft = a.resp == Resp::kSoft;
+  const Resp resp = a.resp;
+  const bool soft = resp == Resp::kSoft;
+  const int64_t* groups = nullptr;  // given components are read from tau
   const auto* gr = static_cast<const scalar_t*>(a.grad);
   const auto* x = static_cast<const scalar_t*>(a.x);
   auto* dx = static_cast<scalar_t*>(a.dx);
   const auto* tau = static_cast<const acc_t*>(a.tau);
-  const auto* mean = static_cast<const acc_t*>(a.mean);
-  const auto* alpha = static_cast<const acc_t*>(a.alpha);
-  const auto* beta = static_cast<const acc_t*>(a.beta);
-  const auto* e1 = static_cast<const acc_t*>(a.e1);
-  const auto* two_e2 = static_cast<const acc_t*>(a.two_e2);
-  const auto* e2 = static_cast<const acc_t*>(a.e2);
-  const auto* ev = static_cast<const acc_t*>(a.ev);
-  const auto* mu = static_cast<const acc_t*>(a.mu);
-  const auto* pa = static_cast<const acc_t*>(a.a);
-  const int64_t maxT = max_tile_positions(g, a.plan);
+  const DtauPtrs<acc_t> dcf{static_cast<const acc_t*>(a.mean), static_cast<const acc_t*>(a.alpha),
+                            static_cast<const acc_t*>(a.beta), static_cast<const acc_t*>(a.e1),
+                            static_cast<const acc_t*>(a.e2), static_cast<const acc_t*>(a.ev)};
+  const DxPtrs<acc_t> xcf{static_cast<const acc_t*>(a.alpha), static_cast<const acc_t*>(a.p),
+                          static_cast<const acc_t*>(a.q), static_cast<const acc_t*>(a.a),
+                          static_cast<const acc_t*>(a.amu)};
   using IO = TileIO<scalar_t, acc_t>;
-  for_each_tile(a.plan, [&](int64_t begin, int64_t end) {
-    const int64_t scratch = IO::kNative ? 0 : tile_scratch_size<scalar_t>(g, a.plan);
-    Scratch<acc_t> xs(scratch), gs(scratch), ds(scratch);
-    Scratch<acc_t> loc(one ? 0 : K * maxT);
+  const int64_t maxT = max_tile_positions(g, plan);
+  for_each_tile(plan, [=](int64_t begin, int64_t end) {
+    Scratch<acc_t> xs(IO::kNative ? 0 : maxT * C), gs(IO::kNative ? 0 : maxT * C),
+        ds(IO::kNative ? 0 : maxT * C);
+    Scratch<acc_t> loc(resp == Resp::kOne ? 0 : K * maxT);
     Scratch<acc_t> dl(soft ? K * maxT : 0);
-    Scratch<Vec<acc_t>> lane_buf(soft ? 2 * K : 0);
-    Vec<acc_t>* lanes = lane_buf.get();
+    Scratch<int64_t> kfix(maxT);
+    Scratch<acc_t> coef(5 * K);
+    Scratch<Vec<acc_t>> lanes(2 * K);
     for (int64_t t = begin; t < end; ++t) {
-      const Tile tl = tile_at(g, a.plan, t);
-      const int64_t T = tl.T;
+      const Tile tl = tile_at(g, plan, t);
       const View<const acc_t> xv = IO::load(g, tl, x, xs.get());
       const View<const acc_t> gv = IO::load(g, tl, gr, gs.get());
       const View<acc_t> dv = IO::out(g, tl, dx, ds.get());
-      if (!one) tau_from_global(g, tl, K, tau, loc.get());
-      const acc_t* lc = loc.get();
-      acc_t* dlc = dl.get();
-
+      const int64_t* kf = nullptr;
       if (soft) {
-        // dtau[k, j] into dl, then dl = tau (dtau - sum_i tau_i dtau_i)
-        if (g.interleaved) {
-          acc_t out[4];
-          for (int64_t j = 0; j < T; ++j) {
-            for_component_blocks(K, [&](auto KBc, int64_t k0) {
-              constexpr int KB = decltype(KBc)::value;
-              const int64_t o = k0 * C;
-              dtau_row<KB>(xv.base + j * C, gv.base + j * C, C, mean + o, alpha + o, beta + o,
-                           e1 + o, e2 + o, out);
-              for (int kb = 0; kb < KB; ++kb) dlc[(k0 + kb) * T + j] = out[kb] - ev[k0 + kb];
-            });
+        tau_from_global(g, tl, K, tau, loc.get());
+        if (g.interleaved)
+          dtau_interleaved(xv.base, gv.base, tl.T, C, K, dcf, dl.get());
+        else
+          dtau_planar(xv, gv, tl.nseg, tl.len, C, K, dcf, dl.get());
+        softmax_jacobian(loc.get(), dl.get(), tl.T, K, lanes.get());
+      } else {
+        if (resp == Resp::kGiven) {
+          // recover each position's (sample's) component from the one-hot tau
+          tau_from_global(g, tl, K, tau, loc.get());
+          const int64_t n = g.interleaved ? tl.T : tl.nseg;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t j = g.interleaved ? i : i * tl.len;
+            int64_t k = 0;
+            while (k + 1 < K && loc.get()[k * tl.T + j] == acc_t(0)) ++k;
+            kfix.get()[i] = k;
           }
         } else {
-          for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-            for (int64_t s = 0; s < tl.len; s += W) {
-              const int64_t n = tl.len - s;
-              const int64_t j = seg * tl.len + s;
-              for (int64_t k = 0; k < K; ++k) lanes[k] = V{};
-              for (int64_t c = 0; c < C; ++c) {
-                const V x0 = vload_n(xv.row(seg, c) + s, n);
-                const V g0 = vload_n(gv.row(seg, c) + s, n);
-                for (int64_t k = 0; k < K; ++k) {
-                  const int64_t o = k * C + c;
-                  lanes[k] += math::dtau_term(g0, x0 - mean[o], alpha[o], beta[o], e1[o], e2[o]);
-                }
-              }
-              for (int64_t k = 0; k < K; ++k) vstore_n(dlc + k * T + j, lanes[k] - ev[k], n);
-            }
-          }
+          fixed_components(g, tl, resp, groups, kfix.get());
         }
-        for (int64_t j = 0; j < T; j += W) {
-          const int64_t n = T - j;
-          V dot = {};
-          for (int64_t k = 0; k < K; ++k) {
-            lanes[k] = vload_n(lc + k * T + j, n);
-            lanes[K + k] = vload_n(dlc + k * T + j, n);
-            dot += lanes[k] * lanes[K + k];
-          }
-          for (int64_t k = 0; k < K; ++k)
-            vstore_n(dlc + k * T + j, lanes[k] * (lanes[K + k] - dot), n);
-        }
+        kf = kfix.get();
       }
-
-      // dx
-      if (g.interleaved) {
-        for (int64_t j = 0; j < T; ++j) {
-          const acc_t* xr = xv.base + j * C;
-          const acc_t* grr = gv.base + j * C;
-          acc_t* dr = dv.base + j * C;
-          int64_t k_lo = 0, k_hi = K;
-          if (a.resp == Resp::kGiven) {
-            k_lo = 0;
-            while (lc[k_lo * T + j] == acc_t(0) && k_lo + 1 < K) ++k_lo;
-            k_hi = k_lo + 1;
-          }
-          for (int64_t c = 0; c < C; c += W) {
-            const int64_t n = C - c;
-            const V x0 = vload_n(xr + c, n), g0 = vload_n(grr + c, n);
-            V acc = {};
-            for (int64_t k = k_lo; k < k_hi; ++k) {
-              const int64_t o = k * C + c;
-              const V tk = vsplat(one ? acc_t(1) : lc[k * T + j]);
-              acc += math::dx_norm_term(tk, g0, x0 - vload_n(mean + o, n), vload_n(alpha + o, n),
-                                        vload_n(e1 + o, n), vload_n(two_e2 + o, n));
-              if (soft)
-                acc += math::dx_resp_term(vsplat(dlc[k * T + j]), x0, vload_n(pa + o, n),
-                                          vload_n(mu + o, n));
-            }
-            vstore_n(dr + c, acc, n);
-          }
-        }
-      } else {
-        for (int64_t seg = 0; seg < tl.nseg; ++seg) {
-          const int64_t kfix = one ? 0 : a.resp == Resp::kGiven ? -2 : -1;
-          int64_t k_lo = 0, k_hi = K;
-          if (kfix == -2) {
-            // given responsibilities are one-hot per sample
-            const acc_t* lt = lc + seg * tl.len;
-            k_lo = 0;
-            while (lt[k_lo * T] == acc_t(0) && k_lo + 1 < K) ++k_lo;
-            k_hi = k_lo + 1;
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* xr = xv.row(seg, c);
-            const acc_t* grr = gv.row(seg, c);
-            acc_t* dr = dv.row(seg, c);
-            for (int64_t s = 0; s < tl.len; s += W) {
-              const int64_t n = tl.len - s;
-              const int64_t j = seg * tl.len + s;
-              const V x0 = vload_n(xr + s, n), g0 = vload_n(grr + s, n);
-              V acc = {};
-              for (int64_t k = k_lo; k < k_hi; ++k) {
-                const int64_t o = k * C + c;
-                const V tk = one ? vsplat(acc_t(1)) : vload_n(lc + k * T + j, n);
-                acc += math::dx_norm_term(tk, g0, x0 - mean[o], alpha[o], e1[o], two_e2[o]);
-                if (soft)
-                  acc += math::dx_resp_term(vload_n(dlc + k * T + j, n), x0, pa[o], mu[o]);
-              }
-              vstore_n(dr + s, acc, n);
-            }
-          }
-        }
-      }
+      if (g.interleaved)
+        dx_interleaved(xv.base, gv.base, dv.base, tl.T, C, K, loc.get(), dl.get(), kf, xcf);
+      else
+        dx_planar(xv, gv, dv, tl.nseg, tl.len, C, K, loc.get(), dl.get(), kf, xcf, coef.get());
       IO::store(g, tl, dx, ds.get());
     }
   });

@@ -1,0 +1,246 @@
+"""Kernel benchmark: cbn_ext against nn.BatchNorm2d and the pure-PyTorch reference.
+
+For each configuration (shape, K, dtype, memory format) it times, interleaved round-robin
+so that machine noise hits every implementation alike:
+  * training forward + backward (gradients of the input, weight and bias),
+  * evaluation forward (no grad),
+for nn.BatchNorm2d ("bn"), cbn_ext.CompoundBatchNorm2d ("ext") and
+cbn_ext.reference.compound_batch_norm ("ref"), and reports medians over the repeats after
+a warm-up, and the ratios ext/bn and ref/ext. ext is timed interleaved with bn, then
+again interleaved with ref (ref/ext uses that second time): the reference's large
+temporaries would otherwise evict bn's and ext's data from the caches.
+
+    python benchmarks/bench.py                      # (16, 64, 32, 32), K = 1, 2, 4
+    python benchmarks/bench.py --shapes 64x256x14x14 --K 2 --dtypes float32,bfloat16
+    python benchmarks/bench.py --json results.json  # also write the records as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cbn_ext  # noqa: E402
+from cbn_ext import reference  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class ReferenceCBN(nn.Module):
+    """The reference functional with the layer's parameters and buffers."""
+
+    def __init__(self, layer: cbn_ext.CompoundBatchNorm2d):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        for name in ("running_mean", "running_var", "running_prior", "num_batches_tracked"):
+            self.register_buffer(name, getattr(layer, name).clone())
+        self.momentum, self.eps = layer.momentum, layer.eps
+
+    def forward(self, x):
+        return reference.compound_batch_norm(
+            x, self.running_mean, self.running_var, self.running_prior, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+            self.num_batches_tracked if self.training else None)
+
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "build": cbn_ext.build_info(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+class Timer:
+    """Wall time per call: perf_counter on the CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_reference, log):
+    torch.manual_seed(0)
+    N, C = shape[:2]
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    x = (x + torch.randn(N, 1, 1, 1, device=device, dtype=dtype)).contiguous(memory_format=layout)
+    g = torch.randn_like(x)
+    bn = nn.BatchNorm2d(C, device=device)
+    ext = cbn_ext.CompoundBatchNorm2d(C, K, device=device)
+    with torch.no_grad():
+        ext(x)  # first batch: initialise the mixture
+    impls = {"bn": bn, "ext": ext}
+    if with_reference:
+        impls["ref"] = ReferenceCBN(ext)
+
+    xg = x.detach().clone().requires_grad_()
+
+    def train_step(m):
+        params = [xg, m.weight, m.bias]
+        return lambda: torch.autograd.grad(m(xg), params, g)
+
+    def eval_step(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    timer = Timer(device)
+
+    def measure(fns):
+        """Medians of interleaved (round-robin) calls: noise hits every function alike."""
+        times = {name: [] for name in fns}
+        for i in range(warmup + repeats):
+            for name, fn in fns.items():
+                t = timer(fn)
+                if i >= warmup:
+                    times[name].append(t)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    out = {}
+    for phase, make, train in (("train", train_step, True), ("eval", eval_step, False)):
+        for m in impls.values():
+            m.train(train)
+        fns = {name: make(m) for name, m in impls.items()}
+        # ext against bn, then (apart, so that the reference's large temporaries do not
+        # evict the others' data from the caches) ext against ref
+        t = measure({"bn": fns["bn"], "ext": fns["ext"]})
+        if "ref" in fns:
+            t2 = measure({"ref": fns["ref"], "ext": fns["ext"]})
+            t["ref"], t["ext_with_ref"] = t2["ref"], t2["ext"]
+        out[phase] = t
+    rec = {"device": device, "shape": list(shape), "K": K, "dtype": str(dtype).split(".")[1],
+           "layout": "channels_last" if layout == torch.channels_last else "contiguous",
+           "repeats": repeats, "warmup": warmup}
+    for phase in ("train", "eval"):
+        t = out[phase]
+        rec[phase] = {f"{name}_ms": 1e3 * v for name, v in t.items()}
+        rec[phase]["ext_over_bn"] = t["ext"] / t["bn"]
+        if "ref" in t:
+            rec[phase]["ref_over_ext"] = t["ref"] / t["ext_with_ref"]
+    log(format_row(rec))
+    return rec
+
+
+HEADER = ("{:<6} {:<15} {:>2} {:<8} {:<13} | {:>8} {:>8} {:>8} {:>6} {:>7} | {:>8} {:>8} {:>8} "
+          "{:>6} {:>7}").format("device", "shape", "K", "dtype", "layout", "bn ms", "ext ms",
+                                "ref ms", "ext/bn", "ref/ext", "bn ms", "ext ms", "ref ms",
+                                "ext/bn", "ref/ext")
+
+
+def format_row(rec) -> str:
+    def part(p):
+        ref = p.get("ref_ms")
+        return "{:>8.3f} {:>8.3f} {:>8} {:>6.2f} {:>7}".format(
+            p["bn_ms"], p["ext_ms"], "-" if ref is None else f"{ref:.3f}", p["ext_over_bn"],
+            "-" if ref is None else f"{p['ref_over_ext']:.1f}x")
+
+    return "{:<6} {:<15} {:>2} {:<8} {:<13} | {} | {}".format(
+        rec["device"], "x".join(map(str, rec["shape"])), rec["K"], rec["dtype"], rec["layout"],
+        part(rec["train"]), part(rec["eval"]))
+
+
+def parse_shapes(text):
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def pin_allocator():
+    """Re-run this script with glibc's allocator keeping freed memory (no mmap for blocks
+    up to 32 MiB, no trimming). Otherwise a tensor of a few MiB is often mapped afresh at
+    every call and page-faults in, which in a VM makes medians vary threefold from run to
+    run; the setting applies to every implementation alike. CBN_BENCH_MALLOC=0 keeps the
+    environment as it is."""
+    if (sys.platform.startswith("linux") and os.environ.get("CBN_BENCH_MALLOC", "1") != "0"
+            and "MALLOC_TRIM_THRESHOLD_" not in os.environ):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20),
+                   MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
+    p.add_argument("--shapes", default="16x64x32x32", help="NxCxHxW,... (default %(default)s)")
+    p.add_argument("--K", default="1,2,4", help="components, e.g. 1,2,4")
+    p.add_argument("--dtypes", default="float32", help=f"of {','.join(DTYPES)}")
+    p.add_argument("--layouts", default="contiguous,channels_last")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
+    p.add_argument("--json", help="write the records and the machine to this file")
+    args = p.parse_args(argv)
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("error: --device cuda, but no CUDA device is available")
+        devices.remove("cuda")
+    records = []
+    machines = {}
+    for device in devices:
+        machines[device] = machine_info(device)
+        print(f"# {device}: {machines[device]['gpu' if device == 'cuda' else 'cpu']}, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads, cbn_ext "
+              f"{machines[device]['build']}", flush=True)
+        print(f"# medians of {args.repeats} repeats after {args.warmup} warm-up, interleaved; "
+              "train = forward + backward, eval = forward; glibc malloc: mmap threshold "
+              f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold "
+              f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')}", flush=True)
+        print(f"{'':<50}| {'train':^41} | {'eval':^41}", flush=True)
+        print(HEADER, flush=True)
+        for shape in parse_shapes(args.shapes):
+            for dt in args.dtypes.split(","):
+                for layout in args.layouts.split(","):
+                    for K in (int(k) for k in args.K.split(",")):
+                        records.append(bench_config(
+                            shape, K, DTYPES[dt], LAYOUTS[layout], device, args.repeats,
+                            args.warmup, not args.no_reference,
+                            lambda line: print(line, flush=True)))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machines": machines, "records": records}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    pin_allocator()
+    main()

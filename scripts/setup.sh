@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up what the README's commands need, from nothing: a virtual environment (.venv)
+# with torch, and cbn_ext built in place against that torch. Re-running it only does
+# what is missing (and rebuilds what changed).
+#
+#   CBN_TORCH   what to pip-install when no torch is found (default: torch)
+#   CBN_VENV    where the virtual environment lives (default: .venv)
+#   PYTHON      the interpreter to create it from (default: python3)
+# A torch already installed for $PYTHON (a GPU machine's own build) is reused, not
+# replaced: the environment then sees the system's packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${CBN_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "== setup: reusing the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+VPY="$VENV/bin/python"
+
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "== setup: installing ${CBN_TORCH:-torch}"
+  "$VPY" -m pip install --disable-pip-version-check "${CBN_TORCH:-torch}"
+fi
+
+missing=()
+for mod in pytest:pytest ninja:ninja numpy:numpy setuptools:setuptools wheel:wheel; do
+  "$VPY" -c "import ${mod%%:*}" >/dev/null 2>&1 || missing+=("${mod##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== setup: installing ${missing[*]}"
+  "$VPY" -m pip install --disable-pip-version-check -q "${missing[@]}"
+fi
+
+echo "== setup: building cbn_ext ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
+"$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
+"$VPY" -c "import cbn_ext; print('== setup: cbn_ext', cbn_ext.__version__, cbn_ext.build_info())"
