@@ -118,6 +118,162 @@ void check_groups(const OptTensor& groups, const Tensor& input, int64_t K) {
                     g.sizes());
 }
 
+namespace {
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+Resp resp_of(int64_t K, const OptTensor& groups) {
+  if (K == 1) return Resp::kOne;  // given groups are then all 0: tau == 1 either way
+  return defined(groups) ? Resp::kGiven : Resp::kSoft;
+}
+
+Tensor grad_like(const Tensor& grad, const Tensor& x) {
+  if (grad.sizes() == x.sizes() && grad.strides() == x.strides() &&
+      grad.scalar_type() == x.scalar_type())
+    return grad;
+  Tensor g = empty_like_input(x);
+  g.copy_(grad);
+  return g;
+}
+
+}  // namespace
+
+void check_group_values(const OptTensor& groups, int64_t K) {
+  if (!defined(groups) || groups->numel() == 0) return;
+  const Tensor& g = *groups;
+  const Tensor bad = (g < 0).logical_or_(g >= K);
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "expected group ids in [0, ", K, "), got ", g[i].item<int64_t>(),
+                      " for sample ", i);
+  }
+}
+
+TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const OptTensor& running_mean, const OptTensor& running_var,
+                       const OptTensor& running_prior, const OptTensor& num_batches_tracked,
+                       const OptTensor& groups, int64_t K, double eps) {
+  check_input(input, "compound_batch_norm");
+  check_num_components(K);
+  TrainSetup st;
+  st.x = canonical_input(input, st.shape);
+  const int64_t C = st.shape.C;
+  TORCH_CHECK_VALUE(st.shape.M() > 1,
+                    "Expected more than 1 value per channel when training, got input size ",
+                    input.sizes());
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  check_param(running_mean, "running_mean", input, K, C, true);
+  check_param(running_var, "running_var", input, K, C, true);
+  check_param(running_prior, "running_prior", input, K, C, false);
+  if (defined(num_batches_tracked)) {
+    TORCH_CHECK(num_batches_tracked->device() == input.device() &&
+                    num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->numel() == 1,
+                "expected num_batches_tracked as an int64 scalar on ", input.device());
+  }
+  check_groups(groups, input, K);
+  check_group_values(groups, K);
+  st.resp = resp_of(K, groups);
+  const bool have_running = defined(running_mean) && defined(running_var);
+  TORCH_CHECK_VALUE(have_running || K == 1, "compound_batch_norm with ", K,
+                    " components needs running_mean and running_var (the E-step uses the "
+                    "running mixture)");
+  TORCH_CHECK_VALUE(st.resp != Resp::kSoft || defined(running_prior), "compound_batch_norm with ",
+                    K, " components needs running_prior");
+  st.acc = acc_type_of(input.scalar_type());
+  const auto aopt = st.x.options().dtype(st.acc);
+  // reads num_batches_tracked: a device sync on a GPU, for soft responsibilities only
+  const bool first = st.resp == Resp::kSoft && defined(num_batches_tracked) &&
+                     num_batches_tracked->item<int64_t>() == 0;
+  if (first) {
+    std::tie(st.mix_mean, st.mix_var, st.mix_prior) = initial_mixture(st.x, K, eps);
+  } else {
+    st.mix_mean = have_running ? running_mean->clone() : at::zeros({K, C}, aopt);
+    st.mix_var = have_running ? running_var->clone() : at::ones({K, C}, aopt);
+    st.mix_prior = defined(running_prior) ? running_prior->clone()
+                                          : at::full({K}, 1.0 / static_cast<double>(K), aopt);
+  }
+  return st;
+}
+
+EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                     const Tensor& running_mean, const Tensor& running_var,
+                     const OptTensor& running_prior, const OptTensor& groups, int64_t K) {
+  check_input(input, "compound_batch_norm");
+  check_num_components(K);
+  EvalSetup st;
+  st.x = canonical_input(input, st.shape);
+  const int64_t C = st.shape.C;
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  check_param(running_mean, "running_mean", input, K, C, true);
+  check_param(running_var, "running_var", input, K, C, true);
+  check_param(running_prior, "running_prior", input, K, C, false);
+  check_groups(groups, input, K);
+  check_group_values(groups, K);
+  st.resp = resp_of(K, groups);
+  TORCH_CHECK_VALUE(st.resp != Resp::kSoft || defined(running_prior), "compound_batch_norm with ",
+                    K, " components needs running_prior");
+  st.acc = acc_type_of(input.scalar_type());
+  return st;
+}
+
+BackwardSetup setup_backward(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                             const OptTensor& bias, const Tensor& tau, const Tensor& mean,
+                             bool soft) {
+  check_input(input, "compound_batch_norm_backward");
+  BackwardSetup st;
+  st.x = canonical_input(input, st.shape);
+  st.K = mean.size(0);
+  const int64_t K = st.K, C = st.shape.C;
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out has shape ", grad_out.sizes(),
+              ", expected ", input.sizes());
+  TORCH_CHECK(grad_out.device() == input.device() && tau.device() == input.device(),
+              "grad_out and tau must be on the input's device");
+  st.resp = K == 1 ? Resp::kOne : (soft ? Resp::kSoft : Resp::kGiven);
+  st.acc = acc_type_of(input.scalar_type());
+  // tau was allocated by the forward with the layout of the canonical input
+  TORCH_CHECK(st.resp == Resp::kOne ||
+                  (tau.scalar_type() == st.acc && tau.numel() == st.shape.M() * K),
+              "tau does not match the input");
+  st.grad = grad_like(grad_out, st.x);
+  return st;
+}
+
+void check_update_args(const Tensor& running_mean, const Tensor& running_var,
+                       const OptTensor& running_prior, const OptTensor& num_batches_tracked,
+                       const Tensor& mean, std::optional<double> momentum) {
+  const int64_t K = mean.size(0);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "running_mean and running_var must be contiguous");
+  TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == mean.sizes(),
+              "running statistics of shape ", running_mean.sizes(), " do not match ",
+              mean.sizes());
+  TORCH_CHECK(running_mean.scalar_type() == mean.scalar_type() &&
+                  running_var.scalar_type() == mean.scalar_type(),
+              "running statistics must have dtype ", mean.scalar_type());
+  TORCH_CHECK(running_mean.device() == mean.device() && running_var.device() == mean.device(),
+              "running statistics must be on ", mean.device());
+  TORCH_CHECK_VALUE(momentum.has_value() || defined(num_batches_tracked),
+                    "momentum=None (a cumulative average) needs num_batches_tracked");
+  if (defined(running_prior)) {
+    TORCH_CHECK(running_prior->is_contiguous() && running_prior->numel() == K &&
+                    running_prior->scalar_type() == mean.scalar_type() &&
+                    running_prior->device() == mean.device(),
+                "running_prior must be a contiguous (", K, ",) tensor of dtype ",
+                mean.scalar_type(), " on ", mean.device());
+  }
+  if (defined(num_batches_tracked)) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == mean.device(),
+                "num_batches_tracked must be an int64 scalar on ", mean.device());
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> initial_mixture(const Tensor& x, int64_t K, double eps) {
   const int64_t C = x.size(1);
   const auto acc = acc_type_of(x.scalar_type());

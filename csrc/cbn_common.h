@@ -5,8 +5,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <cstdint>
 #include <tuple>
+
+#include "cbn_resp.h"
 
 namespace cbn_ext {
 
@@ -43,6 +46,49 @@ void check_param(const OptTensor& t, const char* name, const Tensor& input, int6
                  int64_t C, bool per_channel);
 void check_groups(const OptTensor& groups, const Tensor& input, int64_t K);
 void check_num_components(int64_t K);
+
+// Checks group ids against [0, K) (reads them: a device sync on a GPU).
+void check_group_values(const OptTensor& groups, int64_t K);
+
+// Everything a backend needs before its kernels run, after the shared checks.
+struct TrainSetup {
+  Tensor x;  // canonical input
+  Shape shape;
+  Resp resp;
+  at::ScalarType acc;
+  // the mixture of the E-step: the running one, or the first batch's initialisation
+  Tensor mix_mean, mix_var, mix_prior;
+};
+TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const OptTensor& running_mean, const OptTensor& running_var,
+                       const OptTensor& running_prior, const OptTensor& num_batches_tracked,
+                       const OptTensor& groups, int64_t K, double eps);
+
+struct EvalSetup {
+  Tensor x;
+  Shape shape;
+  Resp resp;
+  at::ScalarType acc;
+};
+EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                     const Tensor& running_mean, const Tensor& running_var,
+                     const OptTensor& running_prior, const OptTensor& groups, int64_t K);
+
+struct BackwardSetup {
+  Tensor x;     // canonical input
+  Tensor grad;  // grad_out with the strides of x
+  Shape shape;
+  Resp resp;
+  at::ScalarType acc;
+  int64_t K;
+};
+BackwardSetup setup_backward(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                             const OptTensor& bias, const Tensor& tau, const Tensor& mean,
+                             bool soft);
+
+void check_update_args(const Tensor& running_mean, const Tensor& running_var,
+                       const OptTensor& running_prior, const OptTensor& num_batches_tracked,
+                       const Tensor& mean, std::optional<double> momentum);
 
 // The first-batch initialisation of the running mixture (SPEC "Initialisation"), with
 // ATen operations so it runs on any device. x is the canonical input. Returns mean (K, C),

@@ -87,22 +87,7 @@ bool use_avx2() {
 
 Geometry geometry_of(const Shape& s) { return Geometry{s.N, s.C, s.S, s.interleaved}; }
 
-Resp resp_of(int64_t K, const OptTensor& groups) {
-  if (K == 1) return Resp::kOne;  // given groups are then all 0: tau == 1 either way
-  return groups.has_value() && groups->defined() ? Resp::kGiven : Resp::kSoft;
-}
-
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-void check_group_values(const OptTensor& groups, int64_t K) {
-  if (!defined(groups)) return;
-  const Tensor g = groups->contiguous();
-  const int64_t* p = g.data_ptr<int64_t>();
-  for (int64_t i = 0; i < g.numel(); ++i) {
-    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < K, "expected group ids in [0, ", K, "), got ", p[i],
-                      " for sample ", i);
-  }
-}
 
 // E-step coefficients of the mixture: mu, 1/2 a = 1/2 / (var + eps),
 // b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps).
@@ -216,15 +201,6 @@ Tensor sum_partials(const Tensor& part) {
   return out;
 }
 
-Tensor grad_like(const Tensor& grad, const Tensor& x) {
-  if (grad.sizes() == x.sizes() && grad.strides() == x.strides() &&
-      grad.scalar_type() == x.scalar_type())
-    return grad;
-  Tensor g = empty_like_input(x);
-  g.copy_(grad);
-  return g;
-}
-
 // ---------------------------------------------------------------------------------------
 // Operators
 // ---------------------------------------------------------------------------------------
@@ -233,41 +209,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const Tensor& input, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& running_prior,
     const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
-  check_input(input, "compound_batch_norm");
-  check_num_components(K);
-  Shape shape;
-  const Tensor x = canonical_input(input, shape);
-  const int64_t C = shape.C, M = shape.M();
-  TORCH_CHECK_VALUE(M > 1, "Expected more than 1 value per channel when training, got input size ",
-                    input.sizes());
-  check_param(weight, "weight", input, K, C, true);
-  check_param(bias, "bias", input, K, C, true);
-  check_param(running_mean, "running_mean", input, K, C, true);
-  check_param(running_var, "running_var", input, K, C, true);
-  check_param(running_prior, "running_prior", input, K, C, false);
-  check_groups(groups, input, K);
-  check_group_values(groups, K);
-  const Resp resp = resp_of(K, groups);
-  const bool have_running = defined(running_mean) && defined(running_var);
-  TORCH_CHECK_VALUE(have_running || K == 1,
-                    "compound_batch_norm with ", K, " components needs running_mean and running_var "
-                    "(the E-step uses the running mixture)");
-  TORCH_CHECK_VALUE(resp != Resp::kSoft || defined(running_prior),
-                    "compound_batch_norm with ", K, " components needs running_prior");
-  const auto acc = acc_type_of(input.scalar_type());
+  const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
+                                    running_prior, num_batches_tracked, groups, K, eps);
+  const Tensor& x = st.x;
+  const Shape& shape = st.shape;
+  const Resp resp = st.resp;
+  const auto acc = st.acc;
   const auto aopt = x.options().dtype(acc);
-
-  // The mixture of the E-step: the running one, or the first batch's initialisation.
-  Tensor mix_mean, mix_var, mix_prior;
-  const bool first = resp == Resp::kSoft && defined(num_batches_tracked) &&
-                     num_batches_tracked->item<int64_t>() == 0;
-  if (first) {
-    std::tie(mix_mean, mix_var, mix_prior) = initial_mixture(x, K, eps);
-  } else {
-    mix_mean = have_running ? running_mean->clone() : at::zeros({K, C}, aopt);
-    mix_var = have_running ? running_var->clone() : at::ones({K, C}, aopt);
-    mix_prior = defined(running_prior) ? running_prior->clone() : at::full({K}, 1.0 / K, aopt);
-  }
+  const int64_t C = shape.C;
+  const Tensor &mix_mean = st.mix_mean, &mix_var = st.mix_var, &mix_prior = st.mix_prior;
 
   const Geometry geo = geometry_of(shape);
   const TilePlan plan = make_tile_plan(geo);
@@ -322,22 +272,12 @@ std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& we
                                         const OptTensor& bias, const Tensor& running_mean,
                                         const Tensor& running_var, const OptTensor& running_prior,
                                         const OptTensor& groups, int64_t K, double eps) {
-  check_input(input, "compound_batch_norm");
-  check_num_components(K);
-  Shape shape;
-  const Tensor x = canonical_input(input, shape);
-  const int64_t C = shape.C;
-  check_param(weight, "weight", input, K, C, true);
-  check_param(bias, "bias", input, K, C, true);
-  check_param(running_mean, "running_mean", input, K, C, true);
-  check_param(running_var, "running_var", input, K, C, true);
-  check_param(running_prior, "running_prior", input, K, C, false);
-  check_groups(groups, input, K);
-  check_group_values(groups, K);
-  const Resp resp = resp_of(K, groups);
-  TORCH_CHECK_VALUE(resp != Resp::kSoft || defined(running_prior),
-                    "compound_batch_norm with ", K, " components needs running_prior");
-  const auto acc = acc_type_of(input.scalar_type());
+  const EvalSetup st = setup_eval(input, weight, bias, running_mean, running_var, running_prior,
+                                  groups, K);
+  const Tensor& x = st.x;
+  const Shape& shape = st.shape;
+  const Resp resp = st.resp;
+  const auto acc = st.acc;
 
   const Geometry geo = geometry_of(shape);
   const TilePlan plan = make_tile_plan(geo);
@@ -376,23 +316,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
     const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
     std::array<bool, 3> output_mask, bool batch_stats) {
-  check_input(input, "compound_batch_norm_backward");
-  Shape shape;
-  const Tensor x = canonical_input(input, shape);
-  const int64_t K = mean.size(0), C = shape.C;
-  check_param(weight, "weight", input, K, C, true);
-  check_param(bias, "bias", input, K, C, true);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out has shape ", grad_out.sizes(),
-              ", expected ", input.sizes());
-  const Resp resp = K == 1 ? Resp::kOne : (soft ? Resp::kSoft : Resp::kGiven);
-  const auto acc = acc_type_of(input.scalar_type());
+  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+  const Tensor& x = st.x;
+  const Tensor& g = st.grad;
+  const Shape& shape = st.shape;
+  const Resp resp = st.resp;
+  const auto acc = st.acc;
   const auto aopt = x.options().dtype(acc);
-  const Tensor g = grad_like(grad_out, x);
+  const int64_t K = st.K, C = shape.C;
   const Geometry geo = geometry_of(shape);
   const TilePlan plan = make_tile_plan(geo);
-  TORCH_CHECK(resp == Resp::kOne || (tau.scalar_type() == acc && tau.numel() == shape.M() * K),
-              "tau does not match the input");
-  // tau was allocated by the forward with the layout of the canonical input
   const void* tau_ptr = resp == Resp::kOne ? nullptr : tau.data_ptr();
 
   const bool need_sums = batch_stats || output_mask[1] || output_mask[2];
@@ -529,21 +462,9 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var,
                           const Tensor& mix_mean, const Tensor& mix_var, const Tensor& mix_prior,
                           const Tensor& mean, const Tensor& var, const Tensor& count,
                           int64_t num_positions, std::optional<double> momentum) {
+  check_update_args(running_mean, running_var, running_prior, num_batches_tracked, mean,
+                    momentum);
   const int64_t K = mean.size(0), C = mean.size(1);
-  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
-              "running_mean and running_var must be contiguous");
-  TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == mean.sizes(),
-              "running statistics of shape ", running_mean.sizes(), " do not match ", mean.sizes());
-  TORCH_CHECK(running_mean.scalar_type() == mean.scalar_type() &&
-                  running_var.scalar_type() == mean.scalar_type(),
-              "running statistics must have dtype ", mean.scalar_type());
-  TORCH_CHECK_VALUE(momentum.has_value() || defined(num_batches_tracked),
-                    "momentum=None (a cumulative average) needs num_batches_tracked");
-  if (defined(running_prior)) {
-    TORCH_CHECK(running_prior->is_contiguous() && running_prior->numel() == K &&
-                    running_prior->scalar_type() == mean.scalar_type(),
-                "running_prior must be a contiguous (", K, ",) tensor of dtype ", mean.scalar_type());
-  }
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
     const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous(), mp = mix_prior.contiguous();

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "../cbn_resp.h"
+
 // The AVX2+FMA variant is compiled with a per-file target pragma, which GCC supports.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #define CBN_HAVE_AVX2_KERNELS 1
@@ -16,12 +18,7 @@
 namespace cbn_ext {
 namespace cpu {
 
-// Where the responsibilities come from.
-enum class Resp : int32_t {
-  kOne = 0,    // K = 1: tau == 1, nothing stored
-  kSoft = 1,   // E-step from the running mixture
-  kGiven = 2,  // split path: tau[p, k] = (groups[n(p)] == k)
-};
+using ::cbn_ext::Resp;
 
 // x viewed as (N, C, S): interleaved = channels innermost (x[(n S + s) C + c], NHWC and
 // (N, C) inputs), planar = x[(n C + c) S + s] (NCHW).
