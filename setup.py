@@ -61,17 +61,22 @@ def find_cuda_home():
     return None
 
 
-def nvidia_wheel_includes():
-    """Include folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE headers that
-    ATen/cuda/CUDAContext.h needs and a bare toolkit may lack)."""
+def nvidia_wheel_includes(cuda_home):
+    """Include folders of torch's nvidia-* wheels holding the cuBLAS / cuSPARSE headers
+    that ATen/cuda/CUDAContext.h includes, when the toolkit lacks them."""
+    needed = ("cublas_v2.h", "cusparse.h")
+    if all(os.path.isfile(os.path.join(cuda_home, "include", h)) for h in needed):
+        return []
     try:
         import nvidia
     except ImportError:
         return []
     dirs = []
     for base in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if any(os.path.isfile(os.path.join(inc, h)) for h in needed):
+                dirs.append(inc)
+    return dirs
 
 
 def default_arch_list(torch):
@@ -120,12 +125,12 @@ def get_extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros += [("CBN_WITH_CUDA", None),
                           ("CBN_CUDA_ARCHS", archs.replace(" ", "").replace(";", "_"))]
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcudafe",
-                "--diag_suppress=186"]
-        for inc in nvidia_wheel_includes():
-            # after the toolkit's own headers: only what the toolkit lacks comes from here
-            cxx += ["-idirafter", inc]
-            nvcc += ["-idirafter", inc]
+        nvcc = ["-O3", "-lineinfo"]
+        for inc in nvidia_wheel_includes(cuda_home):
+            # -isystem: searched after the -I folders (the toolkit's own headers), so only
+            # what the toolkit lacks comes from here
+            cxx += ["-isystem", inc]
+            nvcc += ["-isystem", inc]
         print(f"cbn_ext: building CPU and CUDA kernels (toolkit {cuda_home}, archs {archs})")
         ext = CUDAExtension("cbn_ext._C", sources + cuda_sources, define_macros=define_macros,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -1,17 +1,22 @@
 """Kernel benchmark: cbn_ext against nn.BatchNorm2d and the pure-PyTorch reference.
 
-For each configuration (shape, K, dtype, memory format) it times, interleaved round-robin
-so that machine noise hits every implementation alike:
+For each configuration (device, shape, K, dtype, memory format) it times
   * training forward + backward (gradients of the input, weight and bias),
   * evaluation forward (no grad),
 for nn.BatchNorm2d ("bn"), cbn_ext.CompoundBatchNorm2d ("ext") and
-cbn_ext.reference.compound_batch_norm ("ref"), and reports medians over the repeats after
-a warm-up, and the ratios ext/bn and ref/ext. ext is timed interleaved with bn, then
-again interleaved with ref (ref/ext uses that second time): the reference's large
-temporaries would otherwise evict bn's and ext's data from the caches.
+cbn_ext.reference.compound_batch_norm ("ref"), and reports medians over the repeats after a
+warm-up, the ratios ext/bn and ref/ext, and ext's achieved bandwidth on the minimum bytes
+(forward: read x, write y; backward: read x and grad, write dx) as a share of a
+device-to-device copy measured in the same run.
 
-    python benchmarks/bench.py                      # (16, 64, 32, 32), K = 1, 2, 4
-    python benchmarks/bench.py --shapes 64x256x14x14 --K 2 --dtypes float32,bfloat16
+Calls are interleaved round-robin, so that machine noise hits every implementation
+alike: ext against bn, then (apart, so that the reference's large temporaries do not
+evict the others' data from the caches) ext against ref; ref/ext uses that second time.
+On a GPU, times come from CUDA events and the calls rotate over enough copies of the
+input to exceed the L2 cache.
+
+    python benchmarks/bench.py                      # CPU, (16, 64, 32, 32), K = 1, 2, 4
+    python benchmarks/bench.py --device cuda --shapes 64x256x14x14 --dtypes float32,bfloat16
     python benchmarks/bench.py --json results.json  # also write the records as JSON
 """
 
@@ -36,6 +41,7 @@ from cbn_ext import reference  # noqa: E402
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+RESNET_SHAPES = "64x64x56x56,64x128x28x28,64x256x14x14,64x512x7x7"
 
 
 class ReferenceCBN(nn.Module):
@@ -72,12 +78,14 @@ def machine_info(device: str) -> dict:
         pass
     info["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.multi_processor_count} SMs, " \
+                      f"{props.total_memory / 2**30:.0f} GiB"
     return info
 
 
 class Timer:
-    """Wall time per call: perf_counter on the CPU, CUDA events on a GPU."""
+    """Seconds per call: perf_counter on the CPU, CUDA events on a GPU."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
@@ -96,81 +104,113 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_reference, log):
+def measure(timer, fns, repeats, warmup):
+    """Medians of interleaved (round-robin) calls: noise hits every function alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            t = timer(fn)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def copy_bandwidth(device, repeats, warmup) -> float:
+    """Bytes read plus bytes written per second by a large tensor copy (device to device
+    on a GPU, memory to memory on the CPU)."""
+    n = (256 << 20) if device == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = measure(Timer(device), {"copy": lambda: dst.copy_(src)}, repeats, warmup)["copy"]
+    return 2 * n / t
+
+
+def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_reference, copy_bw):
     torch.manual_seed(0)
     N, C = shape[:2]
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
-    x = (x + torch.randn(N, 1, 1, 1, device=device, dtype=dtype)).contiguous(memory_format=layout)
-    g = torch.randn_like(x)
+    elt = torch.empty((), dtype=dtype).element_size()
+    # on a GPU, rotate over enough inputs to exceed the L2 cache (ext and bn alike)
+    copies = 1
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+        copies = max(1, min(8, -(-3 * l2 // (N * C * shape[2] * shape[3] * elt))))
+
+    def make_input():
+        x = torch.randn(shape, device=device, dtype=dtype)
+        x = x + torch.randn(N, 1, 1, 1, device=device, dtype=dtype)
+        return x.contiguous(memory_format=layout)
+
+    xs = [make_input() for _ in range(copies)]
+    gs = [torch.randn_like(x) for x in xs]
+    xgs = [x.detach().clone().requires_grad_() for x in xs]
     bn = nn.BatchNorm2d(C, device=device)
     ext = cbn_ext.CompoundBatchNorm2d(C, K, device=device)
     with torch.no_grad():
-        ext(x)  # first batch: initialise the mixture
+        ext(xs[0])  # first batch: initialise the mixture
     impls = {"bn": bn, "ext": ext}
     if with_reference:
         impls["ref"] = ReferenceCBN(ext)
 
-    xg = x.detach().clone().requires_grad_()
+    def rotating(step):
+        state = {"i": 0}
 
-    def train_step(m):
-        params = [xg, m.weight, m.bias]
-        return lambda: torch.autograd.grad(m(xg), params, g)
-
-    def eval_step(m):
         def f():
-            with torch.no_grad():
-                m(x)
+            i = state["i"] = (state["i"] + 1) % copies
+            step(i)
         return f
 
+    def train_step(m):
+        def step(i):
+            torch.autograd.grad(m(xgs[i]), [xgs[i], m.weight, m.bias], gs[i])
+        return rotating(step)
+
+    def eval_step(m):
+        def step(i):
+            with torch.no_grad():
+                m(xs[i])
+        return rotating(step)
+
     timer = Timer(device)
-
-    def measure(fns):
-        """Medians of interleaved (round-robin) calls: noise hits every function alike."""
-        times = {name: [] for name in fns}
-        for i in range(warmup + repeats):
-            for name, fn in fns.items():
-                t = timer(fn)
-                if i >= warmup:
-                    times[name].append(t)
-        return {name: statistics.median(ts) for name, ts in times.items()}
-
     out = {}
     for phase, make, train in (("train", train_step, True), ("eval", eval_step, False)):
         for m in impls.values():
             m.train(train)
         fns = {name: make(m) for name, m in impls.items()}
-        # ext against bn, then (apart, so that the reference's large temporaries do not
-        # evict the others' data from the caches) ext against ref
-        t = measure({"bn": fns["bn"], "ext": fns["ext"]})
+        t = measure(timer, {"bn": fns["bn"], "ext": fns["ext"]}, repeats, warmup)
         if "ref" in fns:
-            t2 = measure({"ref": fns["ref"], "ext": fns["ext"]})
+            t2 = measure(timer, {"ref": fns["ref"], "ext": fns["ext"]}, repeats, warmup)
             t["ref"], t["ext_with_ref"] = t2["ref"], t2["ext"]
         out[phase] = t
+    numel = N * C * shape[2] * shape[3]
+    min_bytes = {"train": 5 * numel * elt, "eval": 2 * numel * elt}
     rec = {"device": device, "shape": list(shape), "K": K, "dtype": str(dtype).split(".")[1],
            "layout": "channels_last" if layout == torch.channels_last else "contiguous",
-           "repeats": repeats, "warmup": warmup}
+           "repeats": repeats, "warmup": warmup, "input_copies": copies}
     for phase in ("train", "eval"):
         t = out[phase]
         rec[phase] = {f"{name}_ms": 1e3 * v for name, v in t.items()}
         rec[phase]["ext_over_bn"] = t["ext"] / t["bn"]
         if "ref" in t:
             rec[phase]["ref_over_ext"] = t["ref"] / t["ext_with_ref"]
-    log(format_row(rec))
+        rec[phase]["min_bytes"] = min_bytes[phase]
+        rec[phase]["ext_GBps"] = min_bytes[phase] / t["ext"] / 1e9
+        rec[phase]["bn_GBps"] = min_bytes[phase] / t["bn"] / 1e9
+        rec[phase]["ext_copy_fraction"] = min_bytes[phase] / t["ext"] / copy_bw
     return rec
 
 
-HEADER = ("{:<6} {:<15} {:>2} {:<8} {:<13} | {:>8} {:>8} {:>8} {:>6} {:>7} | {:>8} {:>8} {:>8} "
-          "{:>6} {:>7}").format("device", "shape", "K", "dtype", "layout", "bn ms", "ext ms",
-                                "ref ms", "ext/bn", "ref/ext", "bn ms", "ext ms", "ref ms",
-                                "ext/bn", "ref/ext")
+HEADER = ("{:<6} {:<15} {:>2} {:<8} {:<13} | {:>8} {:>8} {:>8} {:>6} {:>7} {:>5} | {:>8} {:>8} "
+          "{:>8} {:>6} {:>7} {:>5}").format(
+    "device", "shape", "K", "dtype", "layout", "bn ms", "ext ms", "ref ms", "ext/bn", "ref/ext",
+    "%copy", "bn ms", "ext ms", "ref ms", "ext/bn", "ref/ext", "%copy")
 
 
 def format_row(rec) -> str:
     def part(p):
         ref = p.get("ref_ms")
-        return "{:>8.3f} {:>8.3f} {:>8} {:>6.2f} {:>7}".format(
+        return "{:>8.3f} {:>8.3f} {:>8} {:>6.2f} {:>7} {:>5.0f}".format(
             p["bn_ms"], p["ext_ms"], "-" if ref is None else f"{ref:.3f}", p["ext_over_bn"],
-            "-" if ref is None else f"{p['ref_over_ext']:.1f}x")
+            "-" if ref is None else f"{p['ref_over_ext']:.1f}x", 100 * p["ext_copy_fraction"])
 
     return "{:<6} {:<15} {:>2} {:<8} {:<13} | {} | {}".format(
         rec["device"], "x".join(map(str, rec["shape"])), rec["K"], rec["dtype"], rec["layout"],
@@ -197,14 +237,16 @@ def pin_allocator():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
-    p.add_argument("--shapes", default="16x64x32x32", help="NxCxHxW,... (default %(default)s)")
+    p.add_argument("--shapes", default=None,
+                   help="NxCxHxW,... (default: 16x64x32x32 on the CPU, ResNet stages on a GPU: "
+                        f"{RESNET_SHAPES})")
     p.add_argument("--K", default="1,2,4", help="components, e.g. 1,2,4")
     p.add_argument("--dtypes", default="float32", help=f"of {','.join(DTYPES)}")
     p.add_argument("--layouts", default="contiguous,channels_last")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
-    p.add_argument("--json", help="write the records and the machine to this file")
+    p.add_argument("--json", help="write the records and the machines to this file")
     args = p.parse_args(argv)
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -212,27 +254,32 @@ def main(argv=None):
         if args.device == "cuda":
             sys.exit("error: --device cuda, but no CUDA device is available")
         devices.remove("cuda")
-    records = []
-    machines = {}
+    if "cuda" in devices and not cbn_ext.build_info()["cuda"]:
+        sys.exit("error: a CUDA device is there, but cbn_ext was built without CUDA kernels")
+    records, machines = [], {}
     for device in devices:
-        machines[device] = machine_info(device)
-        print(f"# {device}: {machines[device]['gpu' if device == 'cuda' else 'cpu']}, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads, cbn_ext "
-              f"{machines[device]['build']}", flush=True)
-        print(f"# medians of {args.repeats} repeats after {args.warmup} warm-up, interleaved; "
-              "train = forward + backward, eval = forward; glibc malloc: mmap threshold "
-              f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim threshold "
-              f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')}", flush=True)
-        print(f"{'':<50}| {'train':^41} | {'eval':^41}", flush=True)
+        machines[device] = info = machine_info(device)
+        info["copy_GBps"] = copy_bandwidth(device, args.repeats, args.warmup) / 1e9
+        shapes = args.shapes or ("16x64x32x32" if device == "cpu" else RESNET_SHAPES)
+        print(f"# {device}: {info['gpu' if device == 'cuda' else 'cpu']}, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads, cbn_ext {info['build']}",
+              flush=True)
+        print(f"# medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
+              "train = forward + backward, eval = forward; %copy: ext's bandwidth on the "
+              f"minimum bytes over a copy's ({info['copy_GBps']:.0f} GB/s); glibc malloc "
+              f"trim threshold {os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')}",
+              flush=True)
+        print(f"{'':<50}| {'train':^47} | {'eval':^47}", flush=True)
         print(HEADER, flush=True)
-        for shape in parse_shapes(args.shapes):
+        for shape in parse_shapes(shapes):
             for dt in args.dtypes.split(","):
                 for layout in args.layouts.split(","):
                     for K in (int(k) for k in args.K.split(",")):
-                        records.append(bench_config(
-                            shape, K, DTYPES[dt], LAYOUTS[layout], device, args.repeats,
-                            args.warmup, not args.no_reference,
-                            lambda line: print(line, flush=True)))
+                        rec = bench_config(shape, K, DTYPES[dt], LAYOUTS[layout], device,
+                                           args.repeats, args.warmup, not args.no_reference,
+                                           info["copy_GBps"] * 1e9)
+                        print(format_row(rec), flush=True)
+                        records.append(rec)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -6,6 +6,7 @@
 #   CBN_TORCH   what to pip-install when no torch is found (default: torch)
 #   CBN_VENV    where the virtual environment lives (default: .venv)
 #   PYTHON      the interpreter to create it from (default: python3)
+#   CBN_STRICT_WARNINGS=1   fail when the compilers warn (CI)
 # A torch already installed for $PYTHON (a GPU machine's own build) is reused, not
 # replaced: the environment then sees the system's packages.
 set -euo pipefail
@@ -38,5 +39,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "== setup: building cbn_ext ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
-"$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -q -e .
+mkdir -p build
+LOG=build/cbn_ext_build.log
+if ! "$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . \
+    > "$LOG" 2>&1; then
+  tail -60 "$LOG"
+  echo "== setup: the build failed (full log: $LOG)"
+  exit 1
+fi
+grep -E "^cbn_ext: " "$LOG" | sed 's/^/== setup: /' || true
+# compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D"
+if grep -E ": warning:|warning #[0-9]+" "$LOG" > build/cbn_ext_warnings.log; then
+  echo "== setup: the compilers warned ($(wc -l < build/cbn_ext_warnings.log) lines):"
+  head -40 build/cbn_ext_warnings.log
+  if [ "${CBN_STRICT_WARNINGS:-0}" = 1 ]; then exit 1; fi
+fi
 "$VPY" -c "import cbn_ext; print('== setup: cbn_ext', cbn_ext.__version__, cbn_ext.build_info())"

@@ -1,0 +1,563 @@
+// CUDA backward operators of cbn_ext: backward_train and backward_eval.
+//
+// One reduction pass: per tile, Sg = sum g tau and Sgx = sum g tau (x - m) per (k, c),
+// merged in tile order by the kernel that forms the per-(k, c) gradient coefficients
+// (cbn_math.h). One element-wise pass: for soft responsibilities, dtau per position
+// (a reduction over channels), dl = tau (dtau - sum tau dtau), then
+// dx = g A + x B + E with A, B, E summed over components.
+#include "cuda_utils.cuh"
+
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+namespace cbn_ext {
+namespace cuda {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Pass 1: per-tile Sg, Sgx.
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct GradStatsParams {
+  const void* grad;
+  const void* x;
+  const acc_t* tau;   // null for K = 1
+  const acc_t* mean;  // (K, C)
+  acc_t* part_sg;     // (tiles, K, C)
+  acc_t* part_sgx;    // (tiles, K, C)
+  int64_t N, C, S, K;
+  int64_t len, chunks;
+  bool interleaved;
+};
+
+// Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB).
+template <typename scalar_t, typename acc_t, int KB>
+__global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* ts = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* red = ts + p.len * p.K;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int K = static_cast<int>(p.K), len = static_cast<int>(p.len);
+  const int64_t C = p.C, S = p.S;
+  const int64_t t = blockIdx.x;
+  const bool one = p.tau == nullptr;
+  const TileGeo tg = tile_geo(p.interleaved, t, p.len, p.chunks, p.N * p.S, S);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  if (!one) {
+    if (p.interleaved) {
+      const acc_t* in = p.tau + tg.p0 * K;
+      for (int i = threadIdx.x; i < tg.P * K; i += kThreads) ts[i] = in[i];
+    } else {
+      for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
+        const int k = i / tg.P, j = i % tg.P;
+        ts[k * len + j] = p.tau[(tg.n * K + k) * S + tg.s0 + j];
+      }
+    }
+  }
+  __syncthreads();
+
+  if (p.interleaved) {
+    const int cc = static_cast<int>(C < kThreads ? C : kThreads);
+    const int G = kThreads / cc;
+    const int ci = threadIdx.x % cc, g = threadIdx.x / cc;
+    for (int64_t c0 = 0; c0 < C; c0 += cc) {
+      const int64_t c = c0 + ci;
+      const bool active = g < G && c < C;
+      for (int k0 = 0; k0 < K; k0 += KB) {
+        acc_t sg[KB], sgx[KB], m[KB];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          sg[kk] = sgx[kk] = acc_t(0);
+          m[kk] = active && k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
+        }
+        if (active) {
+          for (int j = g; j < tg.P; j += G) {
+            const int64_t o = (tg.p0 + j) * C + c;
+            const acc_t gv = static_cast<acc_t>(gr[o]);
+            const acc_t xv = static_cast<acc_t>(x[o]);
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+              if (k0 + kk < K) {
+                const acc_t gt = one ? gv : ts[j * K + k0 + kk] * gv;
+                sg[kk] += gt;
+                sgx[kk] += gt * (xv - m[kk]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          red[threadIdx.x * 2 * KB + kk] = sg[kk];
+          red[threadIdx.x * 2 * KB + KB + kk] = sgx[kk];
+        }
+        __syncthreads();
+        if (g == 0 && c < C) {
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            if (k0 + kk < K) {
+              acc_t a = 0, b = 0;
+              for (int gg = 0; gg < G; ++gg) {
+                a += red[(gg * cc + ci) * 2 * KB + kk];
+                b += red[(gg * cc + ci) * 2 * KB + KB + kk];
+              }
+              const int64_t o = (t * K + k0 + kk) * C + c;
+              p.part_sg[o] = a;
+              p.part_sgx[o] = b;
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+  } else {
+    for (int64_t c = warp; c < C; c += kWarps) {
+      const int64_t base = (tg.n * C + c) * S + tg.s0;
+      for (int k0 = 0; k0 < K; k0 += KB) {
+        acc_t sg[KB], sgx[KB], m[KB];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          sg[kk] = sgx[kk] = acc_t(0);
+          m[kk] = k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
+        }
+        for (int j = lane; j < tg.P; j += 32) {
+          const acc_t gv = static_cast<acc_t>(gr[base + j]);
+          const acc_t xv = static_cast<acc_t>(x[base + j]);
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            if (k0 + kk < K) {
+              const acc_t gt = one ? gv : ts[(k0 + kk) * len + j] * gv;
+              sg[kk] += gt;
+              sgx[kk] += gt * (xv - m[kk]);
+            }
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          if (k0 + kk < K) {
+            const acc_t a = warp_sum(sg[kk]), b = warp_sum(sgx[kk]);
+            if (lane == 0) {
+              const int64_t o = (t * K + k0 + kk) * C + c;
+              p.part_sg[o] = a;
+              p.part_sgx[o] = b;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The tile sums merged in tile order, and the per-(k, c) coefficients of the backward.
+// Grid (channel blocks of kThreads, K); ev_part[k, block] = sum over the block's
+// channels of e2 v.
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct CoefParams {
+  const acc_t* part_sg;  // null: no sums (evaluation, input gradient only)
+  const acc_t* part_sgx;
+  int64_t tiles;
+  const acc_t* weight;
+  const acc_t* var;
+  const acc_t* count;    // null at evaluation
+  const acc_t* mean;
+  const acc_t* mix_mean;  // soft responsibilities only
+  const acc_t* mix_var;
+  acc_t eps;
+  bool batch_stats;
+  int64_t K, C;
+  acc_t *alpha, *e1, *e2, *pc, *qc, *a, *amu, *dgamma, *dbeta, *ev_part;
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> p) {
+  __shared__ acc_t buf[kWarps];
+  const int64_t k = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  acc_t ev = 0;
+  if (c < p.C) {
+    const int64_t i = k * p.C + c;
+    acc_t sg = 0, sgx = 0;
+    if (p.part_sg != nullptr) {
+      for (int64_t t = 0; t < p.tiles; ++t) {
+        sg += p.part_sg[t * p.K * p.C + i];
+        sgx += p.part_sgx[t * p.K * p.C + i];
+      }
+    }
+    const acc_t v = p.var[i];
+    const auto gc = math::grad_coefs<acc_t>(p.weight ? p.weight[i] : acc_t(1), v,
+                                            p.count ? p.count[k] : acc_t(0), sg, sgx, p.eps,
+                                            p.batch_stats);
+    const acc_t a = p.mix_var ? acc_t(2) * math::half_precision(p.mix_var[i], p.eps) : acc_t(0);
+    const auto dc = math::dx_coefs<acc_t>(gc.alpha, gc.e1, gc.e2, p.mean[i], a,
+                                          p.mix_mean ? p.mix_mean[i] : acc_t(0));
+    p.alpha[i] = gc.alpha;
+    p.e1[i] = gc.e1;
+    p.e2[i] = gc.e2;
+    p.pc[i] = dc.p;
+    p.qc[i] = dc.q;
+    p.a[i] = dc.a;
+    p.amu[i] = dc.amu;
+    p.dgamma[i] = gc.dgamma;
+    p.dbeta[i] = gc.dbeta;
+    ev = gc.e2 * v;
+  }
+  ev = block_sum(ev, buf);
+  if (threadIdx.x == 0) p.ev_part[k * gridDim.x + blockIdx.x] = ev;
+}
+
+// ---------------------------------------------------------------------------------------
+// Pass 2: the input gradient.
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct GradInputParams {
+  const void* grad;
+  const void* x;
+  void* dx;
+  const acc_t* tau;  // null for K = 1
+  // dtau (soft): D = x - mean, sum_c g (alpha D + beta) + D (e1 + e2 D) - ev
+  const acc_t *mean, *alpha, *beta, *e1, *e2;
+  const acc_t* ev_part;  // (K, ev_blocks)
+  int64_t ev_blocks;
+  // dx = g A + x B + E: alpha, p, q (and a, amu for soft)
+  const acc_t *pc, *qc, *a, *amu;
+  int64_t N, C, S, K;
+};
+
+// ev_k = sum of the per-block parts, in order.
+template <typename acc_t>
+__device__ __forceinline__ void load_ev(const GradInputParams<acc_t>& p, acc_t* ev) {
+  for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < p.ev_blocks; ++i) s += p.ev_part[k * p.ev_blocks + i];
+    ev[k] = s;
+  }
+  __syncthreads();
+}
+
+// Soft, interleaved: a warp per position. Shared memory: ev (K) | per warp dtau/dl (K)
+// and tau (K).
+template <typename scalar_t, typename acc_t, int KB>
+__global__ void __launch_bounds__(kThreads) grad_input_soft_interleaved_kernel(
+    GradInputParams<acc_t> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int K = static_cast<int>(p.K);
+  acc_t* dl = ev + K + warp * 2 * K;
+  acc_t* tw = dl + K;
+  const int64_t C = p.C, M = p.N * p.S;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  scalar_t* dx = static_cast<scalar_t*>(p.dx);
+  load_ev(p, ev);
+  for (int64_t pos = static_cast<int64_t>(blockIdx.x) * kWarps + warp; pos < M;
+       pos += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const scalar_t* xr = x + pos * C;
+    const scalar_t* grr = gr + pos * C;
+    for (int k0 = 0; k0 < K; k0 += KB) {
+      acc_t acc[KB];
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+      for (int64_t c = lane; c < C; c += 32) {
+        const acc_t xv = static_cast<acc_t>(xr[c]), gv = static_cast<acc_t>(grr[c]);
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          if (k0 + kk < K) {
+            const int64_t o = (k0 + kk) * C + c;
+            acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
+          }
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const acc_t total = warp_sum(acc[kk]);
+        if (lane == 0 && k0 + kk < K) dl[k0 + kk] = total - ev[k0 + kk];
+      }
+    }
+    __syncwarp();
+    if (lane == 0) {
+      acc_t dot = 0;
+      for (int k = 0; k < K; ++k) {
+        tw[k] = p.tau[pos * K + k];
+        dot += tw[k] * dl[k];
+      }
+      for (int k = 0; k < K; ++k) dl[k] = tw[k] * (dl[k] - dot);
+    }
+    __syncwarp();
+    for (int64_t c = lane; c < C; c += 32) {
+      acc_t A = 0, B = 0, E = 0;
+      for (int k = 0; k < K; ++k) {
+        const int64_t o = k * C + c;
+        math::dx_accumulate(tw[k], dl[k], p.alpha[o], p.pc[o], p.qc[o], p.a[o], p.amu[o], A, B, E);
+      }
+      dx[pos * C + c] = static_cast<scalar_t>(
+          math::dx_combine(static_cast<acc_t>(grr[c]), static_cast<acc_t>(xr[c]), A, B, E));
+    }
+    __syncwarp();
+  }
+}
+
+// Soft, planar: a thread per position, channels in sequence (coalesced across the warp).
+// Shared memory: ev (K) | dtau/dl (K x kThreads) | tau (K x kThreads).
+template <typename scalar_t, typename acc_t, int KB>
+__global__ void __launch_bounds__(kThreads) grad_input_soft_planar_kernel(GradInputParams<acc_t> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);
+  const int K = static_cast<int>(p.K);
+  acc_t* dl = ev + K;
+  acc_t* tw = dl + K * kThreads;
+  const int tid = threadIdx.x;
+  const int64_t C = p.C, S = p.S, M = p.N * p.S;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  scalar_t* dx = static_cast<scalar_t*>(p.dx);
+  load_ev(p, ev);
+  for (int64_t pos = static_cast<int64_t>(blockIdx.x) * kThreads + tid; pos < M;
+       pos += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t n = pos / S, s = pos % S;
+    const int64_t base = n * C * S + s;
+    for (int k0 = 0; k0 < K; k0 += KB) {
+      acc_t acc[KB];
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(x[base + c * S]);
+        const acc_t gv = static_cast<acc_t>(gr[base + c * S]);
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+          if (k0 + kk < K) {
+            const int64_t o = (k0 + kk) * C + c;
+            acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
+          }
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk)
+        if (k0 + kk < K) dl[(k0 + kk) * kThreads + tid] = acc[kk] - ev[k0 + kk];
+    }
+    acc_t dot = 0;
+    for (int k = 0; k < K; ++k) {
+      const acc_t tk = p.tau[(n * K + k) * S + s];
+      tw[k * kThreads + tid] = tk;
+      dot += tk * dl[k * kThreads + tid];
+    }
+    for (int k = 0; k < K; ++k)
+      dl[k * kThreads + tid] = tw[k * kThreads + tid] * (dl[k * kThreads + tid] - dot);
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t A = 0, B = 0, E = 0;
+      for (int k = 0; k < K; ++k) {
+        const int64_t o = k * C + c;
+        math::dx_accumulate(tw[k * kThreads + tid], dl[k * kThreads + tid], p.alpha[o], p.pc[o],
+                            p.qc[o], p.a[o], p.amu[o], A, B, E);
+      }
+      const int64_t e = base + c * S;
+      dx[e] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gr[e]),
+                                                     static_cast<acc_t>(x[e]), A, B, E));
+    }
+  }
+}
+
+// Given (one-hot) or single responsibilities: element-wise, row by row (Rows).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) grad_input_given_kernel(GradInputParams<acc_t> p,
+                                                                    bool interleaved, Rows rows) {
+  const int tx = threadIdx.x % rows.width, ty = threadIdx.x / rows.width;
+  const int64_t C = p.C, S = p.S, K = p.K;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  scalar_t* dx = static_cast<scalar_t*>(p.dx);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows.per_block + ty; r < rows.count;
+       r += static_cast<int64_t>(gridDim.x) * rows.per_block) {
+    const int64_t base = r * rows.length;
+    for (int64_t e = tx; e < rows.length; e += rows.width) {
+      const int64_t c = interleaved ? e : r % C;
+      acc_t A = 0, B = 0, E = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t tk = 1;
+        if (p.tau != nullptr)
+          tk = interleaved ? p.tau[r * K + k] : p.tau[((r / C) * K + k) * S + e];
+        const int64_t o = k * C + c;
+        math::dx_accumulate(tk, p.alpha[o], p.pc[o], p.qc[o], A, B, E);
+      }
+      dx[base + e] = static_cast<scalar_t>(math::dx_combine(
+          static_cast<acc_t>(gr[base + e]), static_cast<acc_t>(x[base + e]), A, B, E));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
+    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
+    std::array<bool, 3> output_mask, bool batch_stats) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+  const Tensor& x = st.x;
+  const Tensor& g = st.grad;
+  const Shape& shape = st.shape;
+  const Resp resp = st.resp;
+  const auto aopt = x.options().dtype(st.acc);
+  const int64_t K = st.K, C = shape.C;
+  const bool need_sums = batch_stats || output_mask[1] || output_mask[2];
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
+  const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
+  const Tensor mm = resp == Resp::kSoft ? mix_mean.contiguous() : Tensor();
+  const Tensor mv = resp == Resp::kSoft ? mix_var.contiguous() : Tensor();
+  Tensor alpha = at::empty({K, C}, aopt), e1 = at::empty({K, C}, aopt);
+  Tensor e2 = at::empty({K, C}, aopt), pc = at::empty({K, C}, aopt);
+  Tensor qc = at::empty({K, C}, aopt), ac = at::empty({K, C}, aopt);
+  Tensor amuc = at::empty({K, C}, aopt), dgamma = at::empty({K, C}, aopt);
+  Tensor dbeta = at::empty({K, C}, aopt);
+  const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
+  Tensor ev_part = at::empty({K, ev_blocks}, aopt);
+  Tensor grad_input = output_mask[0] ? empty_like_input(x) : at::empty({0}, x.options());
+
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_backward_cuda", [&] {
+    const acc_t* tau_ptr = resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
+    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+    Tensor part_sg, part_sgx;
+    if (need_sums && tiles.num > 0) {
+      part_sg = at::empty({tiles.num, K, C}, aopt);
+      part_sgx = at::empty({tiles.num, K, C}, aopt);
+      GradStatsParams<acc_t> gp{};
+      gp.grad = g.data_ptr();
+      gp.x = x.data_ptr();
+      gp.tau = tau_ptr;
+      gp.mean = m.data_ptr<acc_t>();
+      gp.part_sg = part_sg.data_ptr<acc_t>();
+      gp.part_sgx = part_sgx.data_ptr<acc_t>();
+      gp.N = shape.N;
+      gp.C = C;
+      gp.S = shape.S;
+      gp.K = K;
+      gp.len = tiles.len;
+      gp.chunks = tiles.chunks;
+      gp.interleaved = shape.interleaved;
+      dispatch_kb(K, [&](auto kb) {
+        constexpr int KB = decltype(kb)::value;
+        const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
+        auto kernel = collect_grad_stats_kernel<scalar_t, acc_t, KB>;
+        allow_smem(kernel, smem);
+        kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(gp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+
+    CoefParams<acc_t> cp{};
+    cp.part_sg = part_sg.defined() ? part_sg.data_ptr<acc_t>() : nullptr;
+    cp.part_sgx = part_sgx.defined() ? part_sgx.data_ptr<acc_t>() : nullptr;
+    cp.tiles = part_sg.defined() ? tiles.num : 0;
+    cp.weight = ptr_or_null<acc_t>(w);
+    cp.var = v.data_ptr<acc_t>();
+    cp.count = ptr_or_null<acc_t>(n);
+    cp.mean = m.data_ptr<acc_t>();
+    cp.mix_mean = ptr_or_null<acc_t>(mm);
+    cp.mix_var = ptr_or_null<acc_t>(mv);
+    cp.eps = static_cast<acc_t>(eps);
+    cp.batch_stats = batch_stats;
+    cp.K = K;
+    cp.C = C;
+    cp.alpha = alpha.data_ptr<acc_t>();
+    cp.e1 = e1.data_ptr<acc_t>();
+    cp.e2 = e2.data_ptr<acc_t>();
+    cp.pc = pc.data_ptr<acc_t>();
+    cp.qc = qc.data_ptr<acc_t>();
+    cp.a = ac.data_ptr<acc_t>();
+    cp.amu = amuc.data_ptr<acc_t>();
+    cp.dgamma = dgamma.data_ptr<acc_t>();
+    cp.dbeta = dbeta.data_ptr<acc_t>();
+    cp.ev_part = ev_part.data_ptr<acc_t>();
+    grad_coefs_kernel<acc_t><<<dim3(static_cast<unsigned>(ev_blocks), static_cast<unsigned>(K)),
+                               kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(cp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (!output_mask[0] || shape.M() == 0) return;
+    GradInputParams<acc_t> ip{};
+    ip.grad = g.data_ptr();
+    ip.x = x.data_ptr();
+    ip.dx = grad_input.data_ptr();
+    ip.tau = tau_ptr;
+    ip.mean = m.data_ptr<acc_t>();
+    ip.alpha = alpha.data_ptr<acc_t>();
+    ip.beta = beta.data_ptr<acc_t>();
+    ip.e1 = e1.data_ptr<acc_t>();
+    ip.e2 = e2.data_ptr<acc_t>();
+    ip.ev_part = ev_part.data_ptr<acc_t>();
+    ip.ev_blocks = ev_blocks;
+    ip.pc = pc.data_ptr<acc_t>();
+    ip.qc = qc.data_ptr<acc_t>();
+    ip.a = ac.data_ptr<acc_t>();
+    ip.amu = amuc.data_ptr<acc_t>();
+    ip.N = shape.N;
+    ip.C = C;
+    ip.S = shape.S;
+    ip.K = K;
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (resp == Resp::kSoft) {
+      dispatch_kb(K, [&](auto kb) {
+        constexpr int KB = decltype(kb)::value;
+        if (shape.interleaved) {
+          const size_t smem = sizeof(acc_t) * (K + kWarps * 2 * K);
+          auto kernel = grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>;
+          allow_smem(kernel, smem);
+          const int64_t blocks = std::min<int64_t>((shape.M() + kWarps - 1) / kWarps, 32 * sms);
+          kernel<<<grid_1d(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(ip);
+        } else {
+          const size_t smem = sizeof(acc_t) * (K + 2 * K * kThreads);
+          auto kernel = grad_input_soft_planar_kernel<scalar_t, acc_t, KB>;
+          allow_smem(kernel, smem);
+          const int64_t blocks = std::min<int64_t>((shape.M() + kThreads - 1) / kThreads, 32 * sms);
+          kernel<<<grid_1d(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(ip);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      const Rows rows = plan_rows(shape);
+      grad_input_given_kernel<scalar_t, acc_t>
+          <<<grid_1d(rows_grid(rows)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              ip, shape.interleaved, rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  Tensor grad_weight = output_mask[1] ? dgamma : at::empty({0}, aopt);
+  Tensor grad_bias = output_mask[2] ? dbeta : at::empty({0}, aopt);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_train_cuda(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
+    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
+    std::array<bool, 3> output_mask) {
+  return backward_cuda(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
+                       soft, eps, output_mask, /*batch_stats=*/true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_eval_cuda(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& running_mean, const Tensor& running_var, bool soft,
+    double eps, std::array<bool, 3> output_mask) {
+  return backward_cuda(grad_out, input, weight, bias, tau, running_mean, running_var, Tensor(),
+                       running_mean, running_var, soft, eps, output_mask,
+                       /*batch_stats=*/false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbn_ext, CUDA, m) {
+  m.impl("backward_train", &backward_train_cuda);
+  m.impl("backward_eval", &backward_eval_cuda);
+}
+
+}  // namespace cuda
+}  // namespace cbn_ext

@@ -1,0 +1,187 @@
+// Device helpers and the tile plan shared by the CUDA kernels of cbn_ext.
+//
+// Determinism: every reduction is done in a fixed order (warp butterflies, per-tile
+// partials merged in tile order); there are no floating-point atomics.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../cbn_common.h"
+#include "../cbn_math.h"
+
+namespace cbn_ext {
+namespace cuda {
+
+namespace math = ::cbn_ext::math;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;  // every lane holds the same sum (a + b == b + a exactly)
+}
+
+// Sum over a block of kThreads threads, in a fixed order; every thread gets the result.
+// buf: kWarps values of shared memory.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* buf) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  T t = lane < kWarps ? buf[lane] : T(0);
+  return warp_sum(t);
+}
+
+struct DevExp {
+  template <typename T>
+  __host__ __device__ __forceinline__ T operator()(T x) const {
+    using std::exp;
+    return exp(x);
+  }
+};
+
+// Tiles of positions, each handled by one block and giving one partial result per
+// (k, c). Interleaved (channels innermost): tile t holds positions [t len, (t+1) len).
+// Planar (NCHW): tile t holds positions [s0, s0 + len) of sample n = t / chunks, with
+// s0 = (t % chunks) len. Sized for at least two blocks per multiprocessor.
+struct Tiles {
+  int64_t num;
+  int64_t len;
+  int64_t chunks;
+};
+
+inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
+  Tiles t{0, 1, 1};
+  const int64_t M = s.M();
+  if (M == 0) return t;
+  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // the tile's responsibilities (len x K) stay in 32 KiB of shared memory
+  const int64_t max_len = std::max<int64_t>(1, std::min<int64_t>(512, 32768 / (K * acc_size)));
+  if (s.interleaved) {
+    int64_t len = (M + target - 1) / target;
+    len = std::max<int64_t>(16, std::min<int64_t>(len, 256));
+    len = std::min(len, max_len);
+    t.len = len;
+    t.num = (M + len - 1) / len;
+    return t;
+  }
+  int64_t chunks = std::max<int64_t>(1, (target + s.N - 1) / s.N);
+  int64_t len = (s.S + chunks - 1) / chunks;
+  len = std::min<int64_t>(s.S, (len + 31) / 32 * 32);
+  len = std::max<int64_t>(1, std::min(len, max_len));
+  t.len = len;
+  t.chunks = (s.S + len - 1) / len;
+  t.num = s.N * t.chunks;
+  return t;
+}
+
+// Geometry of one tile, on the device.
+struct TileGeo {
+  int64_t p0;  // interleaved: first position
+  int64_t n;   // planar: sample
+  int64_t s0;  // planar: first spatial index
+  int P;       // positions in the tile
+};
+
+__device__ __forceinline__ TileGeo tile_geo(bool interleaved, int64_t t, int64_t len,
+                                            int64_t chunks, int64_t M, int64_t S) {
+  TileGeo g;
+  if (interleaved) {
+    g.p0 = t * len;
+    g.n = 0;
+    g.s0 = 0;
+    g.P = static_cast<int>(len < M - g.p0 ? len : M - g.p0);
+  } else {
+    g.p0 = 0;
+    g.n = t / chunks;
+    g.s0 = (t % chunks) * len;
+    g.P = static_cast<int>(len < S - g.s0 ? len : S - g.s0);
+  }
+  return g;
+}
+
+// The tile's responsibilities in shared memory: [j][k] for interleaved tiles (a warp
+// handles a position), [k][j] for planar ones (lanes handle consecutive positions).
+__device__ __forceinline__ int tau_index(bool interleaved, int j, int k, int K, int len) {
+  return interleaved ? j * K + k : k * len + j;
+}
+
+inline dim3 grid_1d(int64_t blocks) {
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 30))));
+}
+
+// Rows of a tensor for element-wise kernels: interleaved rows are positions (C long),
+// planar rows are (sample, channel) pairs (S long). A block takes kThreads / width rows
+// at a time, `width` threads (a multiple of 32) to a row.
+struct Rows {
+  int64_t count;
+  int64_t length;
+  int width;
+  int per_block;
+};
+
+inline Rows plan_rows(const Shape& s) {
+  Rows r;
+  r.count = s.interleaved ? s.M() : s.N * s.C;
+  r.length = s.interleaved ? s.C : s.S;
+  const int64_t w = std::min<int64_t>(kThreads, (r.length + 31) / 32 * 32);
+  r.width = static_cast<int>(std::max<int64_t>(32, w));
+  r.per_block = kThreads / r.width;
+  return r;
+}
+
+inline int64_t rows_grid(const Rows& r) {
+  const int64_t blocks = (r.count + r.per_block - 1) / r.per_block;
+  return std::min<int64_t>(blocks, 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8);
+}
+
+inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Kernels keeping per-position values of K components do so in blocks of KB registers:
+// 4 when K <= 4, else 8 (in several passes when K > 8).
+template <typename F>
+void dispatch_kb(int64_t K, F&& f) {
+  if (K <= 4)
+    f(std::integral_constant<int, 4>{});
+  else
+    f(std::integral_constant<int, 8>{});
+}
+
+// Dynamic shared memory beyond the default 48 KiB needs the kernel's consent.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  const size_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(smem <= max_smem, "compound_batch_norm: ", smem,
+              " bytes of shared memory needed per block (too many components); the device has ",
+              max_smem);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+}
+
+// float32 / float64 / float16 / bfloat16 inputs; acc_t: float, or double for double.
+#define CBN_DISPATCH_INPUT_TYPES(TYPE, NAME, ...)                             \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, [&] { \
+    using acc_t = at::opmath_type<scalar_t>;                                  \
+    __VA_ARGS__();                                                            \
+  })
+
+}  // namespace cuda
+}  // namespace cbn_ext
