@@ -47,7 +47,7 @@ if ! "$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no
   echo "== setup: the build failed (full log: $LOG)"
   exit 1
 fi
-grep -E "^cbn_ext: " "$LOG" | sed 's/^/== setup: /' || true
+grep -E "^ *cbn_ext: " "$LOG" | sed "s/^ *//" | sort -u | sed 's/^/== setup: /' || true
 # compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D"
 if grep -E ": warning:|warning #[0-9]+" "$LOG" > build/cbn_ext_warnings.log; then
   echo "== setup: the compilers warned ($(wc -l < build/cbn_ext_warnings.log) lines):"
