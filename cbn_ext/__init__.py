@@ -9,9 +9,11 @@ do not dominate the statistics. ``../shared/SPEC.md`` (in the repository) is the
 """
 
 from . import functional, reference
+from .distributed import SyncCompoundBatchNorm
 from .functional import compound_batch_norm
 from .modules import CompoundBatchNorm1d, CompoundBatchNorm2d, CompoundBatchNorm3d
 from .ops import build_info
+from .training import DualPathLoss, class_groups, convert_batchnorm, dual_path_loss, split_by
 
 __version__ = "0.1.0"
 
@@ -19,8 +21,14 @@ __all__ = [
     "CompoundBatchNorm1d",
     "CompoundBatchNorm2d",
     "CompoundBatchNorm3d",
+    "DualPathLoss",
+    "SyncCompoundBatchNorm",
     "build_info",
+    "class_groups",
     "compound_batch_norm",
+    "convert_batchnorm",
+    "dual_path_loss",
     "functional",
     "reference",
+    "split_by",
 ]

@@ -65,6 +65,9 @@ class _CompoundBatchNorm(nn.Module):
             self.register_buffer("running_prior", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+        # set by cbn_ext.split_by: the group of each sample for the next forward passes
+        self._split_groups: Optional[Tensor] = None
+        self._split_name: str = ""
 
     def reset_running_stats(self) -> None:
         """Running statistics back to their initial values; the next training batch
@@ -90,6 +93,15 @@ class _CompoundBatchNorm(nn.Module):
                 f"{type(self).__name__}: expected input with {self.num_features} channels "
                 f"(dim 1), got {input.shape[1]} (input shape {tuple(input.shape)})")
 
+    def _groups_for(self, input: Tensor) -> Optional[Tensor]:
+        """The split path's group ids for this input (cbn_ext.split_by), checked."""
+        groups = self._split_groups
+        if groups is not None and groups.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"{self._split_name or type(self).__name__}: split_by gave {groups.shape[0]} "
+                f"group ids for a batch of {input.shape[0]} samples")
+        return groups
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         # Like BatchNorm: without running statistics (K = 1 only), batch statistics are
@@ -108,7 +120,7 @@ class _CompoundBatchNorm(nn.Module):
             self.momentum,
             self.eps,
             self.num_batches_tracked if track else None,
-            None,
+            self._groups_for(input),
         )
 
     def extra_repr(self) -> str:

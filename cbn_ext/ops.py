@@ -123,6 +123,38 @@ def _backward_eval_fake(grad_out, input, weight, bias, tau, running_mean, runnin
     return _backward_fake(grad_out, input, weight, running_mean.shape[0], output_mask)
 
 
+@torch.library.register_fake("cbn_ext::batch_stats")
+def _batch_stats_fake(input, running_mean, running_var, running_prior, num_batches_tracked,
+                      groups, num_components, eps):
+    x, inter = _canonical(input)
+    K, C = num_components, x.shape[1]
+    acc = _acc(x.dtype)
+
+    def kc():
+        return x.new_empty((K, C), dtype=acc)
+
+    return (_empty_tau(x, inter, K), kc(), kc(), x.new_empty((K,), dtype=acc), kc(), kc(),
+            x.new_empty((K,), dtype=acc))
+
+
+@torch.library.register_fake("cbn_ext::normalize")
+def _normalize_fake(input, weight, bias, tau, mean, var, groups, eps):
+    x, _ = _canonical(input)
+    return _empty_like_canonical(x)
+
+
+@torch.library.register_fake("cbn_ext::grad_sums")
+def _grad_sums_fake(grad_out, input, tau, mean):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("cbn_ext::grad_input")
+def _grad_input_fake(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
+                     sum_g, sum_gx, soft, batch_stats, eps):
+    x, _ = _canonical(input)
+    return _empty_like_canonical(x)
+
+
 @torch.library.register_fake("cbn_ext::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, running_prior, num_batches_tracked,
                                mix_mean, mix_var, mix_prior, mean, var, count, num_positions,

@@ -152,13 +152,13 @@ void check_group_values(const OptTensor& groups, int64_t K) {
 TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& running_prior, const OptTensor& num_batches_tracked,
-                       const OptTensor& groups, int64_t K, double eps) {
+                       const OptTensor& groups, int64_t K, double eps, bool require_positions) {
   check_input(input, "compound_batch_norm");
   check_num_components(K);
   TrainSetup st;
   st.x = canonical_input(input, st.shape);
   const int64_t C = st.shape.C;
-  TORCH_CHECK_VALUE(st.shape.M() > 1,
+  TORCH_CHECK_VALUE(!require_positions || st.shape.M() > 1,
                     "Expected more than 1 value per channel when training, got input size ",
                     input.sizes());
   check_param(weight, "weight", input, K, C, true);
@@ -185,7 +185,7 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
   const auto aopt = st.x.options().dtype(st.acc);
   // reads num_batches_tracked: a device sync on a GPU, for soft responsibilities only
   const bool first = st.resp == Resp::kSoft && defined(num_batches_tracked) &&
-                     num_batches_tracked->item<int64_t>() == 0;
+                     st.shape.M() > 0 && num_batches_tracked->item<int64_t>() == 0;
   if (first) {
     std::tie(st.mix_mean, st.mix_var, st.mix_prior) = initial_mixture(st.x, K, eps);
   } else {
@@ -241,6 +241,37 @@ BackwardSetup setup_backward(const Tensor& grad_out, const Tensor& input, const 
               "tau does not match the input");
   st.grad = grad_like(grad_out, st.x);
   return st;
+}
+
+ApplySetup setup_apply(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const Tensor& tau, const Tensor& mean, const Tensor& var,
+                       const OptTensor& groups) {
+  check_input(input, "compound_batch_norm");
+  ApplySetup st;
+  st.x = canonical_input(input, st.shape);
+  st.K = mean.dim() == 2 ? mean.size(0) : 0;
+  const int64_t K = st.K, C = st.shape.C;
+  check_num_components(K);
+  check_param(weight, "weight", input, K, C, true);
+  check_param(bias, "bias", input, K, C, true);
+  check_param(mean, "mean", input, K, C, true);
+  check_param(var, "var", input, K, C, true);
+  check_groups(groups, input, K);
+  st.acc = acc_type_of(input.scalar_type());
+  st.resp = K == 1 ? Resp::kOne : (defined(groups) ? Resp::kGiven : Resp::kSoft);
+  TORCH_CHECK(st.resp == Resp::kOne ||
+                  (tau.device() == input.device() && tau.scalar_type() == st.acc &&
+                   tau.numel() == st.shape.M() * K),
+              "tau does not match the input");
+  return st;
+}
+
+void check_sums(const Tensor& sum_g, const Tensor& sum_gx, const Tensor& mean) {
+  TORCH_CHECK(sum_g.sizes() == mean.sizes() && sum_gx.sizes() == mean.sizes() &&
+                  sum_g.scalar_type() == mean.scalar_type() &&
+                  sum_gx.scalar_type() == mean.scalar_type() &&
+                  sum_g.device() == mean.device() && sum_gx.device() == mean.device(),
+              "sum_g and sum_gx must be like mean: ", mean.sizes(), " ", mean.scalar_type());
 }
 
 void check_update_args(const Tensor& running_mean, const Tensor& running_var,

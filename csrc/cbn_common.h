@@ -59,10 +59,36 @@ struct TrainSetup {
   // the mixture of the E-step: the running one, or the first batch's initialisation
   Tensor mix_mean, mix_var, mix_prior;
 };
+// require_positions: training needs more than one position (forward_train); the
+// building block batch_stats leaves that check to its caller (synced layers check the
+// whole process group's batch).
 TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& running_prior, const OptTensor& num_batches_tracked,
-                       const OptTensor& groups, int64_t K, double eps);
+                       const OptTensor& groups, int64_t K, double eps, bool require_positions);
+
+// The outputs of the E-step and M-step.
+struct BatchStats {
+  Tensor tau, mean, var, count;
+};
+
+// Applying given statistics (the normalize operator).
+struct ApplySetup {
+  Tensor x;
+  Shape shape;
+  Resp resp;
+  at::ScalarType acc;
+  int64_t K;
+  static ApplySetup from(const TrainSetup& st, int64_t K) {
+    return ApplySetup{st.x, st.shape, st.resp, st.acc, K};
+  }
+};
+ApplySetup setup_apply(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const Tensor& tau, const Tensor& mean, const Tensor& var,
+                       const OptTensor& groups);
+
+// Sums of the backward given to grad_input: (K, C), like mean.
+void check_sums(const Tensor& sum_g, const Tensor& sum_gx, const Tensor& mean);
 
 struct EvalSetup {
   Tensor x;

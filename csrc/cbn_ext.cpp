@@ -13,6 +13,16 @@
 //   backward_train / backward_eval: gradients of the input, weight and bias.
 //   update_running_stats: the running update from forward_train's statistics, in place;
 //     nothing changes when an active statistic is not finite.
+// Building blocks (no autograd), for layers that combine statistics across processes:
+//   batch_stats: forward_train's E-step and M-step without the normalization (and without
+//     its check that there is more than one position), returning the raw moments: the
+//     weighted mean and biased variance of every component, even an inactive one (0 for
+//     an empty one), so that callers can merge them across processes;
+//   normalize: y = sum_k tau_k (gamma (x - mean) / sqrt(var + eps) + beta), given tau and
+//     the statistics;
+//   grad_sums: Sg = sum_p g tau and Sgx = sum_p g tau (x - mean), (K, C) each;
+//   grad_input: the input gradient of backward_train (batch_stats=True) or backward_eval,
+//     given the sums (those of the whole process group).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,6 +58,20 @@ TORCH_LIBRARY(cbn_ext, m) {
       "backward_eval(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
       "Tensor running_mean, Tensor running_var, bool soft, float eps, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_stats(Tensor input, Tensor? running_mean, Tensor? running_var, "
+      "Tensor? running_prior, Tensor? num_batches_tracked, Tensor? groups, int num_components, "
+      "float eps) -> (Tensor tau, Tensor mean, Tensor var, Tensor count, Tensor mix_mean, "
+      "Tensor mix_var, Tensor mix_prior)");
+  m.def(
+      "normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor tau, Tensor mean, "
+      "Tensor var, Tensor? groups, float eps) -> Tensor");
+  m.def("grad_sums(Tensor grad_out, Tensor input, Tensor tau, Tensor mean) -> (Tensor sum_g, "
+        "Tensor sum_gx)");
+  m.def(
+      "grad_input(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
+      "Tensor mean, Tensor var, Tensor count, Tensor mix_mean, Tensor mix_var, Tensor sum_g, "
+      "Tensor sum_gx, bool soft, bool batch_stats, float eps) -> Tensor");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!)? running_prior, Tensor(d!)? num_batches_tracked, Tensor mix_mean, "

@@ -142,10 +142,11 @@ std::tuple<Tensor, Tensor> affine_coefs(const OptTensor& weight, const OptTensor
 }
 
 // Merge the per-tile partials in tile order: biased mean and variance per (k, c) and the
-// count per k. Inactive components (count <= 1) take the mixture's statistics.
+// count per k. replace_inactive: inactive components (count <= 1) take the mixture's
+// statistics; else the raw moments are kept (0 for an empty component).
 void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& part_m2,
                    const Tensor& mix_mean, const Tensor& mix_var, Tensor& mean, Tensor& var,
-                   Tensor& count) {
+                   Tensor& count, bool replace_inactive) {
   const int64_t tiles = part_n.size(0), K = part_n.size(1), C = part_mean.size(2);
   AT_DISPATCH_FLOATING_TYPES(part_mean.scalar_type(), "cbn_merge_moments", [&] {
     const scalar_t* pn = part_n.data_ptr<scalar_t>();
@@ -171,9 +172,9 @@ void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& 
                                                      pm2[(t * K + k) * C + c]};
           math::chan_merge(acc, part);
         }
-        if (math::is_active(on[k])) {
+        if (!replace_inactive || math::is_active(on[k])) {
           om[i] = acc.mean;
-          ov[i] = acc.m2 / acc.n;
+          ov[i] = acc.n > scalar_t(0) ? acc.m2 / acc.n : scalar_t(0);
         } else {
           om[i] = pmm[i];
           ov[i] = pmv[i];
@@ -202,6 +203,221 @@ Tensor sum_partials(const Tensor& part) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The steps the operators are made of
+// ---------------------------------------------------------------------------------------
+
+// E-step (or given groups) and M-step: tau, and the batch mean, biased variance and count
+// (with replace_inactive, the mixture's statistics for inactive components).
+BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64_t K, double eps,
+                            bool replace_inactive) {
+  const Tensor& x = st.x;
+  const Shape& shape = st.shape;
+  const auto aopt = x.options().dtype(st.acc);
+  const int64_t C = shape.C;
+  const Geometry geo = geometry_of(shape);
+  const TilePlan plan = make_tile_plan(geo);
+  BatchStats out;
+  out.tau = empty_tau(x, shape, K, st.acc);
+  Tensor part_n = at::empty({plan.num_tiles, K}, aopt);
+  Tensor part_mean = at::empty({plan.num_tiles, K, C}, aopt);
+  Tensor part_m2 = at::empty({plan.num_tiles, K, C}, aopt);
+  Tensor mu, ha, b;
+  if (st.resp == Resp::kSoft)
+    std::tie(mu, ha, b) = estep_coefs(st.mix_mean, st.mix_var, st.mix_prior, eps);
+  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+  StatsArgs sa{};
+  sa.geo = geo;
+  sa.plan = plan;
+  sa.K = K;
+  sa.resp = st.resp;
+  sa.dtype = x.scalar_type();
+  sa.x = x.data_ptr();
+  sa.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
+  sa.mu = mu.defined() ? mu.data_ptr() : nullptr;
+  sa.half_a = ha.defined() ? ha.data_ptr() : nullptr;
+  sa.b = b.defined() ? b.data_ptr() : nullptr;
+  sa.tau = out.tau.numel() > 0 ? out.tau.data_ptr() : nullptr;
+  sa.part_n = part_n.data_ptr();
+  sa.part_mean = part_mean.data_ptr();
+  sa.part_m2 = part_m2.data_ptr();
+  if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_mixture_stats, sa);
+  out.mean = at::empty({K, C}, aopt);
+  out.var = at::empty({K, C}, aopt);
+  out.count = at::empty({K}, aopt);
+  merge_moments(part_n, part_mean, part_m2, st.mix_mean, st.mix_var, out.mean, out.var, out.count,
+                replace_inactive);
+  return out;
+}
+
+// y = sum_k tau_k (alpha x + delta) with alpha, delta from the given statistics.
+Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTensor& weight,
+                      const OptTensor& bias, const Tensor& tau, const Tensor& mean,
+                      const Tensor& var, double eps) {
+  const Tensor& x = st.x;
+  Tensor out = empty_like_input(x);
+  const Geometry geo = geometry_of(st.shape);
+  const TilePlan plan = make_tile_plan(geo);
+  if (plan.num_tiles == 0) return out;
+  Tensor alpha, delta;
+  std::tie(alpha, delta) = affine_coefs(weight, bias, mean, var, eps);
+  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+  NormalizeArgs na{};
+  na.geo = geo;
+  na.plan = plan;
+  na.K = st.K;
+  na.resp = st.resp;
+  na.dtype = x.scalar_type();
+  na.x = x.data_ptr();
+  na.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
+  na.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
+  na.alpha = alpha.data_ptr();
+  na.delta = delta.data_ptr();
+  na.y = out.data_ptr();
+  CBN_CALL_KERNEL(normalize_mixture, na);
+  return out;
+}
+
+// Sg = sum_p g tau, Sgx = sum_p g tau (x - m), over this input's positions.
+std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor& tau,
+                                          const Tensor& mean) {
+  const Tensor& x = st.x;
+  const auto aopt = x.options().dtype(st.acc);
+  const int64_t K = st.K, C = st.shape.C;
+  const Geometry geo = geometry_of(st.shape);
+  const TilePlan plan = make_tile_plan(geo);
+  Tensor part_sg = at::empty({plan.num_tiles, K, C}, aopt);
+  Tensor part_sgx = at::empty({plan.num_tiles, K, C}, aopt);
+  const Tensor mc = mean.contiguous();
+  GradStatsArgs ga{};
+  ga.geo = geo;
+  ga.plan = plan;
+  ga.K = K;
+  ga.resp = st.resp;
+  ga.dtype = x.scalar_type();
+  ga.grad = st.grad.data_ptr();
+  ga.x = x.data_ptr();
+  ga.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
+  ga.mean = mc.data_ptr();
+  ga.part_sg = part_sg.data_ptr();
+  ga.part_sgx = part_sgx.data_ptr();
+  if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_grad_stats, ga);
+  return {sum_partials(part_sg), sum_partials(part_sgx)};
+}
+
+// Per (k, c): alpha, e1, e2 (and sum_c e2 v) for dtau; p, q, a, a mu for dx; dgamma and
+// dbeta. sum_g / sum_gx undefined: zero (evaluation, input gradient only).
+struct GradCoefTensors {
+  Tensor alpha, beta, e1, e2, ev, p, q, a, amu, dgamma, dbeta;
+};
+
+GradCoefTensors grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
+                                const OptTensor& bias, const Tensor& mean, const Tensor& var,
+                                const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
+                                const Tensor& sum_g, const Tensor& sum_gx, double eps,
+                                bool batch_stats) {
+  const auto aopt = st.x.options().dtype(st.acc);
+  const int64_t K = st.K, C = st.shape.C;
+  GradCoefTensors out;
+  out.alpha = at::empty({K, C}, aopt);
+  out.e1 = at::empty({K, C}, aopt);
+  out.e2 = at::empty({K, C}, aopt);
+  out.ev = at::empty({K}, aopt);
+  out.p = at::empty({K, C}, aopt);
+  out.q = at::empty({K, C}, aopt);
+  out.a = at::zeros({K, C}, aopt);
+  out.amu = at::zeros({K, C}, aopt);
+  out.dgamma = at::empty({K, C}, aopt);
+  out.dbeta = at::empty({K, C}, aopt);
+  out.beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
+  const bool soft = st.resp == Resp::kSoft;
+  AT_DISPATCH_FLOATING_TYPES(st.acc, "cbn_grad_coefs", [&] {
+    const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+    const Tensor v = var.contiguous(), m = mean.contiguous();
+    const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
+    const Tensor mm = soft ? mix_mean.contiguous() : Tensor();
+    const Tensor mv = soft ? mix_var.contiguous() : Tensor();
+    const Tensor sg = sum_g.defined() ? sum_g.contiguous() : Tensor();
+    const Tensor sgx = sum_gx.defined() ? sum_gx.contiguous() : Tensor();
+    const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pv = v.data_ptr<scalar_t>();
+    const scalar_t* pm = m.data_ptr<scalar_t>();
+    const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pmm = mm.defined() ? mm.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pmv = mv.defined() ? mv.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* psg = sg.defined() ? sg.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* psgx = sgx.defined() ? sgx.data_ptr<scalar_t>() : nullptr;
+    const scalar_t e = static_cast<scalar_t>(eps);
+    scalar_t* pa = out.alpha.data_ptr<scalar_t>();
+    scalar_t* p1 = out.e1.data_ptr<scalar_t>();
+    scalar_t* p2 = out.e2.data_ptr<scalar_t>();
+    scalar_t* pev = out.ev.data_ptr<scalar_t>();
+    scalar_t* pp = out.p.data_ptr<scalar_t>();
+    scalar_t* pq = out.q.data_ptr<scalar_t>();
+    scalar_t* pac = out.a.data_ptr<scalar_t>();
+    scalar_t* pamu = out.amu.data_ptr<scalar_t>();
+    scalar_t* pdg = out.dgamma.data_ptr<scalar_t>();
+    scalar_t* pdb = out.dbeta.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      scalar_t acc_ev = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = k * C + c;
+        const auto gc = math::grad_coefs<scalar_t>(
+            pw ? pw[i] : scalar_t(1), pv[i], pn ? pn[k] : scalar_t(0), psg ? psg[i] : scalar_t(0),
+            psgx ? psgx[i] : scalar_t(0), e, batch_stats);
+        // the E-step precision: only soft responsibilities depend on x through it
+        const scalar_t a = pmv ? scalar_t(2) * math::half_precision(pmv[i], e) : scalar_t(0);
+        const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
+                                                 pmm ? pmm[i] : scalar_t(0));
+        pa[i] = gc.alpha;
+        p1[i] = gc.e1;
+        p2[i] = gc.e2;
+        pdg[i] = gc.dgamma;
+        pdb[i] = gc.dbeta;
+        pp[i] = dc.p;
+        pq[i] = dc.q;
+        pac[i] = dc.a;
+        pamu[i] = dc.amu;
+        acc_ev += gc.e2 * pv[i];
+      }
+      pev[k] = acc_ev;
+    }
+  });
+  return out;
+}
+
+Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor& mean,
+                       const GradCoefTensors& cf) {
+  const Tensor& x = st.x;
+  Tensor dx = empty_like_input(x);
+  const Geometry geo = geometry_of(st.shape);
+  const TilePlan plan = make_tile_plan(geo);
+  if (plan.num_tiles == 0) return dx;
+  const Tensor m = mean.contiguous();
+  GradInputArgs ia{};
+  ia.geo = geo;
+  ia.plan = plan;
+  ia.K = st.K;
+  ia.resp = st.resp;
+  ia.dtype = x.scalar_type();
+  ia.grad = st.grad.data_ptr();
+  ia.x = x.data_ptr();
+  ia.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
+  ia.mean = m.data_ptr();
+  ia.alpha = cf.alpha.data_ptr();
+  ia.beta = cf.beta.data_ptr();
+  ia.e1 = cf.e1.data_ptr();
+  ia.e2 = cf.e2.data_ptr();
+  ia.ev = cf.ev.data_ptr();
+  ia.p = cf.p.data_ptr();
+  ia.q = cf.q.data_ptr();
+  ia.a = cf.a.data_ptr();
+  ia.amu = cf.amu.data_ptr();
+  ia.dx = dx.data_ptr();
+  CBN_CALL_KERNEL(mixture_grad_input, ia);
+  return dx;
+}
+
+// ---------------------------------------------------------------------------------------
 // Operators
 // ---------------------------------------------------------------------------------------
 
@@ -210,62 +426,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& running_prior,
     const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
   const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps);
-  const Tensor& x = st.x;
-  const Shape& shape = st.shape;
-  const Resp resp = st.resp;
-  const auto acc = st.acc;
-  const auto aopt = x.options().dtype(acc);
-  const int64_t C = shape.C;
-  const Tensor &mix_mean = st.mix_mean, &mix_var = st.mix_var, &mix_prior = st.mix_prior;
+                                    running_prior, num_batches_tracked, groups, K, eps,
+                                    /*require_positions=*/true);
+  const BatchStats bs = batch_stats_impl(st, groups, K, eps, /*replace_inactive=*/true);
+  const Tensor out = normalize_impl(ApplySetup::from(st, K), groups, weight, bias, bs.tau,
+                                    bs.mean, bs.var, eps);
+  return {out, bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+}
 
-  const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
-  Tensor tau = empty_tau(x, shape, K, acc);
-  Tensor part_n = at::empty({plan.num_tiles, K}, aopt);
-  Tensor part_mean = at::empty({plan.num_tiles, K, C}, aopt);
-  Tensor part_m2 = at::empty({plan.num_tiles, K, C}, aopt);
-  Tensor mu, ha, b;
-  if (resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs(mix_mean, mix_var, mix_prior, eps);
-  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_stats(
+    const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& running_prior, const OptTensor& num_batches_tracked, const OptTensor& groups,
+    int64_t K, double eps) {
+  const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean, running_var,
+                                    running_prior, num_batches_tracked, groups, K, eps,
+                                    /*require_positions=*/false);
+  const BatchStats bs = batch_stats_impl(st, groups, K, eps, /*replace_inactive=*/false);
+  return {bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+}
 
-  StatsArgs sa{};
-  sa.geo = geo;
-  sa.plan = plan;
-  sa.K = K;
-  sa.resp = resp;
-  sa.dtype = x.scalar_type();
-  sa.x = x.data_ptr();
-  sa.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
-  sa.mu = mu.defined() ? mu.data_ptr() : nullptr;
-  sa.half_a = ha.defined() ? ha.data_ptr() : nullptr;
-  sa.b = b.defined() ? b.data_ptr() : nullptr;
-  sa.tau = tau.numel() > 0 ? tau.data_ptr() : nullptr;
-  sa.part_n = part_n.data_ptr();
-  sa.part_mean = part_mean.data_ptr();
-  sa.part_m2 = part_m2.data_ptr();
-  CBN_CALL_KERNEL(collect_mixture_stats, sa);
-
-  Tensor mean = at::empty({K, C}, aopt), var = at::empty({K, C}, aopt), count = at::empty({K}, aopt);
-  merge_moments(part_n, part_mean, part_m2, mix_mean, mix_var, mean, var, count);
-
-  Tensor alpha, delta;
-  std::tie(alpha, delta) = affine_coefs(weight, bias, mean, var, eps);
-  Tensor out = empty_like_input(x);
-  NormalizeArgs na{};
-  na.geo = geo;
-  na.plan = plan;
-  na.K = K;
-  na.resp = resp;
-  na.dtype = x.scalar_type();
-  na.x = x.data_ptr();
-  na.groups = sa.groups;
-  na.tau = sa.tau;
-  na.alpha = alpha.data_ptr();
-  na.delta = delta.data_ptr();
-  na.y = out.data_ptr();
-  CBN_CALL_KERNEL(normalize_mixture, na);
-  return {out, tau, mean, var, count, mix_mean, mix_var, mix_prior};
+Tensor normalize(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                 const Tensor& tau, const Tensor& mean, const Tensor& var, const OptTensor& groups,
+                 double eps) {
+  const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
+  return normalize_impl(st, groups, weight, bias, tau, mean, var, eps);
 }
 
 std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& weight,
@@ -277,19 +461,17 @@ std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& we
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const Resp resp = st.resp;
-  const auto acc = st.acc;
-
   const Geometry geo = geometry_of(shape);
   const TilePlan plan = make_tile_plan(geo);
-  Tensor tau = empty_tau(x, shape, K, acc);
+  Tensor tau = empty_tau(x, shape, K, st.acc);
   Tensor out = empty_like_input(x);
   if (shape.M() == 0) return {out, tau};
   Tensor mu, ha, b;
-  if (resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs(running_mean, running_var, *running_prior, eps);
+  if (resp == Resp::kSoft)
+    std::tie(mu, ha, b) = estep_coefs(running_mean, running_var, *running_prior, eps);
   Tensor alpha, delta;
   std::tie(alpha, delta) = affine_coefs(weight, bias, running_mean, running_var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
-
   NormalizeArgs na{};
   na.geo = geo;
   na.plan = plan;
@@ -317,126 +499,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
     std::array<bool, 3> output_mask, bool batch_stats) {
   const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-  const Tensor& x = st.x;
-  const Tensor& g = st.grad;
-  const Shape& shape = st.shape;
-  const Resp resp = st.resp;
-  const auto acc = st.acc;
-  const auto aopt = x.options().dtype(acc);
-  const int64_t K = st.K, C = shape.C;
-  const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
-  const void* tau_ptr = resp == Resp::kOne ? nullptr : tau.data_ptr();
-
-  const bool need_sums = batch_stats || output_mask[1] || output_mask[2];
+  const auto aopt = st.x.options().dtype(st.acc);
   Tensor sum_g, sum_gx;
-  if (need_sums) {
-    Tensor part_sg = at::empty({plan.num_tiles, K, C}, aopt);
-    Tensor part_sgx = at::empty({plan.num_tiles, K, C}, aopt);
-    const Tensor mc = mean.contiguous();
-    GradStatsArgs ga{};
-    ga.geo = geo;
-    ga.plan = plan;
-    ga.K = K;
-    ga.resp = resp;
-    ga.dtype = x.scalar_type();
-    ga.grad = g.data_ptr();
-    ga.x = x.data_ptr();
-    ga.tau = tau_ptr;
-    ga.mean = mc.data_ptr();
-    ga.part_sg = part_sg.data_ptr();
-    ga.part_sgx = part_sgx.data_ptr();
-    if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_grad_stats, ga);
-    sum_g = sum_partials(part_sg);
-    sum_gx = sum_partials(part_sgx);
-  }
-
-  // Per (k, c): alpha, e1, e2 (and sum_c e2 v) for dtau; p, q, a, a mu for dx.
-  Tensor alpha = at::empty({K, C}, aopt), e1 = at::empty({K, C}, aopt);
-  Tensor e2 = at::empty({K, C}, aopt), ev = at::empty({K}, aopt);
-  Tensor pc = at::empty({K, C}, aopt), qc = at::empty({K, C}, aopt);
-  Tensor ac = at::zeros({K, C}, aopt), amuc = at::zeros({K, C}, aopt);
-  Tensor dgamma = at::empty({K, C}, aopt), dbeta = at::empty({K, C}, aopt);
-  Tensor beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
-  const Tensor m = mean.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "cbn_grad_coefs", [&] {
-    const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-    const Tensor v = var.contiguous();
-    const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
-    const Tensor mm = resp == Resp::kSoft ? mix_mean.contiguous() : Tensor();
-    const Tensor mv = resp == Resp::kSoft ? mix_var.contiguous() : Tensor();
-    const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pv = v.data_ptr<scalar_t>();
-    const scalar_t* pm = m.data_ptr<scalar_t>();
-    const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pmm = mm.defined() ? mm.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pmv = mv.defined() ? mv.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* psg = need_sums ? sum_g.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* psgx = need_sums ? sum_gx.data_ptr<scalar_t>() : nullptr;
-    const scalar_t e = static_cast<scalar_t>(eps);
-    scalar_t* pa = alpha.data_ptr<scalar_t>();
-    scalar_t* p1 = e1.data_ptr<scalar_t>();
-    scalar_t* p2 = e2.data_ptr<scalar_t>();
-    scalar_t* pev = ev.data_ptr<scalar_t>();
-    scalar_t* pp = pc.data_ptr<scalar_t>();
-    scalar_t* pq = qc.data_ptr<scalar_t>();
-    scalar_t* pac = ac.data_ptr<scalar_t>();
-    scalar_t* pamu = amuc.data_ptr<scalar_t>();
-    scalar_t* pdg = dgamma.data_ptr<scalar_t>();
-    scalar_t* pdb = dbeta.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc_ev = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = k * C + c;
-        const auto gc = math::grad_coefs<scalar_t>(
-            pw ? pw[i] : scalar_t(1), pv[i], pn ? pn[k] : scalar_t(0), psg ? psg[i] : scalar_t(0),
-            psgx ? psgx[i] : scalar_t(0), e, batch_stats);
-        // the E-step precision: only soft responsibilities depend on x through it
-        const scalar_t a = pmv ? scalar_t(2) * math::half_precision(pmv[i], e) : scalar_t(0);
-        const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
-                                                 pmm ? pmm[i] : scalar_t(0));
-        pa[i] = gc.alpha;
-        p1[i] = gc.e1;
-        p2[i] = gc.e2;
-        pdg[i] = gc.dgamma;
-        pdb[i] = gc.dbeta;
-        pp[i] = dc.p;
-        pq[i] = dc.q;
-        pac[i] = dc.a;
-        pamu[i] = dc.amu;
-        acc_ev += gc.e2 * pv[i];
-      }
-      pev[k] = acc_ev;
-    }
-  });
-
-  Tensor grad_input = at::empty({0}, x.options());
-  if (output_mask[0]) {
-    grad_input = empty_like_input(x);
-    GradInputArgs ia{};
-    ia.geo = geo;
-    ia.plan = plan;
-    ia.K = K;
-    ia.resp = resp;
-    ia.dtype = x.scalar_type();
-    ia.grad = g.data_ptr();
-    ia.x = x.data_ptr();
-    ia.tau = tau_ptr;
-    ia.mean = m.data_ptr();
-    ia.alpha = alpha.data_ptr();
-    ia.beta = beta.data_ptr();
-    ia.e1 = e1.data_ptr();
-    ia.e2 = e2.data_ptr();
-    ia.ev = ev.data_ptr();
-    ia.p = pc.data_ptr();
-    ia.q = qc.data_ptr();
-    ia.a = ac.data_ptr();
-    ia.amu = amuc.data_ptr();
-    ia.dx = grad_input.data_ptr();
-    if (plan.num_tiles > 0) CBN_CALL_KERNEL(mixture_grad_input, ia);
-  }
-  Tensor grad_weight = output_mask[1] ? dgamma : at::empty({0}, aopt);
-  Tensor grad_bias = output_mask[2] ? dbeta : at::empty({0}, aopt);
+  if (batch_stats || output_mask[1] || output_mask[2])
+    std::tie(sum_g, sum_gx) = grad_sums_impl(st, tau, mean);
+  const GradCoefTensors cf = grad_coefs_impl(st, weight, bias, mean, var, count, mix_mean,
+                                             mix_var, sum_g, sum_gx, eps, batch_stats);
+  Tensor grad_input = output_mask[0] ? grad_input_impl(st, tau, mean, cf)
+                                     : at::empty({0}, st.x.options());
+  Tensor grad_weight = output_mask[1] ? cf.dgamma : at::empty({0}, aopt);
+  Tensor grad_bias = output_mask[2] ? cf.dbeta : at::empty({0}, aopt);
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -455,6 +527,25 @@ std::tuple<Tensor, Tensor, Tensor> backward_eval(
     double eps, std::array<bool, 3> output_mask) {
   return backward_impl(grad_out, input, weight, bias, tau, running_mean, running_var, Tensor(),
                        running_mean, running_var, soft, eps, output_mask, /*batch_stats=*/false);
+}
+
+std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_out, const Tensor& input,
+                                     const Tensor& tau, const Tensor& mean) {
+  const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau, mean,
+                                          /*soft=*/true);
+  return grad_sums_impl(st, tau, mean);
+}
+
+Tensor grad_input(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                  const OptTensor& bias, const Tensor& tau, const Tensor& mean, const Tensor& var,
+                  const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
+                  const Tensor& sum_g, const Tensor& sum_gx, bool soft, bool batch_stats,
+                  double eps) {
+  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+  check_sums(sum_g, sum_gx, mean);
+  const GradCoefTensors cf = grad_coefs_impl(st, weight, bias, mean, var, count, mix_mean,
+                                             mix_var, sum_g, sum_gx, eps, batch_stats);
+  return grad_input_impl(st, tau, mean, cf);
 }
 
 void update_running_stats(Tensor& running_mean, Tensor& running_var,
@@ -510,6 +601,10 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var,
 
 TORCH_LIBRARY_IMPL(cbn_ext, CPU, m) {
   m.impl("forward_train", &forward_train);
+  m.impl("batch_stats", &batch_stats);
+  m.impl("normalize", &normalize);
+  m.impl("grad_sums", &grad_sums);
+  m.impl("grad_input", &grad_input);
   m.impl("forward_eval", &forward_eval);
   m.impl("backward_train", &backward_train);
   m.impl("backward_eval", &backward_eval);

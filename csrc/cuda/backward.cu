@@ -152,17 +152,26 @@ __global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsP
   }
 }
 
+// The tile partials summed in tile order: out[i] = sum_t part[t, i].
+template <typename acc_t>
+__global__ void sum_tiles_kernel(const acc_t* __restrict__ part, int64_t tiles, int64_t n,
+                                 acc_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  acc_t s = 0;
+  for (int64_t t = 0; t < tiles; ++t) s += part[t * n + i];
+  out[i] = s;
+}
+
 // ---------------------------------------------------------------------------------------
-// The tile sums merged in tile order, and the per-(k, c) coefficients of the backward.
-// Grid (channel blocks of kThreads, K); ev_part[k, block] = sum over the block's
-// channels of e2 v.
+// The per-(k, c) coefficients of the backward. Grid (channel blocks of kThreads, K);
+// ev_part[k, block] = sum over the block's channels of e2 v.
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
 struct CoefParams {
-  const acc_t* part_sg;  // null: no sums (evaluation, input gradient only)
-  const acc_t* part_sgx;
-  int64_t tiles;
+  const acc_t* sum_g;  // (K, C); null: zero (evaluation, input gradient only)
+  const acc_t* sum_gx;
   const acc_t* weight;
   const acc_t* var;
   const acc_t* count;    // null at evaluation
@@ -183,13 +192,8 @@ __global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> 
   acc_t ev = 0;
   if (c < p.C) {
     const int64_t i = k * p.C + c;
-    acc_t sg = 0, sgx = 0;
-    if (p.part_sg != nullptr) {
-      for (int64_t t = 0; t < p.tiles; ++t) {
-        sg += p.part_sg[t * p.K * p.C + i];
-        sgx += p.part_sgx[t * p.K * p.C + i];
-      }
-    }
+    const acc_t sg = p.sum_g ? p.sum_g[i] : acc_t(0);
+    const acc_t sgx = p.sum_gx ? p.sum_gx[i] : acc_t(0);
     const acc_t v = p.var[i];
     const auto gc = math::grad_coefs<acc_t>(p.weight ? p.weight[i] : acc_t(1), v,
                                             p.count ? p.count[k] : acc_t(0), sg, sgx, p.eps,
@@ -393,70 +397,84 @@ __global__ void __launch_bounds__(kThreads) grad_input_given_kernel(GradInputPar
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_cuda(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
-    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
-    std::array<bool, 3> output_mask, bool batch_stats) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+// Sg, Sgx over this input's positions: per-tile partials, summed in tile order.
+std::tuple<Tensor, Tensor> grad_sums_cuda_impl(const BackwardSetup& st, const Tensor& tau,
+                                               const Tensor& mean) {
   const Tensor& x = st.x;
-  const Tensor& g = st.grad;
   const Shape& shape = st.shape;
-  const Resp resp = st.resp;
   const auto aopt = x.options().dtype(st.acc);
   const int64_t K = st.K, C = shape.C;
-  const bool need_sums = batch_stats || output_mask[1] || output_mask[2];
+  Tensor sum_g = at::zeros({K, C}, aopt), sum_gx = at::zeros({K, C}, aopt);
+  const Tensor m = mean.contiguous();
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_grad_sums_cuda", [&] {
+    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+    if (tiles.num == 0) return;
+    Tensor part_sg = at::empty({tiles.num, K, C}, aopt);
+    Tensor part_sgx = at::empty({tiles.num, K, C}, aopt);
+    GradStatsParams<acc_t> gp{};
+    gp.grad = st.grad.data_ptr();
+    gp.x = x.data_ptr();
+    gp.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
+    gp.mean = m.data_ptr<acc_t>();
+    gp.part_sg = part_sg.data_ptr<acc_t>();
+    gp.part_sgx = part_sgx.data_ptr<acc_t>();
+    gp.N = shape.N;
+    gp.C = C;
+    gp.S = shape.S;
+    gp.K = K;
+    gp.len = tiles.len;
+    gp.chunks = tiles.chunks;
+    gp.interleaved = shape.interleaved;
+    dispatch_kb(K, [&](auto kb) {
+      constexpr int KB = decltype(kb)::value;
+      const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
+      auto kernel = collect_grad_stats_kernel<scalar_t, acc_t, KB>;
+      allow_smem(kernel, smem);
+      kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(gp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const int64_t n = K * C;
+    for (auto pair : {std::make_pair(&part_sg, &sum_g), std::make_pair(&part_sgx, &sum_gx)}) {
+      sum_tiles_kernel<acc_t><<<grid_1d((n + kThreads - 1) / kThreads), kThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(
+          pair.first->data_ptr<acc_t>(), tiles.num, n, pair.second->data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {sum_g, sum_gx};
+}
+
+struct GradCoefTensors {
+  Tensor alpha, beta, e1, e2, pc, qc, a, amu, dgamma, dbeta, ev_part;
+};
+
+GradCoefTensors grad_coefs_cuda(const BackwardSetup& st, const OptTensor& weight,
+                                const OptTensor& bias, const Tensor& mean, const Tensor& var,
+                                const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
+                                const Tensor& sum_g, const Tensor& sum_gx, double eps,
+                                bool batch_stats) {
+  const auto aopt = st.x.options().dtype(st.acc);
+  const int64_t K = st.K, C = st.shape.C;
+  const bool soft = st.resp == Resp::kSoft;
+  GradCoefTensors cf;
+  for (Tensor* t : {&cf.alpha, &cf.e1, &cf.e2, &cf.pc, &cf.qc, &cf.a, &cf.amu, &cf.dgamma,
+                    &cf.dbeta})
+    *t = at::empty({K, C}, aopt);
+  cf.beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
+  const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
+  cf.ev_part = at::empty({K, ev_blocks}, aopt);
   const Tensor m = mean.contiguous(), v = var.contiguous();
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-  const Tensor beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
   const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
-  const Tensor mm = resp == Resp::kSoft ? mix_mean.contiguous() : Tensor();
-  const Tensor mv = resp == Resp::kSoft ? mix_var.contiguous() : Tensor();
-  Tensor alpha = at::empty({K, C}, aopt), e1 = at::empty({K, C}, aopt);
-  Tensor e2 = at::empty({K, C}, aopt), pc = at::empty({K, C}, aopt);
-  Tensor qc = at::empty({K, C}, aopt), ac = at::empty({K, C}, aopt);
-  Tensor amuc = at::empty({K, C}, aopt), dgamma = at::empty({K, C}, aopt);
-  Tensor dbeta = at::empty({K, C}, aopt);
-  const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
-  Tensor ev_part = at::empty({K, ev_blocks}, aopt);
-  Tensor grad_input = output_mask[0] ? empty_like_input(x) : at::empty({0}, x.options());
-
-  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_backward_cuda", [&] {
-    const acc_t* tau_ptr = resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
-    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
-    Tensor part_sg, part_sgx;
-    if (need_sums && tiles.num > 0) {
-      part_sg = at::empty({tiles.num, K, C}, aopt);
-      part_sgx = at::empty({tiles.num, K, C}, aopt);
-      GradStatsParams<acc_t> gp{};
-      gp.grad = g.data_ptr();
-      gp.x = x.data_ptr();
-      gp.tau = tau_ptr;
-      gp.mean = m.data_ptr<acc_t>();
-      gp.part_sg = part_sg.data_ptr<acc_t>();
-      gp.part_sgx = part_sgx.data_ptr<acc_t>();
-      gp.N = shape.N;
-      gp.C = C;
-      gp.S = shape.S;
-      gp.K = K;
-      gp.len = tiles.len;
-      gp.chunks = tiles.chunks;
-      gp.interleaved = shape.interleaved;
-      dispatch_kb(K, [&](auto kb) {
-        constexpr int KB = decltype(kb)::value;
-        const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
-        auto kernel = collect_grad_stats_kernel<scalar_t, acc_t, KB>;
-        allow_smem(kernel, smem);
-        kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(gp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-
+  const Tensor mm = soft ? mix_mean.contiguous() : Tensor();
+  const Tensor mv = soft ? mix_var.contiguous() : Tensor();
+  const Tensor sg = sum_g.defined() ? sum_g.contiguous() : Tensor();
+  const Tensor sgx = sum_gx.defined() ? sum_gx.contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(st.acc, "cbn_grad_coefs_cuda", [&] {
+    using acc_t = scalar_t;
     CoefParams<acc_t> cp{};
-    cp.part_sg = part_sg.defined() ? part_sg.data_ptr<acc_t>() : nullptr;
-    cp.part_sgx = part_sgx.defined() ? part_sgx.data_ptr<acc_t>() : nullptr;
-    cp.tiles = part_sg.defined() ? tiles.num : 0;
+    cp.sum_g = ptr_or_null<acc_t>(sg);
+    cp.sum_gx = ptr_or_null<acc_t>(sgx);
     cp.weight = ptr_or_null<acc_t>(w);
     cp.var = v.data_ptr<acc_t>();
     cp.count = ptr_or_null<acc_t>(n);
@@ -467,43 +485,54 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
     cp.batch_stats = batch_stats;
     cp.K = K;
     cp.C = C;
-    cp.alpha = alpha.data_ptr<acc_t>();
-    cp.e1 = e1.data_ptr<acc_t>();
-    cp.e2 = e2.data_ptr<acc_t>();
-    cp.pc = pc.data_ptr<acc_t>();
-    cp.qc = qc.data_ptr<acc_t>();
-    cp.a = ac.data_ptr<acc_t>();
-    cp.amu = amuc.data_ptr<acc_t>();
-    cp.dgamma = dgamma.data_ptr<acc_t>();
-    cp.dbeta = dbeta.data_ptr<acc_t>();
-    cp.ev_part = ev_part.data_ptr<acc_t>();
+    cp.alpha = cf.alpha.data_ptr<acc_t>();
+    cp.e1 = cf.e1.data_ptr<acc_t>();
+    cp.e2 = cf.e2.data_ptr<acc_t>();
+    cp.pc = cf.pc.data_ptr<acc_t>();
+    cp.qc = cf.qc.data_ptr<acc_t>();
+    cp.a = cf.a.data_ptr<acc_t>();
+    cp.amu = cf.amu.data_ptr<acc_t>();
+    cp.dgamma = cf.dgamma.data_ptr<acc_t>();
+    cp.dbeta = cf.dbeta.data_ptr<acc_t>();
+    cp.ev_part = cf.ev_part.data_ptr<acc_t>();
     grad_coefs_kernel<acc_t><<<dim3(static_cast<unsigned>(ev_blocks), static_cast<unsigned>(K)),
                                kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(cp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return cf;
+}
 
-    if (!output_mask[0] || shape.M() == 0) return;
+Tensor grad_input_cuda_impl(const BackwardSetup& st, const Tensor& tau, const Tensor& mean,
+                            const GradCoefTensors& cf) {
+  const Tensor& x = st.x;
+  const Shape& shape = st.shape;
+  const int64_t K = st.K, C = shape.C;
+  Tensor grad_input = empty_like_input(x);
+  if (shape.M() == 0) return grad_input;
+  const Tensor m = mean.contiguous();
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_grad_input_cuda", [&] {
     GradInputParams<acc_t> ip{};
-    ip.grad = g.data_ptr();
+    ip.grad = st.grad.data_ptr();
     ip.x = x.data_ptr();
     ip.dx = grad_input.data_ptr();
-    ip.tau = tau_ptr;
+    ip.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
     ip.mean = m.data_ptr<acc_t>();
-    ip.alpha = alpha.data_ptr<acc_t>();
-    ip.beta = beta.data_ptr<acc_t>();
-    ip.e1 = e1.data_ptr<acc_t>();
-    ip.e2 = e2.data_ptr<acc_t>();
-    ip.ev_part = ev_part.data_ptr<acc_t>();
-    ip.ev_blocks = ev_blocks;
-    ip.pc = pc.data_ptr<acc_t>();
-    ip.qc = qc.data_ptr<acc_t>();
-    ip.a = ac.data_ptr<acc_t>();
-    ip.amu = amuc.data_ptr<acc_t>();
+    ip.alpha = cf.alpha.data_ptr<acc_t>();
+    ip.beta = cf.beta.data_ptr<acc_t>();
+    ip.e1 = cf.e1.data_ptr<acc_t>();
+    ip.e2 = cf.e2.data_ptr<acc_t>();
+    ip.ev_part = cf.ev_part.data_ptr<acc_t>();
+    ip.ev_blocks = cf.ev_part.size(1);
+    ip.pc = cf.pc.data_ptr<acc_t>();
+    ip.qc = cf.qc.data_ptr<acc_t>();
+    ip.a = cf.a.data_ptr<acc_t>();
+    ip.amu = cf.amu.data_ptr<acc_t>();
     ip.N = shape.N;
     ip.C = C;
     ip.S = shape.S;
     ip.K = K;
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if (resp == Resp::kSoft) {
+    if (st.resp == Resp::kSoft) {
       dispatch_kb(K, [&](auto kb) {
         constexpr int KB = decltype(kb)::value;
         if (shape.interleaved) {
@@ -529,9 +558,48 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  Tensor grad_weight = output_mask[1] ? dgamma : at::empty({0}, aopt);
-  Tensor grad_bias = output_mask[2] ? dbeta : at::empty({0}, aopt);
+  return grad_input;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
+    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
+    std::array<bool, 3> output_mask, bool batch_stats) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+  const auto aopt = st.x.options().dtype(st.acc);
+  Tensor sum_g, sum_gx;
+  if (batch_stats || output_mask[1] || output_mask[2])
+    std::tie(sum_g, sum_gx) = grad_sums_cuda_impl(st, tau, mean);
+  const GradCoefTensors cf = grad_coefs_cuda(st, weight, bias, mean, var, count, mix_mean,
+                                             mix_var, sum_g, sum_gx, eps, batch_stats);
+  Tensor grad_input = output_mask[0] ? grad_input_cuda_impl(st, tau, mean, cf)
+                                     : at::empty({0}, st.x.options());
+  Tensor grad_weight = output_mask[1] ? cf.dgamma : at::empty({0}, aopt);
+  Tensor grad_bias = output_mask[2] ? cf.dbeta : at::empty({0}, aopt);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor> grad_sums_cuda(const Tensor& grad_out, const Tensor& input,
+                                          const Tensor& tau, const Tensor& mean) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau, mean,
+                                          /*soft=*/true);
+  return grad_sums_cuda_impl(st, tau, mean);
+}
+
+Tensor grad_input_cuda(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+                       const OptTensor& bias, const Tensor& tau, const Tensor& mean,
+                       const Tensor& var, const Tensor& count, const Tensor& mix_mean,
+                       const Tensor& mix_var, const Tensor& sum_g, const Tensor& sum_gx, bool soft,
+                       bool batch_stats, double eps) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+  check_sums(sum_g, sum_gx, mean);
+  const GradCoefTensors cf = grad_coefs_cuda(st, weight, bias, mean, var, count, mix_mean,
+                                             mix_var, sum_g, sum_gx, eps, batch_stats);
+  return grad_input_cuda_impl(st, tau, mean, cf);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_train_cuda(
@@ -557,6 +625,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_eval_cuda(
 TORCH_LIBRARY_IMPL(cbn_ext, CUDA, m) {
   m.impl("backward_train", &backward_train_cuda);
   m.impl("backward_eval", &backward_eval_cuda);
+  m.impl("grad_sums", &grad_sums_cuda);
+  m.impl("grad_input", &grad_input_cuda);
 }
 
 }  // namespace cuda

@@ -154,6 +154,11 @@ const T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+template <typename T>
+T* mut_ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // Kernels keeping per-position values of K components do so in blocks of KB registers:
 // 4 when K <= 4, else 8 (in several passes when K > 8).
 template <typename F>

@@ -287,8 +287,9 @@ __global__ void __launch_bounds__(kThreads) collect_mixture_stats_kernel(StatsPa
 }
 
 // ---------------------------------------------------------------------------------------
-// Merge of the tile partials (Chan, in tile order) into the batch statistics, with the
-// mixture's for inactive components, and the affine coefficients alpha, delta.
+// Merge of the tile partials (Chan, in tile order) into the batch statistics, with
+// (replace_inactive) the mixture's for inactive components, and (alpha not null) the
+// affine coefficients.
 // Block (32 channels, 8 groups of tiles); grid (channel blocks, K).
 // ---------------------------------------------------------------------------------------
 
@@ -298,7 +299,8 @@ __global__ void __launch_bounds__(256) merge_moments_kernel(
     int64_t tiles, int64_t K, int64_t C, const acc_t* __restrict__ mix_mean,
     const acc_t* __restrict__ mix_var, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ bias, acc_t eps, acc_t* __restrict__ mean, acc_t* __restrict__ var,
-    acc_t* __restrict__ count, acc_t* __restrict__ alpha, acc_t* __restrict__ delta) {
+    acc_t* __restrict__ count, acc_t* __restrict__ alpha, acc_t* __restrict__ delta,
+    bool replace_inactive) {
   __shared__ math::WeightedMoments<acc_t> sm[8][32];
   const int64_t k = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -317,13 +319,14 @@ __global__ void __launch_bounds__(256) merge_moments_kernel(
   math::WeightedMoments<acc_t> r = sm[0][threadIdx.x];
   for (int gg = 1; gg < 8; ++gg) math::chan_merge(r, sm[gg][threadIdx.x]);
   const int64_t i = k * C + c;
-  const bool active = math::is_active(r.n);
-  const acc_t m = active ? r.mean : mix_mean[i];
-  const acc_t v = active ? r.m2 / r.n : mix_var[i];
+  const bool keep = !replace_inactive || math::is_active(r.n);
+  const acc_t m = keep ? r.mean : mix_mean[i];
+  const acc_t v = keep ? (r.n > acc_t(0) ? r.m2 / r.n : acc_t(0)) : mix_var[i];
   mean[i] = m;
   var[i] = v;
-  math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), m, v, eps,
-                     alpha[i], delta[i]);
+  if (alpha != nullptr)
+    math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), m, v, eps,
+                       alpha[i], delta[i]);
   if (c == 0) count[k] = r.n;
 }
 
@@ -452,9 +455,94 @@ void launch_normalize(const Tensor& x, Tensor& y, const Tensor& tau, const Tenso
   normalize_mixture_kernel<scalar_t, acc_t>
       <<<grid_1d(rows_grid(rows)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr, alpha.data_ptr<acc_t>(),
+          tau.defined() && tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr,
+          alpha.data_ptr<acc_t>(),
           delta.data_ptr<acc_t>(), s.C, s.S, K, s.interleaved, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// E-step and M-step of forward_train / batch_stats; alpha, delta (defined) get the
+// affine coefficients from the merged statistics.
+BatchStats batch_stats_cuda(const TrainSetup& st, const OptTensor& groups, int64_t K, double eps,
+                            const Tensor& w, const Tensor& bb, Tensor alpha, Tensor delta,
+                            bool replace_inactive) {
+  const Tensor& x = st.x;
+  const Shape& shape = st.shape;
+  const auto aopt = x.options().dtype(st.acc);
+  const int64_t C = shape.C;
+  BatchStats out;
+  out.tau = empty_tau(x, shape, K, st.acc);
+  out.mean = at::empty({K, C}, aopt);
+  out.var = at::empty({K, C}, aopt);
+  out.count = at::empty({K}, aopt);
+  const Tiles tiles = plan_tiles(shape, K, st.acc == at::kDouble ? 8 : 4);
+  Tensor part_n = at::empty({tiles.num, K}, aopt);
+  Tensor part_mean = at::empty({tiles.num, K, C}, aopt);
+  Tensor part_m2 = at::empty({tiles.num, K, C}, aopt);
+  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+  const Tensor mix_mean = st.mix_mean.contiguous(), mix_var = st.mix_var.contiguous();
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_batch_stats_cuda", [&] {
+    Tensor mu, ha, b;
+    if (st.resp == Resp::kSoft)
+      std::tie(mu, ha, b) = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps);
+    if (tiles.num > 0) {
+      StatsParams<acc_t> p{};
+      p.x = x.data_ptr();
+      p.tau = out.tau.numel() > 0 ? out.tau.data_ptr<acc_t>() : nullptr;
+      p.groups = ptr_or_null<int64_t>(grp);
+      p.mu = ptr_or_null<acc_t>(mu);
+      p.half_a = ptr_or_null<acc_t>(ha);
+      p.b = ptr_or_null<acc_t>(b);
+      p.part_n = part_n.data_ptr<acc_t>();
+      p.part_mean = part_mean.data_ptr<acc_t>();
+      p.part_m2 = part_m2.data_ptr<acc_t>();
+      p.N = shape.N;
+      p.C = C;
+      p.S = shape.S;
+      p.K = K;
+      p.len = tiles.len;
+      p.chunks = tiles.chunks;
+      p.interleaved = shape.interleaved;
+      p.resp = st.resp;
+      launch_stats<scalar_t, acc_t, true>(p, tiles);
+    }
+    const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(K));
+    merge_moments_kernel<acc_t><<<grid, dim3(32, 8), 0, at::cuda::getCurrentCUDAStream()>>>(
+        part_n.data_ptr<acc_t>(), part_mean.data_ptr<acc_t>(), part_m2.data_ptr<acc_t>(),
+        tiles.num, K, C, mix_mean.data_ptr<acc_t>(), mix_var.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps),
+        out.mean.data_ptr<acc_t>(), out.var.data_ptr<acc_t>(), out.count.data_ptr<acc_t>(),
+        mut_ptr_or_null<acc_t>(alpha), mut_ptr_or_null<acc_t>(delta), replace_inactive);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// y = sum_k tau_k (alpha x + delta); alpha, delta from (mean, var) unless given.
+Tensor normalize_cuda_impl(const ApplySetup& st, const Tensor& tau, const Tensor& mean,
+                           const Tensor& var, const Tensor& w, const Tensor& bb, double eps,
+                           Tensor alpha, Tensor delta) {
+  const Tensor& x = st.x;
+  const int64_t K = st.K, C = st.shape.C;
+  Tensor out = empty_like_input(x);
+  if (st.shape.M() == 0) return out;
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_normalize_cuda", [&] {
+    if (!alpha.defined()) {
+      const auto aopt = x.options().dtype(st.acc);
+      const Tensor m = mean.contiguous(), v = var.contiguous();
+      alpha = at::empty({K, C}, aopt);
+      delta = at::empty({K, C}, aopt);
+      const int64_t n = K * C;
+      affine_coefs_kernel<acc_t><<<grid_1d((n + kThreads - 1) / kThreads), kThreads, 0,
+                                   at::cuda::getCurrentCUDAStream()>>>(
+          m.data_ptr<acc_t>(), v.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
+          static_cast<acc_t>(eps), n, alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    launch_normalize<scalar_t, acc_t>(x, out, st.resp == Resp::kOne ? Tensor() : tau, alpha,
+                                      delta, st.shape, K);
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -467,58 +555,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
   c10::cuda::CUDAGuard guard(input.device());
   const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps);
-  const Tensor& x = st.x;
-  const Shape& shape = st.shape;
-  const auto aopt = x.options().dtype(st.acc);
-  const int64_t C = shape.C;
-  Tensor tau = empty_tau(x, shape, K, st.acc);
-  Tensor mean = at::empty({K, C}, aopt), var = at::empty({K, C}, aopt);
-  Tensor count = at::empty({K}, aopt), alpha = at::empty({K, C}, aopt);
-  Tensor delta = at::empty({K, C}, aopt);
-  Tensor out = empty_like_input(x);
-  const Tiles tiles = plan_tiles(shape, K, st.acc == at::kDouble ? 8 : 4);
-  Tensor part_n = at::empty({tiles.num, K}, aopt);
-  Tensor part_mean = at::empty({tiles.num, K, C}, aopt);
-  Tensor part_m2 = at::empty({tiles.num, K, C}, aopt);
-  const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+                                    running_prior, num_batches_tracked, groups, K, eps,
+                                    /*require_positions=*/true);
+  const auto aopt = st.x.options().dtype(st.acc);
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
   const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
-  const Tensor mix_mean = st.mix_mean.contiguous(), mix_var = st.mix_var.contiguous();
+  Tensor alpha = at::empty({K, st.shape.C}, aopt), delta = at::empty({K, st.shape.C}, aopt);
+  const BatchStats bs = batch_stats_cuda(st, groups, K, eps, w, bb, alpha, delta,
+                                         /*replace_inactive=*/true);
+  const Tensor out = normalize_cuda_impl(ApplySetup::from(st, K), bs.tau, bs.mean, bs.var, w, bb,
+                                         eps, alpha, delta);
+  return {out, bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+}
 
-  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_train_cuda", [&] {
-    Tensor mu, ha, b;
-    if (st.resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps);
-    StatsParams<acc_t> p{};
-    p.x = x.data_ptr();
-    p.tau = tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr;
-    p.groups = ptr_or_null<int64_t>(grp);
-    p.mu = ptr_or_null<acc_t>(mu);
-    p.half_a = ptr_or_null<acc_t>(ha);
-    p.b = ptr_or_null<acc_t>(b);
-    p.part_n = part_n.data_ptr<acc_t>();
-    p.part_mean = part_mean.data_ptr<acc_t>();
-    p.part_m2 = part_m2.data_ptr<acc_t>();
-    p.N = shape.N;
-    p.C = C;
-    p.S = shape.S;
-    p.K = K;
-    p.len = tiles.len;
-    p.chunks = tiles.chunks;
-    p.interleaved = shape.interleaved;
-    p.resp = st.resp;
-    launch_stats<scalar_t, acc_t, true>(p, tiles);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_stats_cuda_op(
+    const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& running_prior, const OptTensor& num_batches_tracked, const OptTensor& groups,
+    int64_t K, double eps) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean, running_var,
+                                    running_prior, num_batches_tracked, groups, K, eps,
+                                    /*require_positions=*/false);
+  const BatchStats bs = batch_stats_cuda(st, groups, K, eps, Tensor(), Tensor(), Tensor(), Tensor(),
+                                         /*replace_inactive=*/false);
+  return {bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+}
 
-    const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(K));
-    merge_moments_kernel<acc_t><<<grid, dim3(32, 8), 0, at::cuda::getCurrentCUDAStream()>>>(
-        p.part_n, p.part_mean, p.part_m2, tiles.num, K, C, mix_mean.data_ptr<acc_t>(),
-        mix_var.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
-        static_cast<acc_t>(eps), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-        count.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_normalize<scalar_t, acc_t>(x, out, tau, alpha, delta, shape, K);
-  });
-  return {out, tau, mean, var, count, st.mix_mean, st.mix_var, st.mix_prior};
+Tensor normalize_cuda(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                      const Tensor& tau, const Tensor& mean, const Tensor& var,
+                      const OptTensor& groups, double eps) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
+  return normalize_cuda_impl(st, tau, mean, var, w, bb, eps, Tensor(), Tensor());
 }
 
 std::tuple<Tensor, Tensor> forward_eval_cuda(const Tensor& input, const OptTensor& weight,
@@ -531,27 +601,16 @@ std::tuple<Tensor, Tensor> forward_eval_cuda(const Tensor& input, const OptTenso
                                   groups, K);
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
-  const auto aopt = x.options().dtype(st.acc);
   const int64_t C = shape.C;
   Tensor tau = empty_tau(x, shape, K, st.acc);
-  Tensor out = empty_like_input(x);
-  if (shape.M() == 0) return {out, tau};
+  if (shape.M() == 0) return {empty_like_input(x), tau};
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
-  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
-  Tensor alpha = at::empty({K, C}, aopt), delta = at::empty({K, C}, aopt);
-
-  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_eval_cuda", [&] {
-    const int64_t n = K * C;
-    affine_coefs_kernel<acc_t><<<grid_1d((n + kThreads - 1) / kThreads), kThreads, 0,
-                                 at::cuda::getCurrentCUDAStream()>>>(
-        rm.data_ptr<acc_t>(), rv.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
-        static_cast<acc_t>(eps), n, alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (st.resp != Resp::kOne) {
+  if (st.resp != Resp::kOne) {
+    CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_eval_cuda", [&] {
       Tensor mu, ha, b;
-      if (st.resp == Resp::kSoft) std::tie(mu, ha, b) = estep_coefs<acc_t>(rm, rv, *running_prior, eps);
+      if (st.resp == Resp::kSoft)
+        std::tie(mu, ha, b) = estep_coefs<acc_t>(rm, rv, *running_prior, eps);
       const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
       StatsParams<acc_t> p{};
       p.x = x.data_ptr();
@@ -569,10 +628,12 @@ std::tuple<Tensor, Tensor> forward_eval_cuda(const Tensor& input, const OptTenso
       p.interleaved = shape.interleaved;
       p.resp = st.resp;
       launch_stats<scalar_t, acc_t, false>(p, tiles);
-    }
-    launch_normalize<scalar_t, acc_t>(x, out, tau, alpha, delta, shape, K);
-  });
-  return {out, tau};
+    });
+  }
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
+  const ApplySetup ap{x, shape, st.resp, st.acc, K};
+  return {normalize_cuda_impl(ap, tau, rm, rv, w, bb, eps, Tensor(), Tensor()), tau};
 }
 
 void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var,
@@ -603,6 +664,8 @@ void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var,
 
 TORCH_LIBRARY_IMPL(cbn_ext, CUDA, m) {
   m.impl("forward_train", &forward_train_cuda);
+  m.impl("batch_stats", &batch_stats_cuda_op);
+  m.impl("normalize", &normalize_cuda);
   m.impl("forward_eval", &forward_eval_cuda);
   m.impl("update_running_stats", &update_running_stats_cuda);
 }

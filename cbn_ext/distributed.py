@@ -1,0 +1,240 @@
+"""Compound batch norm with statistics over a process group (SPEC, "Distributed").
+
+W processes with batches b_1..b_W produce the same outputs, input gradients and running
+statistics as one process with their concatenation; parameter gradients are each
+process's share (summed over the processes, or averaged by DistributedDataParallel, as
+for ``nn.SyncBatchNorm``). One collective per direction: the forward all-gathers every
+process's per-component count, mean and variance and merges them in rank order (Chan's
+formula, exact for any split); the backward all-reduces the sums Sg and Sgx. The first
+training batch initialises the mixture from the whole group's batch (a few more
+collectives, once). Ranks with different batch sizes, and ranks with an empty batch, are
+handled. Works with gloo (CPU) and NCCL (CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import functional as F_cbn
+from . import ops
+from .modules import _CompoundBatchNorm
+
+__all__ = ["SyncCompoundBatchNorm"]
+
+_ops = ops._ops
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather(t: Tensor, group) -> list:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _merge(counts, means, m2s):
+    """Chan's merge, in order, of (count, mean, M2) triples; counts broadcast over means."""
+    n, mean, m2 = counts[0], means[0], m2s[0]
+    for nb, mb, m2b in zip(counts[1:], means[1:], m2s[1:]):
+        total = n + nb
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        wb = nb / safe
+        delta = mb - mean
+        mean = mean + delta * wb
+        m2 = m2 + m2b + delta * delta * n * wb
+        n = total
+    return n, mean, m2
+
+
+def _global_initial_mixture(x: Tensor, K: int, eps: float, group):
+    """SPEC "Initialisation" over the concatenation of every process's batch (positions in
+    rank order), with collectives; see cbn_ext.reference.initial_mixture."""
+    C = x.shape[1]
+    acc = _acc(x.dtype)
+    xp = x.detach().movedim(1, -1).reshape(-1, C).to(acc)
+    M_r = xp.shape[0]
+    if M_r > 0:
+        m_r = xp.mean(0)
+        m2_r = ((xp - m_r) ** 2).sum(0)
+    else:
+        m_r = m2_r = xp.new_zeros(C)
+    packed = torch.cat([xp.new_tensor([M_r]), m_r, m2_r]).double()
+    gathered = _gather(packed, group)
+    sizes = [int(g[0]) for g in gathered]
+    n, m, m2 = _merge([g[:1] for g in gathered], [g[1:1 + C] for g in gathered],
+                      [g[1 + C:] for g in gathered])
+    m, v = m.to(acc), (m2 / n).to(acc)
+    # every position's z, gathered in rank order (padded to the largest batch)
+    z = ((xp - m) / torch.sqrt(v + eps)).mean(1)
+    padded = z.new_full((max(sizes),), float("inf"))
+    padded[:M_r] = z
+    zs = _gather(padded, group)
+    z_all = torch.cat([zr[:s] for zr, s in zip(zs, sizes)])
+    order = torch.sort(z_all, stable=True).indices
+    chunk_of = torch.empty_like(order)
+    for k, chunk in enumerate(torch.tensor_split(order, K)):
+        chunk_of[chunk] = k
+    rank = dist.get_rank(group)
+    offset = sum(sizes[:rank])
+    mine = chunk_of[offset:offset + M_r]
+    sums = xp.new_zeros(K, C).index_add_(0, mine, xp)
+    counts = torch.bincount(mine, minlength=K).to(acc)
+    packed = torch.cat([sums.flatten(), counts]).double()
+    dist.all_reduce(packed, group=group)
+    sums, counts = packed[:K * C].view(K, C), packed[K * C:]
+    mean = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None],
+                       m.double()).to(acc)
+    var = v.expand(K, C).clone()
+    prior = torch.full((K,), 1.0 / K, dtype=acc, device=x.device)
+    return mean, var, prior
+
+
+class _SyncCompoundBatchNormFunction(torch.autograd.Function):
+    """Forward: local E-step and M-step (batch_stats), one all-gather of (positions,
+    count, mean, variance) per rank, merge, normalize. Backward: local sums (grad_sums),
+    the parameter gradients from them, one all-reduce of the sums, the input gradient from
+    the group's sums (grad_input)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mix_mean, mix_var, mix_prior, groups, K, eps, group):
+        tau, mean_l, var_l, count_l, _, _, _ = _ops.batch_stats(
+            input, mix_mean, mix_var, mix_prior, None, groups, K, eps)
+        C = input.shape[1]
+        M_l = input.shape[0] * math.prod(input.shape[2:])
+        packed = torch.cat([mean_l.new_tensor([M_l]), count_l, mean_l.flatten(),
+                            var_l.flatten()]).double()
+        gathered = _gather(packed, group)
+        positions = int(sum(int(g[0]) for g in gathered))
+        if positions <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got "
+                             f"{positions} over the process group")
+        # raw moments of every rank (batch_stats keeps inactive components' own)
+        counts = [g[1:1 + K][:, None] for g in gathered]
+        means = [g[1 + K:1 + K + K * C].view(K, C) for g in gathered]
+        m2s = [g[1 + K + K * C:].view(K, C) * c for g, c in zip(gathered, counts)]
+        n, mean, m2 = _merge(counts, means, m2s)
+        count = n[:, 0]
+        active = (count > 1)[:, None]
+        acc = mean_l.dtype
+        mean = torch.where(active, mean, mix_mean.double()).to(acc)
+        var = torch.where(active, m2 / n.clamp(min=1), mix_var.double()).to(acc)
+        count = count.to(acc)
+        out = _ops.normalize(input, weight, bias, tau, mean, var, groups, eps)
+        ctx.save_for_backward(input, weight, bias, tau, mean, var, count, mix_mean, mix_var)
+        ctx.soft = K > 1 and groups is None
+        ctx.eps, ctx.group, ctx.K = eps, group, K
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count, positions
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        input, weight, bias, tau, mean, var, count, mix_mean, mix_var = ctx.saved_tensors
+        sum_g, sum_gx = _ops.grad_sums(grad_out, input, tau, mean)
+        # this process's share of the parameter gradients (SPEC): dbeta = Sg, dgamma = Sgx r
+        grad_weight = sum_gx * torch.rsqrt(var + ctx.eps) if ctx.needs_input_grad[1] else None
+        grad_bias = sum_g.clone() if ctx.needs_input_grad[2] else None
+        sums = torch.cat([sum_g, sum_gx])
+        dist.all_reduce(sums, group=ctx.group)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            K = ctx.K
+            grad_input = _ops.grad_input(grad_out, input, weight, bias, tau, mean, var, count,
+                                         mix_mean, mix_var, sums[:K], sums[K:], ctx.soft, True,
+                                         ctx.eps)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class SyncCompoundBatchNorm(_CompoundBatchNorm):
+    r"""Compound batch norm whose training statistics span a process group, for inputs
+    (N, C, *). In evaluation mode, or without an initialised process group of more than
+    one process, it is :class:`cbn_ext.CompoundBatchNorm2d`'s computation.
+
+    Args:
+        num_features, num_components, eps, momentum, affine, track_running_stats, device,
+            dtype: as the compound layers.
+        process_group: the group to synchronise over (default: the whole world).
+    """
+
+    def __init__(self, num_features: int, num_components: int = 2, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, num_components, eps, momentum, affine,
+                         track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {self.num_features} channels "
+                f"(dim 1), got {input.shape[1]} (input shape {tuple(input.shape)})")
+
+    def _synced(self) -> bool:
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._synced():
+            return super().forward(input)
+        self._check_input_dim(input)
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        K, C = self.num_components, self.num_features
+        groups = self._groups_for(input)
+        F_cbn._check_devices(input, weight=self.weight, running_mean=self.running_mean,
+                             groups=groups)
+        acc = _acc(input.dtype)
+        if self.running_mean is not None:
+            # the mixture of the E-step: the running one, or (first batch, soft E-step)
+            # the whole group's initialisation; read-only copies for the running update
+            if K > 1 and groups is None and int(self.num_batches_tracked) == 0:
+                mix = _global_initial_mixture(input, K, self.eps, group)
+            else:
+                mix = (self.running_mean.clone(), self.running_var.clone(),
+                       self.running_prior.clone())
+        else:  # K = 1 without running statistics: the mixture is not used
+            mix = (torch.zeros(K, C, dtype=acc, device=input.device),
+                   torch.ones(K, C, dtype=acc, device=input.device),
+                   torch.ones(K, dtype=acc, device=input.device))
+        out, mean, var, count, positions = _SyncCompoundBatchNormFunction.apply(
+            input, self.weight, self.bias, *mix, groups, K, self.eps, group)
+        if self.running_mean is not None:
+            _ops.update_running_stats(self.running_mean, self.running_var, self.running_prior,
+                                      self.num_batches_tracked, *mix, mean, var, count,
+                                      positions, self.momentum)
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", process_group={self.process_group}" if self.process_group is not None else "")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Swaps every compound layer of ``module`` for a :class:`SyncCompoundBatchNorm`
+        with the same parameters, buffers, device, dtype, ``requires_grad`` and training
+        mode (like ``nn.SyncBatchNorm.convert_sync_batchnorm``). Returns the converted
+        module."""
+        out = module
+        if isinstance(module, _CompoundBatchNorm) and not isinstance(module, cls):
+            ref = module.weight if module.weight is not None else module.running_mean
+            factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+            out = cls(module.num_features, module.num_components, module.eps, module.momentum,
+                      module.affine, module.track_running_stats, process_group, **factory)
+            out.load_state_dict(module.state_dict())
+            if module.affine:
+                out.weight.requires_grad_(module.weight.requires_grad)
+                out.bias.requires_grad_(module.bias.requires_grad)
+            out.train(module.training)
+        for name, child in module.named_children():
+            new = cls.convert_sync_batchnorm(child, process_group)
+            if new is not child:
+                out.add_module(name, new)
+        return out
