@@ -1,17 +1,26 @@
-# The two commands of the README. Both set up what they need first (scripts/setup.sh):
-# a virtual environment in .venv with torch, and cbn_ext built in place.
+# The README's commands. Each sets up what it needs first (scripts/setup.sh): a virtual
+# environment in .venv with torch, and cbn_ext built in place.
 VENV ?= .venv
 export CBN_VENV := $(VENV)
+PY := $(VENV)/bin/python
 
-.PHONY: setup test bench
+.PHONY: setup test bench bench-quick demo
 
 setup:
 	bash scripts/setup.sh
 
 # the tests (CUDA tests skip without a GPU)
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(PY) -m pytest -q tests
 
-# the main job: the kernel benchmark, also written to benchmarks/results/
+# the main job: the benchmark report on every device present
+# (benchmarks/results/report.{json,md,png})
 bench: setup
-	$(VENV)/bin/python benchmarks/bench.py --json benchmarks/results/bench-cpu.json
+	$(PY) benchmarks/report.py
+
+bench-quick: setup
+	$(PY) benchmarks/report.py --quick
+
+# the long-tailed demo (examples/results/longtail_digits.{json,md,png})
+demo: setup
+	$(PY) examples/longtail_digits.py

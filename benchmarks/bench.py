@@ -125,7 +125,10 @@ def copy_bandwidth(device, repeats, warmup) -> float:
     return 2 * n / t
 
 
-def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_reference, copy_bw):
+def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_reference, copy_bw,
+                 ref_repeats=None):
+    """Times one configuration; returns its record (see the module's docstring).
+    ref_repeats: repeats of the (slow) reference comparison (default: repeats)."""
     torch.manual_seed(0)
     N, C = shape[:2]
     elt = torch.empty((), dtype=dtype).element_size()
@@ -178,14 +181,16 @@ def bench_config(shape, K, dtype, layout, device, repeats, warmup, with_referenc
         fns = {name: make(m) for name, m in impls.items()}
         t = measure(timer, {"bn": fns["bn"], "ext": fns["ext"]}, repeats, warmup)
         if "ref" in fns:
-            t2 = measure(timer, {"ref": fns["ref"], "ext": fns["ext"]}, repeats, warmup)
+            rr = repeats if ref_repeats is None else ref_repeats
+            t2 = measure(timer, {"ref": fns["ref"], "ext": fns["ext"]}, rr, min(warmup, 2))
             t["ref"], t["ext_with_ref"] = t2["ref"], t2["ext"]
         out[phase] = t
     numel = N * C * shape[2] * shape[3]
     min_bytes = {"train": 5 * numel * elt, "eval": 2 * numel * elt}
     rec = {"device": device, "shape": list(shape), "K": K, "dtype": str(dtype).split(".")[1],
            "layout": "channels_last" if layout == torch.channels_last else "contiguous",
-           "repeats": repeats, "warmup": warmup, "input_copies": copies}
+           "repeats": repeats, "warmup": warmup, "input_copies": copies,
+           "ref_repeats": repeats if ref_repeats is None else ref_repeats}
     for phase in ("train", "eval"):
         t = out[phase]
         rec[phase] = {f"{name}_ms": 1e3 * v for name, v in t.items()}
@@ -231,7 +236,7 @@ def pin_allocator():
             and "MALLOC_TRIM_THRESHOLD_" not in os.environ):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20),
                    MALLOC_TRIM_THRESHOLD_=str(1 << 40))
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
 
 
 def main(argv=None):

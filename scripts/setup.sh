@@ -30,7 +30,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 
 missing=()
-for mod in pytest:pytest ninja:ninja numpy:numpy setuptools:setuptools wheel:wheel; do
+for mod in pytest:pytest ninja:ninja numpy:numpy setuptools:setuptools wheel:wheel \
+           matplotlib:matplotlib sklearn:scikit-learn tqdm:tqdm; do
   "$VPY" -c "import ${mod%%:*}" >/dev/null 2>&1 || missing+=("${mod##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
