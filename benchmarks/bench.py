@@ -227,15 +227,14 @@ def parse_shapes(text):
 
 
 def pin_allocator():
-    """Re-run this script with glibc's allocator keeping freed memory (no mmap for blocks
-    up to 32 MiB, no trimming). Otherwise a tensor of a few MiB is often mapped afresh at
-    every call and page-faults in, which in a VM makes medians vary threefold from run to
-    run; the setting applies to every implementation alike. CBN_BENCH_MALLOC=0 keeps the
+    """Re-run this script with glibc's allocator keeping freed memory (no mmap, no
+    trimming). Otherwise a tensor of a few MiB is often mapped afresh at every call and
+    page-faults in, which in a VM makes medians vary up to tenfold from run to run; the
+    setting applies to every implementation alike. CBN_BENCH_MALLOC=0 keeps the
     environment as it is."""
     if (sys.platform.startswith("linux") and os.environ.get("CBN_BENCH_MALLOC", "1") != "0"
             and "MALLOC_TRIM_THRESHOLD_" not in os.environ):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20),
-                   MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
         os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
 
 

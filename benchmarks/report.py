@@ -130,7 +130,9 @@ def main(argv=None):
               f"{info['threads']} threads, copy {info['copy_GBps']:.0f} GB/s, cbn_ext "
               f"{info['build']}", flush=True)
     print(f"# {len(grid)} configurations; medians of {cfg['repeats']} interleaved repeats after "
-          f"{cfg['warmup']} warm-up ({cfg['ref_repeats']} for the reference)", flush=True)
+          f"{cfg['warmup']} warm-up ({cfg['ref_repeats']} for the reference); glibc malloc: "
+          f"mmap max {os.environ.get('MALLOC_MMAP_MAX_', 'default')}, trim threshold "
+          f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')}", flush=True)
     print(bench.HEADER, flush=True)
     t0 = time.perf_counter()
     for i, (device, shape, dt, layout, K) in enumerate(grid, 1):

@@ -268,3 +268,31 @@ def test_deterministic(mode, layout, device):
 
 def test_positions_helper():
     assert positions((2, 3, 4, 5)) == 40 and positions((7, 3)) == 7
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [((3, 5, 7, 3), "contiguous"), ((3, 5, 7, 3), "channels_last"),
+                                          ((37, 13), "contiguous")])
+def test_half_precision_conversions_are_exact(shape, layout, dtype, device):
+    """With gamma = 1, var = 1, eps = 0 the output is x - mean rounded once to the input
+    dtype: it must equal torch's own float -> dtype rounding bit for bit (NaN, inf, tails
+    of every length included)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    flat = x.view(-1)
+    flat[::11] = float("nan")
+    flat[1::13] = float("inf")
+    flat[2::17] = -float("inf")
+    flat[3::19] = torch.finfo(dtype).tiny / 4  # subnormal
+    x = x.to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    mean = (torch.randn(1, C, generator=g) * 0.37).to(device)
+    y = Fc.compound_batch_norm(x, mean, torch.ones(1, C, device=device), eps=0.0)
+    view = (1, C) + (1,) * (x.dim() - 2)
+    expected = (x.float() - mean.view(view)).to(dtype)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))

@@ -70,7 +70,8 @@ bool use_avx2() {
     const char* env = std::getenv("CBN_EXT_CPU_ISA");
     if (env != nullptr && std::string(env) == "baseline") return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   }();
   return ok;
 #else

@@ -11,6 +11,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -232,6 +232,61 @@ struct View {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Conversions of half-precision data to and from float, 8 values at a time: bfloat16 by
+// integer shifts (rounding to nearest even, NaN kept), float16 by F16C where compiled in.
+// Bit-identical to c10's scalar conversions, which handle the tails.
+// ---------------------------------------------------------------------------------------
+
+typedef uint16_t U16x8 __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    for (; i + 8 <= n; i += 8) {
+      const U32x8 w = __builtin_convertvector(*reinterpret_cast<const U16x8*>(src + i), U32x8) << 16;
+      Vec<float> f;
+      std::memcpy(&f, &w, sizeof(f));
+      vstore(dst + i, f);
+    }
+  }
+#if defined(CBN_CPU_F16C)
+  if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void from_float(const float* src, scalar_t* dst, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    for (; i + 8 <= n; i += 8) {
+      const Vec<float> f = vload(src + i);
+      U32x8 u;
+      std::memcpy(&u, &f, sizeof(u));
+      U32x8 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      r = f != f ? U32x8{} + 0x7FC0u : r;
+      *reinterpret_cast<U16x8*>(dst + i) = __builtin_convertvector(r, U16x8);
+    }
+  }
+#if defined(CBN_CPU_F16C)
+  if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
 template <typename scalar_t, typename acc_t>
 struct TileIO {
   static constexpr bool kNative = std::is_same<scalar_t, acc_t>::value;
@@ -244,8 +299,7 @@ struct TileIO {
       if constexpr (kNative) {
         return {p, 0, g.C};
       } else {
-        const int64_t n = tl.T * g.C;
-        for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<acc_t>(p[i]);
+        to_float(p, scratch, tl.T * g.C);
         return {scratch, 0, g.C};
       }
     }
@@ -255,9 +309,7 @@ struct TileIO {
     } else {
       for (int64_t seg = 0; seg < tl.nseg; ++seg) {
         for (int64_t c = 0; c < g.C; ++c) {
-          const scalar_t* r = p + seg * g.C * g.S + c * g.S;
-          acc_t* o = scratch + (seg * g.C + c) * tl.len;
-          for (int64_t s = 0; s < tl.len; ++s) o[s] = static_cast<acc_t>(r[s]);
+          to_float(p + seg * g.C * g.S + c * g.S, scratch + (seg * g.C + c) * tl.len, tl.len);
         }
       }
       return {scratch, g.C * tl.len, tl.len};
@@ -278,17 +330,13 @@ struct TileIO {
   static void store(const Geometry& g, const Tile& tl, scalar_t* dst, const acc_t* scratch) {
     if constexpr (!kNative) {
       if (g.interleaved) {
-        scalar_t* p = dst + tl.p0 * g.C;
-        const int64_t n = tl.T * g.C;
-        for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(scratch[i]);
+        from_float(scratch, dst + tl.p0 * g.C, tl.T * g.C);
         return;
       }
       scalar_t* p = dst + tl.n0 * g.C * g.S + tl.s0;
       for (int64_t seg = 0; seg < tl.nseg; ++seg) {
         for (int64_t c = 0; c < g.C; ++c) {
-          scalar_t* r = p + seg * g.C * g.S + c * g.S;
-          const acc_t* o = scratch + (seg * g.C + c) * tl.len;
-          for (int64_t s = 0; s < tl.len; ++s) r[s] = static_cast<scalar_t>(o[s]);
+          from_float(scratch + (seg * g.C + c) * tl.len, p + seg * g.C * g.S + c * g.S, tl.len);
         }
       }
     }
