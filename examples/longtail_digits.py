@@ -163,7 +163,7 @@ def plot(results, path, title):
         ax.set_ylim(0, 100)
         ax.set_ylabel("test accuracy (%), balanced test set")
         ax.set_title(f"imbalance ratio {ratio}")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(methods))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,6 +7,7 @@
 #   CBN_VENV    where the virtual environment lives (default: .venv)
 #   PYTHON      the interpreter to create it from (default: python3)
 #   CBN_STRICT_WARNINGS=1   fail when the compilers warn (CI)
+#   CBN_REBUILD=1           build even when the extension looks up to date
 # A torch already installed for $PYTHON (a GPU machine's own build) is reused, not
 # replaced: the environment then sees the system's packages.
 set -euo pipefail
@@ -39,20 +40,38 @@ if [ ${#missing[@]} -gt 0 ]; then
   "$VPY" -m pip install --disable-pip-version-check -q "${missing[@]}"
 fi
 
-echo "== setup: building cbn_ext ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
-mkdir -p build
-LOG=build/cbn_ext_build.log
-if ! "$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . \
-    > "$LOG" 2>&1; then
-  tail -60 "$LOG"
-  echo "== setup: the build failed (full log: $LOG)"
-  exit 1
+# rebuild unless the built extension is newer than every source and matches this torch
+# and the FORCE_CUDA / FORCE_CPU switches
+so=$(ls cbn_ext/_C*.so 2>/dev/null | head -1 || true)
+fresh=0
+if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ] &&
+   FORCE_CUDA=${FORCE_CUDA:-0} FORCE_CPU=${FORCE_CPU:-0} "$VPY" -c "
+import os, sys, torch, cbn_ext
+info = cbn_ext.build_info()
+stale = (info['torch'] != torch.__version__.split('+')[0]
+         or (os.environ['FORCE_CUDA'] == '1' and not info['cuda'])
+         or (os.environ['FORCE_CPU'] == '1' and info['cuda']))
+sys.exit(1 if stale else 0)" >/dev/null 2>&1; then
+  fresh=1
 fi
-grep -E "^ *cbn_ext: " "$LOG" | sed "s/^ *//" | sort -u | sed 's/^/== setup: /' || true
-# compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D"
-if grep -E ": warning:|warning #[0-9]+" "$LOG" > build/cbn_ext_warnings.log; then
-  echo "== setup: the compilers warned ($(wc -l < build/cbn_ext_warnings.log) lines):"
-  head -40 build/cbn_ext_warnings.log
-  if [ "${CBN_STRICT_WARNINGS:-0}" = 1 ]; then exit 1; fi
+if [ "$fresh" = 1 ] && [ "${CBN_REBUILD:-0}" != 1 ]; then
+  echo "== setup: cbn_ext is up to date ($so; CBN_REBUILD=1 forces a build)"
+else
+  echo "== setup: building cbn_ext ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
+  mkdir -p build
+  LOG=build/cbn_ext_build.log
+  if ! "$VPY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . \
+      > "$LOG" 2>&1; then
+    tail -60 "$LOG"
+    echo "== setup: the build failed (full log: $LOG)"
+    exit 1
+  fi
+  grep -E "^ *cbn_ext: " "$LOG" | sed "s/^ *//" | sort -u | sed 's/^/== setup: /' || true
+  # compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D"
+  if grep -E ": warning:|warning #[0-9]+" "$LOG" > build/cbn_ext_warnings.log; then
+    echo "== setup: the compilers warned ($(wc -l < build/cbn_ext_warnings.log) lines):"
+    head -40 build/cbn_ext_warnings.log
+    if [ "${CBN_STRICT_WARNINGS:-0}" = 1 ]; then exit 1; fi
+  fi
 fi
 "$VPY" -c "import cbn_ext; print('== setup: cbn_ext', cbn_ext.__version__, cbn_ext.build_info())"
