@@ -91,6 +91,8 @@ def get_extensions():
     if force_cuda and force_cpu:
         sys.exit("error: FORCE_CUDA=1 and FORCE_CPU=1 contradict each other")
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if cuda_sources:  # with the host-compiled parts of the CUDA backend
+        cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
     # CUDA_HOME must be set before torch.utils.cpp_extension is imported: it guesses the
     # toolkit from nvcc's folder, which is wrong behind a wrapper script.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .reference import num_components
 
 __all__ = ["compound_batch_norm"]
 
@@ -20,13 +21,6 @@ def _has_cuda_kernels() -> bool:
     if _cuda_built is None:
         _cuda_built = bool(ops.build_info()["cuda"])
     return _cuda_built
-
-
-def _num_components(running_mean, weight, bias) -> int:
-    for t in (running_mean, weight, bias):
-        if t is not None:
-            return t.shape[0]
-    return 1
 
 
 def _check_devices(input: Tensor, **tensors) -> None:
@@ -104,7 +98,7 @@ def compound_batch_norm(
         RuntimeError: tensors on different devices, or a CUDA tensor with a build without
             CUDA kernels.
     """
-    K = _num_components(running_mean, weight, bias)
+    K = num_components(running_mean, weight, bias)
     _check_devices(input, running_mean=running_mean, running_var=running_var,
                    running_prior=running_prior, weight=weight, bias=bias, groups=groups,
                    num_batches_tracked=num_batches_tracked)

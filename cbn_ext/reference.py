@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["compound_batch_norm", "initial_mixture", "accumulation_dtype"]
+__all__ = ["compound_batch_norm", "initial_mixture", "accumulation_dtype", "num_components"]
 
 MIN_PRIOR = 1e-6
 
@@ -55,7 +55,9 @@ def initial_mixture(x: Tensor, num_components: int, eps: float):
     return mean, var, prior
 
 
-def _num_components(running_mean, weight, bias) -> int:
+def num_components(running_mean, weight, bias) -> int:
+    """K of the call: the leading size of running_mean, weight or bias; 1 when all are
+    None (the functional API's convention)."""
     for t in (running_mean, weight, bias):
         if t is not None:
             return t.shape[0]
@@ -79,7 +81,7 @@ def compound_batch_norm(
 
     See :func:`cbn_ext.functional.compound_batch_norm` for the arguments.
     """
-    K = _num_components(running_mean, weight, bias)
+    K = num_components(running_mean, weight, bias)
     N, C = input.shape[0], input.shape[1]
     spatial = input.shape[2:]
     M = N * math.prod(spatial)

@@ -67,9 +67,18 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
                        const OptTensor& running_prior, const OptTensor& num_batches_tracked,
                        const OptTensor& groups, int64_t K, double eps, bool require_positions);
 
-// The outputs of the E-step and M-step.
+// The outputs of the E-step and M-step; alpha, delta: the affine coefficients when the
+// backend computes them with the statistics (else undefined).
 struct BatchStats {
   Tensor tau, mean, var, count;
+  Tensor alpha, delta;
+};
+
+// Per-(k, c) coefficients of the backward (cbn_math.h): alpha, beta, e1, e2 for dtau;
+// p, q, a, amu for dx; dgamma and dbeta. ev: sum_c e2 v per component (the CPU backend:
+// (K,); the CUDA one: per-block parts, (K, blocks)).
+struct GradCoefs {
+  Tensor alpha, beta, e1, e2, ev, p, q, a, amu, dgamma, dbeta;
 };
 
 // Applying given statistics (the normalize operator).

@@ -1,5 +1,5 @@
-// CPU implementations of the cbn_ext operators: argument checks, the small per-(k, c)
-// steps (E-step coefficients, merging per-tile partials, affine and gradient
+// The CPU backend of the cbn_ext operators (composed in csrc/cbn_ops.h): the small
+// per-(k, c) steps (E-step coefficients, merging per-tile partials, affine and gradient
 // coefficients, running update) and the calls into the fused kernels of the instruction
 // set this processor supports.
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 
 #include "../cbn_common.h"
 #include "../cbn_math.h"
+#include "../cbn_ops.h"
 #include "cpu_kernels.h"
 
 namespace cbn_ext {
@@ -210,7 +211,7 @@ Tensor sum_partials(const Tensor& part) {
 // E-step (or given groups) and M-step: tau, and the batch mean, biased variance and count
 // (with replace_inactive, the mixture's statistics for inactive components).
 BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64_t K, double eps,
-                            bool replace_inactive) {
+                            bool replace_inactive, const OptTensor&, const OptTensor&) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
@@ -253,7 +254,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
 // y = sum_k tau_k (alpha x + delta) with alpha, delta from the given statistics.
 Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTensor& weight,
                       const OptTensor& bias, const Tensor& tau, const Tensor& mean,
-                      const Tensor& var, double eps) {
+                      const Tensor& var, double eps, const Tensor&, const Tensor&) {
   const Tensor& x = st.x;
   Tensor out = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
@@ -305,20 +306,16 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   return {sum_partials(part_sg), sum_partials(part_sgx)};
 }
 
-// Per (k, c): alpha, e1, e2 (and sum_c e2 v) for dtau; p, q, a, a mu for dx; dgamma and
-// dbeta. sum_g / sum_gx undefined: zero (evaluation, input gradient only).
-struct GradCoefTensors {
-  Tensor alpha, beta, e1, e2, ev, p, q, a, amu, dgamma, dbeta;
-};
-
-GradCoefTensors grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
+// The backward's per-(k, c) coefficients (GradCoefs); sum_g / sum_gx undefined: zero
+// (evaluation, input gradient only).
+GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
                                 const OptTensor& bias, const Tensor& mean, const Tensor& var,
                                 const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
                                 const Tensor& sum_g, const Tensor& sum_gx, double eps,
                                 bool batch_stats) {
   const auto aopt = st.x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
-  GradCoefTensors out;
+  GradCoefs out;
   out.alpha = at::empty({K, C}, aopt);
   out.e1 = at::empty({K, C}, aopt);
   out.e2 = at::empty({K, C}, aopt);
@@ -387,7 +384,7 @@ GradCoefTensors grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight
 }
 
 Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor& mean,
-                       const GradCoefTensors& cf) {
+                       const GradCoefs& cf) {
   const Tensor& x = st.x;
   Tensor dx = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
@@ -419,46 +416,15 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
 }
 
 // ---------------------------------------------------------------------------------------
-// Operators
+// The steps of the operators that are not shared with the other backends
 // ---------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& running_prior,
-    const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
-  const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps,
-                                    /*require_positions=*/true);
-  const BatchStats bs = batch_stats_impl(st, groups, K, eps, /*replace_inactive=*/true);
-  const Tensor out = normalize_impl(ApplySetup::from(st, K), groups, weight, bias, bs.tau,
-                                    bs.mean, bs.var, eps);
-  return {out, bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_stats(
-    const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& running_prior, const OptTensor& num_batches_tracked, const OptTensor& groups,
-    int64_t K, double eps) {
-  const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps,
-                                    /*require_positions=*/false);
-  const BatchStats bs = batch_stats_impl(st, groups, K, eps, /*replace_inactive=*/false);
-  return {bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
-}
-
-Tensor normalize(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                 const Tensor& tau, const Tensor& mean, const Tensor& var, const OptTensor& groups,
-                 double eps) {
-  const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
-  return normalize_impl(st, groups, weight, bias, tau, mean, var, eps);
-}
-
-std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& weight,
-                                        const OptTensor& bias, const Tensor& running_mean,
-                                        const Tensor& running_var, const OptTensor& running_prior,
-                                        const OptTensor& groups, int64_t K, double eps) {
-  const EvalSetup st = setup_eval(input, weight, bias, running_mean, running_var, running_prior,
-                                  groups, K);
+// E-step and normalization in one pass (the CPU kernels fuse them).
+std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTensor& weight,
+                                             const OptTensor& bias, const Tensor& running_mean,
+                                             const Tensor& running_var,
+                                             const OptTensor& running_prior,
+                                             const OptTensor& groups, int64_t K, double eps) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const Resp resp = st.resp;
@@ -492,70 +458,12 @@ std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& we
   return {out, tau};
 }
 
-// Shared by backward_train and backward_eval. batch_stats: the forward normalized with
-// batch statistics (training), so gradients flow through m and v of active components.
-std::tuple<Tensor, Tensor, Tensor> backward_impl(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
-    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
-    std::array<bool, 3> output_mask, bool batch_stats) {
-  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-  const auto aopt = st.x.options().dtype(st.acc);
-  Tensor sum_g, sum_gx;
-  if (batch_stats || output_mask[1] || output_mask[2])
-    std::tie(sum_g, sum_gx) = grad_sums_impl(st, tau, mean);
-  const GradCoefTensors cf = grad_coefs_impl(st, weight, bias, mean, var, count, mix_mean,
-                                             mix_var, sum_g, sum_gx, eps, batch_stats);
-  Tensor grad_input = output_mask[0] ? grad_input_impl(st, tau, mean, cf)
-                                     : at::empty({0}, st.x.options());
-  Tensor grad_weight = output_mask[1] ? cf.dgamma : at::empty({0}, aopt);
-  Tensor grad_bias = output_mask[2] ? cf.dbeta : at::empty({0}, aopt);
-  return {grad_input, grad_weight, grad_bias};
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_train(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
-    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
-    std::array<bool, 3> output_mask) {
-  return backward_impl(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
-                       soft, eps, output_mask, /*batch_stats=*/true);
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_eval(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& running_mean, const Tensor& running_var, bool soft,
-    double eps, std::array<bool, 3> output_mask) {
-  return backward_impl(grad_out, input, weight, bias, tau, running_mean, running_var, Tensor(),
-                       running_mean, running_var, soft, eps, output_mask, /*batch_stats=*/false);
-}
-
-std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_out, const Tensor& input,
-                                     const Tensor& tau, const Tensor& mean) {
-  const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau, mean,
-                                          /*soft=*/true);
-  return grad_sums_impl(st, tau, mean);
-}
-
-Tensor grad_input(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
-                  const OptTensor& bias, const Tensor& tau, const Tensor& mean, const Tensor& var,
-                  const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
-                  const Tensor& sum_g, const Tensor& sum_gx, bool soft, bool batch_stats,
-                  double eps) {
-  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-  check_sums(sum_g, sum_gx, mean);
-  const GradCoefTensors cf = grad_coefs_impl(st, weight, bias, mean, var, count, mix_mean,
-                                             mix_var, sum_g, sum_gx, eps, batch_stats);
-  return grad_input_impl(st, tau, mean, cf);
-}
-
-void update_running_stats(Tensor& running_mean, Tensor& running_var,
-                          const OptTensor& running_prior, const OptTensor& num_batches_tracked,
-                          const Tensor& mix_mean, const Tensor& mix_var, const Tensor& mix_prior,
-                          const Tensor& mean, const Tensor& var, const Tensor& count,
-                          int64_t num_positions, std::optional<double> momentum) {
-  check_update_args(running_mean, running_var, running_prior, num_batches_tracked, mean,
-                    momentum);
+void update_running_stats_impl(Tensor& running_mean, Tensor& running_var,
+                               const OptTensor& running_prior,
+                               const OptTensor& num_batches_tracked, const Tensor& mix_mean,
+                               const Tensor& mix_var, const Tensor& mix_prior, const Tensor& mean,
+                               const Tensor& var, const Tensor& count, int64_t num_positions,
+                               std::optional<double> momentum) {
   const int64_t K = mean.size(0), C = mean.size(1);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
@@ -598,19 +506,20 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var,
   });
 }
 
+struct CpuBackend {
+  using Guard = NoGuard;
+  static constexpr auto batch_stats = &batch_stats_impl;
+  static constexpr auto normalize = &normalize_impl;
+  static constexpr auto forward_eval = &forward_eval_impl;
+  static constexpr auto grad_sums = &grad_sums_impl;
+  static constexpr auto grad_coefs = &grad_coefs_impl;
+  static constexpr auto grad_input = &grad_input_impl;
+  static constexpr auto update_running_stats = &update_running_stats_impl;
+};
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cbn_ext, CPU, m) {
-  m.impl("forward_train", &forward_train);
-  m.impl("batch_stats", &batch_stats);
-  m.impl("normalize", &normalize);
-  m.impl("grad_sums", &grad_sums);
-  m.impl("grad_input", &grad_input);
-  m.impl("forward_eval", &forward_eval);
-  m.impl("backward_train", &backward_train);
-  m.impl("backward_eval", &backward_eval);
-  m.impl("update_running_stats", &update_running_stats);
-}
+TORCH_LIBRARY_IMPL(cbn_ext, CPU, m) { register_operators<CpuBackend>(m); }
 
 const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 

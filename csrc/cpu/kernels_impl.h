@@ -839,15 +839,6 @@ void tile_grad_stats(const Geometry& g, const Tile& tl, int64_t K, const View<co
 // Backward, pass 2: dtau -> dl (soft), then dx = g A + x B + E.
 // ---------------------------------------------------------------------------------------
 
-struct DtauCoefs {
-  const void* mean;
-  const void* alpha;
-  const void* beta;
-  const void* e1;
-  const void* e2;
-  const void* ev;
-};
-
 template <typename acc_t>
 struct DtauPtrs {
   const acc_t* m;

@@ -5,9 +5,8 @@
 // (cbn_math.h). One element-wise pass: for soft responsibilities, dtau per position
 // (a reduction over channels), dl = tau (dtau - sum tau dtau), then
 // dx = g A + x B + E with A, B, E summed over components.
+#include "cuda_backend.h"
 #include "cuda_utils.cuh"
-
-#include <torch/library.h>
 
 #include <array>
 #include <tuple>
@@ -29,9 +28,7 @@ struct GradStatsParams {
   const acc_t* mean;  // (K, C)
   acc_t* part_sg;     // (tiles, K, C)
   acc_t* part_sgx;    // (tiles, K, C)
-  int64_t N, C, S, K;
-  int64_t len, chunks;
-  bool interleaved;
+  TileParams geo;
 };
 
 // Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB).
@@ -39,17 +36,17 @@ template <typename scalar_t, typename acc_t, int KB>
 __global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* ts = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* red = ts + p.len * p.K;
+  acc_t* red = ts + p.geo.len * p.geo.K;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int K = static_cast<int>(p.K), len = static_cast<int>(p.len);
-  const int64_t C = p.C, S = p.S;
+  const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
+  const int64_t C = p.geo.C, S = p.geo.S;
   const int64_t t = blockIdx.x;
   const bool one = p.tau == nullptr;
-  const TileGeo tg = tile_geo(p.interleaved, t, p.len, p.chunks, p.N * p.S, S);
+  const TileGeo tg = tile_geo(p.geo.interleaved, t, p.geo.len, p.geo.chunks, p.geo.N * p.geo.S, S);
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
   if (!one) {
-    if (p.interleaved) {
+    if (p.geo.interleaved) {
       const acc_t* in = p.tau + tg.p0 * K;
       for (int i = threadIdx.x; i < tg.P * K; i += kThreads) ts[i] = in[i];
     } else {
@@ -61,12 +58,11 @@ __global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsP
   }
   __syncthreads();
 
-  if (p.interleaved) {
-    const int cc = static_cast<int>(C < kThreads ? C : kThreads);
-    const int G = kThreads / cc;
-    const int ci = threadIdx.x % cc, g = threadIdx.x / cc;
-    for (int64_t c0 = 0; c0 < C; c0 += cc) {
-      const int64_t c = c0 + ci;
+  if (p.geo.interleaved) {
+    const ChannelGroups cg = channel_groups(C);
+    const int G = cg.G, g = cg.g;
+    for (int64_t c0 = 0; c0 < C; c0 += cg.cc) {
+      const int64_t c = c0 + cg.ci;
       const bool active = g < G && c < C;
       for (int k0 = 0; k0 < K; k0 += KB) {
         acc_t sg[KB], sgx[KB], m[KB];
@@ -100,14 +96,9 @@ __global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsP
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
             if (k0 + kk < K) {
-              acc_t a = 0, b = 0;
-              for (int gg = 0; gg < G; ++gg) {
-                a += red[(gg * cc + ci) * 2 * KB + kk];
-                b += red[(gg * cc + ci) * 2 * KB + KB + kk];
-              }
               const int64_t o = (t * K + k0 + kk) * C + c;
-              p.part_sg[o] = a;
-              p.part_sgx[o] = b;
+              p.part_sg[o] = sum_groups(red, cg, 2 * KB, kk);
+              p.part_sgx[o] = sum_groups(red, cg, 2 * KB, KB + kk);
             }
           }
         }
@@ -397,9 +388,11 @@ __global__ void __launch_bounds__(kThreads) grad_input_given_kernel(GradInputPar
   }
 }
 
+}  // namespace
+
 // Sg, Sgx over this input's positions: per-tile partials, summed in tile order.
-std::tuple<Tensor, Tensor> grad_sums_cuda_impl(const BackwardSetup& st, const Tensor& tau,
-                                               const Tensor& mean) {
+std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const Tensor& tau,
+                                                  const Tensor& mean) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
@@ -418,13 +411,7 @@ std::tuple<Tensor, Tensor> grad_sums_cuda_impl(const BackwardSetup& st, const Te
     gp.mean = m.data_ptr<acc_t>();
     gp.part_sg = part_sg.data_ptr<acc_t>();
     gp.part_sgx = part_sgx.data_ptr<acc_t>();
-    gp.N = shape.N;
-    gp.C = C;
-    gp.S = shape.S;
-    gp.K = K;
-    gp.len = tiles.len;
-    gp.chunks = tiles.chunks;
-    gp.interleaved = shape.interleaved;
+    gp.geo = tile_params(shape, K, tiles);
     dispatch_kb(K, [&](auto kb) {
       constexpr int KB = decltype(kb)::value;
       const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
@@ -444,25 +431,22 @@ std::tuple<Tensor, Tensor> grad_sums_cuda_impl(const BackwardSetup& st, const Te
   return {sum_g, sum_gx};
 }
 
-struct GradCoefTensors {
-  Tensor alpha, beta, e1, e2, pc, qc, a, amu, dgamma, dbeta, ev_part;
-};
-
-GradCoefTensors grad_coefs_cuda(const BackwardSetup& st, const OptTensor& weight,
-                                const OptTensor& bias, const Tensor& mean, const Tensor& var,
-                                const Tensor& count, const Tensor& mix_mean, const Tensor& mix_var,
-                                const Tensor& sum_g, const Tensor& sum_gx, double eps,
-                                bool batch_stats) {
+// The backward's per-(k, c) coefficients; ev holds per-block parts (K, blocks).
+GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weight,
+                                  const OptTensor& bias, const Tensor& mean, const Tensor& var,
+                                  const Tensor& count, const Tensor& mix_mean,
+                                  const Tensor& mix_var, const Tensor& sum_g, const Tensor& sum_gx,
+                                  double eps, bool batch_stats) {
   const auto aopt = st.x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
   const bool soft = st.resp == Resp::kSoft;
-  GradCoefTensors cf;
-  for (Tensor* t : {&cf.alpha, &cf.e1, &cf.e2, &cf.pc, &cf.qc, &cf.a, &cf.amu, &cf.dgamma,
+  GradCoefs cf;
+  for (Tensor* t : {&cf.alpha, &cf.e1, &cf.e2, &cf.p, &cf.q, &cf.a, &cf.amu, &cf.dgamma,
                     &cf.dbeta})
     *t = at::empty({K, C}, aopt);
   cf.beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
   const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
-  cf.ev_part = at::empty({K, ev_blocks}, aopt);
+  cf.ev = at::empty({K, ev_blocks}, aopt);
   const Tensor m = mean.contiguous(), v = var.contiguous();
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
   const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
@@ -488,13 +472,13 @@ GradCoefTensors grad_coefs_cuda(const BackwardSetup& st, const OptTensor& weight
     cp.alpha = cf.alpha.data_ptr<acc_t>();
     cp.e1 = cf.e1.data_ptr<acc_t>();
     cp.e2 = cf.e2.data_ptr<acc_t>();
-    cp.pc = cf.pc.data_ptr<acc_t>();
-    cp.qc = cf.qc.data_ptr<acc_t>();
+    cp.pc = cf.p.data_ptr<acc_t>();
+    cp.qc = cf.q.data_ptr<acc_t>();
     cp.a = cf.a.data_ptr<acc_t>();
     cp.amu = cf.amu.data_ptr<acc_t>();
     cp.dgamma = cf.dgamma.data_ptr<acc_t>();
     cp.dbeta = cf.dbeta.data_ptr<acc_t>();
-    cp.ev_part = cf.ev_part.data_ptr<acc_t>();
+    cp.ev_part = cf.ev.data_ptr<acc_t>();
     grad_coefs_kernel<acc_t><<<dim3(static_cast<unsigned>(ev_blocks), static_cast<unsigned>(K)),
                                kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(cp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -502,8 +486,8 @@ GradCoefTensors grad_coefs_cuda(const BackwardSetup& st, const OptTensor& weight
   return cf;
 }
 
-Tensor grad_input_cuda_impl(const BackwardSetup& st, const Tensor& tau, const Tensor& mean,
-                            const GradCoefTensors& cf) {
+Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const Tensor& mean,
+                               const GradCoefs& cf) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const int64_t K = st.K, C = shape.C;
@@ -521,10 +505,10 @@ Tensor grad_input_cuda_impl(const BackwardSetup& st, const Tensor& tau, const Te
     ip.beta = cf.beta.data_ptr<acc_t>();
     ip.e1 = cf.e1.data_ptr<acc_t>();
     ip.e2 = cf.e2.data_ptr<acc_t>();
-    ip.ev_part = cf.ev_part.data_ptr<acc_t>();
-    ip.ev_blocks = cf.ev_part.size(1);
-    ip.pc = cf.pc.data_ptr<acc_t>();
-    ip.qc = cf.qc.data_ptr<acc_t>();
+    ip.ev_part = cf.ev.data_ptr<acc_t>();
+    ip.ev_blocks = cf.ev.size(1);
+    ip.pc = cf.p.data_ptr<acc_t>();
+    ip.qc = cf.q.data_ptr<acc_t>();
     ip.a = cf.a.data_ptr<acc_t>();
     ip.amu = cf.amu.data_ptr<acc_t>();
     ip.N = shape.N;
@@ -559,74 +543,6 @@ Tensor grad_input_cuda_impl(const BackwardSetup& st, const Tensor& tau, const Te
     }
   });
   return grad_input;
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_cuda(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
-    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
-    std::array<bool, 3> output_mask, bool batch_stats) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-  const auto aopt = st.x.options().dtype(st.acc);
-  Tensor sum_g, sum_gx;
-  if (batch_stats || output_mask[1] || output_mask[2])
-    std::tie(sum_g, sum_gx) = grad_sums_cuda_impl(st, tau, mean);
-  const GradCoefTensors cf = grad_coefs_cuda(st, weight, bias, mean, var, count, mix_mean,
-                                             mix_var, sum_g, sum_gx, eps, batch_stats);
-  Tensor grad_input = output_mask[0] ? grad_input_cuda_impl(st, tau, mean, cf)
-                                     : at::empty({0}, st.x.options());
-  Tensor grad_weight = output_mask[1] ? cf.dgamma : at::empty({0}, aopt);
-  Tensor grad_bias = output_mask[2] ? cf.dbeta : at::empty({0}, aopt);
-  return {grad_input, grad_weight, grad_bias};
-}
-
-std::tuple<Tensor, Tensor> grad_sums_cuda(const Tensor& grad_out, const Tensor& input,
-                                          const Tensor& tau, const Tensor& mean) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau, mean,
-                                          /*soft=*/true);
-  return grad_sums_cuda_impl(st, tau, mean);
-}
-
-Tensor grad_input_cuda(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
-                       const OptTensor& bias, const Tensor& tau, const Tensor& mean,
-                       const Tensor& var, const Tensor& count, const Tensor& mix_mean,
-                       const Tensor& mix_var, const Tensor& sum_g, const Tensor& sum_gx, bool soft,
-                       bool batch_stats, double eps) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-  check_sums(sum_g, sum_gx, mean);
-  const GradCoefTensors cf = grad_coefs_cuda(st, weight, bias, mean, var, count, mix_mean,
-                                             mix_var, sum_g, sum_gx, eps, batch_stats);
-  return grad_input_cuda_impl(st, tau, mean, cf);
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_train_cuda(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& mean, const Tensor& var, const Tensor& count,
-    const Tensor& mix_mean, const Tensor& mix_var, bool soft, double eps,
-    std::array<bool, 3> output_mask) {
-  return backward_cuda(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
-                       soft, eps, output_mask, /*batch_stats=*/true);
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_eval_cuda(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& tau, const Tensor& running_mean, const Tensor& running_var, bool soft,
-    double eps, std::array<bool, 3> output_mask) {
-  return backward_cuda(grad_out, input, weight, bias, tau, running_mean, running_var, Tensor(),
-                       running_mean, running_var, soft, eps, output_mask,
-                       /*batch_stats=*/false);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(cbn_ext, CUDA, m) {
-  m.impl("backward_train", &backward_train_cuda);
-  m.impl("backward_eval", &backward_eval_cuda);
-  m.impl("grad_sums", &grad_sums_cuda);
-  m.impl("grad_input", &grad_input_cuda);
 }
 
 }  // namespace cuda

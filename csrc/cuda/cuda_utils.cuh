@@ -87,6 +87,17 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
   return t;
 }
 
+// What a tiled kernel needs of the input's geometry and the tile plan.
+struct TileParams {
+  int64_t N, C, S, K;
+  int64_t len, chunks;
+  bool interleaved;
+};
+
+inline TileParams tile_params(const Shape& s, int64_t K, const Tiles& t) {
+  return TileParams{s.N, s.C, s.S, K, t.len, t.chunks, s.interleaved};
+}
+
 // Geometry of one tile, on the device.
 struct TileGeo {
   int64_t p0;  // interleaved: first position
@@ -116,6 +127,31 @@ __device__ __forceinline__ TileGeo tile_geo(bool interleaved, int64_t t, int64_t
 // handles a position), [k][j] for planar ones (lanes handle consecutive positions).
 __device__ __forceinline__ int tau_index(bool interleaved, int j, int k, int K, int len) {
   return interleaved ? j * K + k : k * len + j;
+}
+
+// Interleaved tiles, reduced per channel: the block's threads as cc channels (a chunk
+// of the C channels) times G groups that split the tile's positions; thread
+// (ci, g) = threadIdx.x % cc, threadIdx.x / cc (threads past G * cc idle).
+struct ChannelGroups {
+  int cc, G, ci, g;
+};
+
+__device__ __forceinline__ ChannelGroups channel_groups(int64_t C) {
+  ChannelGroups r;
+  r.cc = static_cast<int>(C < kThreads ? C : kThreads);
+  r.G = kThreads / r.cc;
+  r.ci = threadIdx.x % r.cc;
+  r.g = threadIdx.x / r.cc;
+  return r;
+}
+
+// Sum over the G groups, in group order, of value `slot` of channel ci, with `stride`
+// values per thread in red.
+template <typename T>
+__device__ __forceinline__ T sum_groups(const T* red, const ChannelGroups& cg, int stride, int slot) {
+  T s = 0;
+  for (int gg = 0; gg < cg.G; ++gg) s += red[(gg * cg.cc + cg.ci) * stride + slot];
+  return s;
 }
 
 inline dim3 grid_1d(int64_t blocks) {

@@ -7,9 +7,8 @@
 // the affine coefficients; a third normalizes, y = sum_k tau_k (alpha_kc x + delta_kc).
 // forward_eval: the responsibilities (same kernel, no moments), then the normalization.
 // The math is that of csrc/cbn_math.h, as on the CPU.
+#include "cuda_backend.h"
 #include "cuda_utils.cuh"
-
-#include <torch/library.h>
 
 #include <tuple>
 
@@ -54,9 +53,7 @@ struct StatsParams {
   acc_t* part_n;           // (tiles, K)
   acc_t* part_mean;        // (tiles, K, C)
   acc_t* part_m2;          // (tiles, K, C)
-  int64_t N, C, S, K;
-  int64_t len, chunks;
-  bool interleaved;
+  TileParams geo;
   Resp resp;
 };
 
@@ -64,16 +61,16 @@ struct StatsParams {
 template <typename scalar_t, typename acc_t, int KB>
 __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo& tg, acc_t* ts) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int K = static_cast<int>(p.K), len = static_cast<int>(p.len);
-  const int64_t C = p.C, S = p.S;
+  const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
+  const int64_t C = p.geo.C, S = p.geo.S;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   if (p.resp == Resp::kGiven) {
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
       const int j = i / K, k = i % K;
-      const int64_t n = p.interleaved ? (tg.p0 + j) / S : tg.n;
-      ts[tau_index(p.interleaved, j, k, K, len)] = p.groups[n] == k ? acc_t(1) : acc_t(0);
+      const int64_t n = p.geo.interleaved ? (tg.p0 + j) / S : tg.n;
+      ts[tau_index(p.geo.interleaved, j, k, K, len)] = p.groups[n] == k ? acc_t(1) : acc_t(0);
     }
-  } else if (p.interleaved) {
+  } else if (p.geo.interleaved) {
     // a warp per position, lanes over channels
     for (int j = warp; j < tg.P; j += kWarps) {
       const scalar_t* xr = x + (tg.p0 + j) * C;
@@ -127,7 +124,7 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
   }
   __syncthreads();
   // to tau, coalesced
-  if (p.interleaved) {
+  if (p.geo.interleaved) {
     acc_t* out = p.tau + tg.p0 * K;
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) out[i] = ts[i];
   } else {
@@ -150,8 +147,8 @@ template <typename scalar_t, typename acc_t, int KB>
 __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, const acc_t* ts,
                              acc_t* inv, acc_t* red, int64_t t) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int K = static_cast<int>(p.K), len = static_cast<int>(p.len);
-  const int64_t C = p.C, S = p.S;
+  const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
+  const int64_t C = p.geo.C, S = p.geo.S;
   const bool one = p.resp == Resp::kOne;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   // counts, in a fixed order
@@ -160,20 +157,18 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
     if (one) {
       n = static_cast<acc_t>(tg.P);
     } else {
-      for (int j = 0; j < tg.P; ++j) n += ts[tau_index(p.interleaved, j, k, K, len)];
+      for (int j = 0; j < tg.P; ++j) n += ts[tau_index(p.geo.interleaved, j, k, K, len)];
     }
     p.part_n[t * K + k] = n;
     inv[k] = n > acc_t(0) ? acc_t(1) / n : acc_t(0);
   }
   __syncthreads();
 
-  if (p.interleaved) {
-    // channels in chunks of cc; G groups of threads split the tile's positions
-    const int cc = static_cast<int>(C < kThreads ? C : kThreads);
-    const int G = kThreads / cc;
-    const int ci = threadIdx.x % cc, g = threadIdx.x / cc;
-    for (int64_t c0 = 0; c0 < C; c0 += cc) {
-      const int64_t c = c0 + ci;
+  if (p.geo.interleaved) {
+    const ChannelGroups cg = channel_groups(C);
+    const int G = cg.G, g = cg.g;
+    for (int64_t c0 = 0; c0 < C; c0 += cg.cc) {
+      const int64_t c = c0 + cg.ci;
       const bool active = g < G && c < C;
       for (int k0 = 0; k0 < K; k0 += KB) {
         acc_t s1[KB], mt[KB];
@@ -192,9 +187,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
-          acc_t s = 0;
-          for (int gg = 0; gg < G; ++gg) s += red[(gg * cc + ci) * KB + kk];
-          mt[kk] = k0 + kk < K ? s * inv[k0 + kk] : acc_t(0);
+          mt[kk] = k0 + kk < K ? sum_groups(red, cg, KB, kk) * inv[k0 + kk] : acc_t(0);
           s1[kk] = acc_t(0);
         }
         __syncthreads();
@@ -217,11 +210,9 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
             if (k0 + kk < K) {
-              acc_t s = 0;
-              for (int gg = 0; gg < G; ++gg) s += red[(gg * cc + ci) * KB + kk];
               const int64_t o = (t * K + k0 + kk) * C + c;
               p.part_mean[o] = mt[kk];
-              p.part_m2[o] = s;
+              p.part_m2[o] = sum_groups(red, cg, KB, kk);
             }
           }
         }
@@ -278,10 +269,10 @@ template <typename scalar_t, typename acc_t, int KB, bool kMoments>
 __global__ void __launch_bounds__(kThreads) collect_mixture_stats_kernel(StatsParams<acc_t> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* ts = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* inv = ts + p.len * p.K;
-  acc_t* red = inv + p.K;
+  acc_t* inv = ts + p.geo.len * p.geo.K;
+  acc_t* red = inv + p.geo.K;
   const int64_t t = blockIdx.x;
-  const TileGeo tg = tile_geo(p.interleaved, t, p.len, p.chunks, p.N * p.S, p.S);
+  const TileGeo tg = tile_geo(p.geo.interleaved, t, p.geo.len, p.geo.chunks, p.geo.N * p.geo.S, p.geo.S);
   if (p.resp != Resp::kOne) tile_responsibilities<scalar_t, acc_t, KB>(p, tg, ts);
   if constexpr (kMoments) tile_moments<scalar_t, acc_t, KB>(p, tg, ts, inv, red, t);
 }
@@ -438,9 +429,9 @@ std::tuple<Tensor, Tensor, Tensor> estep_coefs(const Tensor& mix_mean, const Ten
 
 template <typename scalar_t, typename acc_t, bool kMoments>
 void launch_stats(const StatsParams<acc_t>& p, const Tiles& tiles) {
-  dispatch_kb(p.K, [&](auto kb) {
+  dispatch_kb(p.geo.K, [&](auto kb) {
     constexpr int KB = decltype(kb)::value;
-    const size_t smem = sizeof(acc_t) * (p.len * p.K + p.K + kThreads * KB);
+    const size_t smem = sizeof(acc_t) * (p.geo.len * p.geo.K + p.geo.K + kThreads * KB);
     auto kernel = collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>;
     allow_smem(kernel, smem);
     kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
@@ -461,16 +452,22 @@ void launch_normalize(const Tensor& x, Tensor& y, const Tensor& tau, const Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// E-step and M-step of forward_train / batch_stats; alpha, delta (defined) get the
-// affine coefficients from the merged statistics.
-BatchStats batch_stats_cuda(const TrainSetup& st, const OptTensor& groups, int64_t K, double eps,
-                            const Tensor& w, const Tensor& bb, Tensor alpha, Tensor delta,
-                            bool replace_inactive) {
+}  // namespace
+
+BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& groups, int64_t K,
+                                    double eps, bool replace_inactive, const OptTensor& weight,
+                                    const OptTensor& bias) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
   const int64_t C = shape.C;
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   BatchStats out;
+  if (replace_inactive) {
+    out.alpha = at::empty({K, C}, aopt);
+    out.delta = at::empty({K, C}, aopt);
+  }
   out.tau = empty_tau(x, shape, K, st.acc);
   out.mean = at::empty({K, C}, aopt);
   out.var = at::empty({K, C}, aopt);
@@ -496,13 +493,7 @@ BatchStats batch_stats_cuda(const TrainSetup& st, const OptTensor& groups, int64
       p.part_n = part_n.data_ptr<acc_t>();
       p.part_mean = part_mean.data_ptr<acc_t>();
       p.part_m2 = part_m2.data_ptr<acc_t>();
-      p.N = shape.N;
-      p.C = C;
-      p.S = shape.S;
-      p.K = K;
-      p.len = tiles.len;
-      p.chunks = tiles.chunks;
-      p.interleaved = shape.interleaved;
+      p.geo = tile_params(shape, K, tiles);
       p.resp = st.resp;
       launch_stats<scalar_t, acc_t, true>(p, tiles);
     }
@@ -512,17 +503,22 @@ BatchStats batch_stats_cuda(const TrainSetup& st, const OptTensor& groups, int64
         tiles.num, K, C, mix_mean.data_ptr<acc_t>(), mix_var.data_ptr<acc_t>(),
         ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps),
         out.mean.data_ptr<acc_t>(), out.var.data_ptr<acc_t>(), out.count.data_ptr<acc_t>(),
-        mut_ptr_or_null<acc_t>(alpha), mut_ptr_or_null<acc_t>(delta), replace_inactive);
+        mut_ptr_or_null<acc_t>(out.alpha), mut_ptr_or_null<acc_t>(out.delta), replace_inactive);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// y = sum_k tau_k (alpha x + delta); alpha, delta from (mean, var) unless given.
-Tensor normalize_cuda_impl(const ApplySetup& st, const Tensor& tau, const Tensor& mean,
-                           const Tensor& var, const Tensor& w, const Tensor& bb, double eps,
-                           Tensor alpha, Tensor delta) {
+// y = sum_k tau_k (alpha x + delta); alpha, delta from (mean, var) unless given. Given
+// groups are read from tau.
+Tensor CudaBackend::normalize(const ApplySetup& st, const OptTensor&, const OptTensor& weight,
+                              const OptTensor& bias, const Tensor& tau, const Tensor& mean,
+                              const Tensor& var, double eps, const Tensor& alpha_in,
+                              const Tensor& delta_in) {
   const Tensor& x = st.x;
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
+  Tensor alpha = alpha_in, delta = delta_in;
   const int64_t K = st.K, C = st.shape.C;
   Tensor out = empty_like_input(x);
   if (st.shape.M() == 0) return out;
@@ -545,60 +541,14 @@ Tensor normalize_cuda_impl(const ApplySetup& st, const Tensor& tau, const Tensor
   return out;
 }
 
-// ---------------------------------------------------------------------------------------
-// Operators
-// ---------------------------------------------------------------------------------------
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cuda(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& running_prior,
-    const OptTensor& num_batches_tracked, const OptTensor& groups, int64_t K, double eps) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps,
-                                    /*require_positions=*/true);
-  const auto aopt = st.x.options().dtype(st.acc);
-  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
-  Tensor alpha = at::empty({K, st.shape.C}, aopt), delta = at::empty({K, st.shape.C}, aopt);
-  const BatchStats bs = batch_stats_cuda(st, groups, K, eps, w, bb, alpha, delta,
-                                         /*replace_inactive=*/true);
-  const Tensor out = normalize_cuda_impl(ApplySetup::from(st, K), bs.tau, bs.mean, bs.var, w, bb,
-                                         eps, alpha, delta);
-  return {out, bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_stats_cuda_op(
-    const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& running_prior, const OptTensor& num_batches_tracked, const OptTensor& groups,
-    int64_t K, double eps) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean, running_var,
-                                    running_prior, num_batches_tracked, groups, K, eps,
-                                    /*require_positions=*/false);
-  const BatchStats bs = batch_stats_cuda(st, groups, K, eps, Tensor(), Tensor(), Tensor(), Tensor(),
-                                         /*replace_inactive=*/false);
-  return {bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
-}
-
-Tensor normalize_cuda(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                      const Tensor& tau, const Tensor& mean, const Tensor& var,
-                      const OptTensor& groups, double eps) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
-  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
-  return normalize_cuda_impl(st, tau, mean, var, w, bb, eps, Tensor(), Tensor());
-}
-
-std::tuple<Tensor, Tensor> forward_eval_cuda(const Tensor& input, const OptTensor& weight,
-                                             const OptTensor& bias, const Tensor& running_mean,
-                                             const Tensor& running_var,
-                                             const OptTensor& running_prior,
-                                             const OptTensor& groups, int64_t K, double eps) {
-  c10::cuda::CUDAGuard guard(input.device());
-  const EvalSetup st = setup_eval(input, weight, bias, running_mean, running_var, running_prior,
-                                  groups, K);
+// The responsibilities (written to tau), then the normalization with running statistics.
+std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const OptTensor& weight,
+                                                     const OptTensor& bias,
+                                                     const Tensor& running_mean,
+                                                     const Tensor& running_var,
+                                                     const OptTensor& running_prior,
+                                                     const OptTensor& groups, int64_t K,
+                                                     double eps) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const int64_t C = shape.C;
@@ -619,32 +569,22 @@ std::tuple<Tensor, Tensor> forward_eval_cuda(const Tensor& input, const OptTenso
       p.mu = ptr_or_null<acc_t>(mu);
       p.half_a = ptr_or_null<acc_t>(ha);
       p.b = ptr_or_null<acc_t>(b);
-      p.N = shape.N;
-      p.C = C;
-      p.S = shape.S;
-      p.K = K;
-      p.len = tiles.len;
-      p.chunks = tiles.chunks;
-      p.interleaved = shape.interleaved;
+      p.geo = tile_params(shape, K, tiles);
       p.resp = st.resp;
       launch_stats<scalar_t, acc_t, false>(p, tiles);
     });
   }
-  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
-  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   const ApplySetup ap{x, shape, st.resp, st.acc, K};
-  return {normalize_cuda_impl(ap, tau, rm, rv, w, bb, eps, Tensor(), Tensor()), tau};
+  return {normalize(ap, groups, weight, bias, tau, rm, rv, eps, Tensor(), Tensor()), tau};
 }
 
-void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var,
-                               const OptTensor& running_prior,
-                               const OptTensor& num_batches_tracked, const Tensor& mix_mean,
-                               const Tensor& mix_var, const Tensor& mix_prior, const Tensor& mean,
-                               const Tensor& var, const Tensor& count, int64_t num_positions,
-                               std::optional<double> momentum) {
-  c10::cuda::CUDAGuard guard(mean.device());
-  check_update_args(running_mean, running_var, running_prior, num_batches_tracked, mean,
-                    momentum);
+void CudaBackend::update_running_stats(Tensor& running_mean, Tensor& running_var,
+                                       const OptTensor& running_prior,
+                                       const OptTensor& num_batches_tracked,
+                                       const Tensor& mix_mean, const Tensor& mix_var,
+                                       const Tensor& mix_prior, const Tensor& mean,
+                                       const Tensor& var, const Tensor& count,
+                                       int64_t num_positions, std::optional<double> momentum) {
   const int64_t K = mean.size(0), C = mean.size(1);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats_cuda", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
@@ -658,16 +598,6 @@ void update_running_stats_cuda(Tensor& running_mean, Tensor& running_var,
         num_positions, momentum.value_or(0.0), momentum.has_value());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(cbn_ext, CUDA, m) {
-  m.impl("forward_train", &forward_train_cuda);
-  m.impl("batch_stats", &batch_stats_cuda_op);
-  m.impl("normalize", &normalize_cuda);
-  m.impl("forward_eval", &forward_eval_cuda);
-  m.impl("update_running_stats", &update_running_stats_cuda);
 }
 
 }  // namespace cuda
