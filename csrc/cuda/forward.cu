@@ -551,7 +551,6 @@ std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const 
                                                      double eps) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
-  const int64_t C = shape.C;
   Tensor tau = empty_tau(x, shape, K, st.acc);
   if (shape.M() == 0) return {empty_like_input(x), tau};
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
