@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the operators)
 
-__all__ = ["build_info", "interleaved"]
+__all__ = ["build_info"]
 
 _ops = torch.ops.cbn_ext
 
@@ -49,11 +49,6 @@ def _canonical(x: Tensor):
     if _channels_innermost(x):
         return x, True
     return x.contiguous(), spatial == 1
-
-
-def interleaved(x: Tensor) -> bool:
-    """Whether the kernels walk x with channels innermost (NHWC-like) or planar (NCHW)."""
-    return _canonical(x)[1]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -3,7 +3,6 @@ float64 reference, and relative errors."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,13 +16,6 @@ from cbn_ext import reference as R
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # SPEC "Accuracy": relative error against a float64 evaluation of the formulas.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def devices():
-    out = ["cpu"]
-    if torch.cuda.is_available() and cbn_ext.build_info()["cuda"]:
-        out.append("cuda")
-    return out
 
 
 def device_params():
@@ -174,9 +166,5 @@ def compare(ours: Result, ref: Result, tol: float, what=("y", "dx", "dw", "db", 
     return errs
 
 
-def positions(shape):
-    return shape[0] * math.prod(shape[2:])
-
-
 __all__ = ["DTYPES", "TOL", "Case", "Result", "make_case", "make_stable_case", "run", "compare", "rel_err",
-           "devices", "device_params", "channels_inner", "Fc", "R", "positions", "acc_dtype"]
+           "device_params", "channels_inner", "Fc", "R", "acc_dtype"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (DTYPES, TOL, Fc, R, compare, device_params, make_case, make_stable_case,
-                      positions, rel_err, run)
+                      rel_err, run)
 
 SHAPES = {
     "1d": (64, 13),              # (N, C), C not a multiple of 8
@@ -83,8 +83,7 @@ def test_first_batch_initialisation(dtype, K, layout, device):
     ref = run(R.compound_batch_norm, case, True, nbt=0, dtype=torch.float64)
     compare(ours, ref, TOL[dtype])
     assert ours.num_batches_tracked.item() == 1
-    # the prior was reset to 1/K before the update
-    Nk = None  # noqa: F841 (documenting: prior = (1 - eta) / K + eta N_k / M)
+    # the prior was reset to 1/K before the update (1 - eta) / K + eta N_k / M: sums to 1
     assert torch.allclose(ours.running_prior.sum(), torch.tensor(1.0, dtype=ours.running_prior.dtype,
                                                                   device=device))
 
@@ -264,10 +263,6 @@ def test_deterministic(mode, layout, device):
     for other in results[1:]:
         for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
             assert torch.equal(getattr(results[0], name), getattr(other, name)), name
-
-
-def test_positions_helper():
-    assert positions((2, 3, 4, 5)) == 40 and positions((7, 3)) == 7
 
 
 @pytest.mark.parametrize("device", device_params())
