@@ -9,6 +9,10 @@ will run the extension:
 
 Environment:
     FORCE_CUDA=1 / FORCE_CPU=1   see above
+    CBN_CUDA_EMULATION=1         also build cbn_ext._emu: the CUDA kernels compiled as host
+                                 C++ and run on the CPU by an emulation of the parts of CUDA
+                                 they use (csrc/emu/), as torch.ops.cbn_ext_emu.*; for the
+                                 tests (CI), needs no CUDA at all
     TORCH_CUDA_ARCH_LIST         CUDA targets, e.g. "8.0;9.0"; default: the visible GPU,
                                  else 8.0 and 9.0
     CUDA_HOME                    the CUDA toolkit; default: found behind `nvcc`
@@ -143,7 +147,20 @@ def get_extensions():
         print(f"cbn_ext: building CPU kernels only ({why})")
         ext = CppExtension("cbn_ext._C", sources, define_macros=define_macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=extra_link_args)
-    return [ext], BuildExtension
+    exts = [ext]
+    if _flag("CBN_CUDA_EMULATION"):
+        print("cbn_ext: building the emulated CUDA backend (cbn_ext._emu)")
+        # hidden symbols: cbn_ext._emu has its own copies of what cbn_ext._C also defines
+        emu_cxx = ["-O2", "-Wall", "-Wno-psabi", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+        exts.append(CppExtension(
+            "cbn_ext._emu", sorted(glob.glob(os.path.join("csrc", "emu", "*.cpp"))),
+            define_macros=[("CBN_CUDA_EMULATION", "1")], extra_compile_args={"cxx": emu_cxx}))
+    else:
+        # an in-place build without emulation must not leave an older one importable
+        for stale in glob.glob(os.path.join(ROOT, "cbn_ext", "_emu*.so")):
+            print(f"cbn_ext: removing {os.path.relpath(stale, ROOT)} (no CBN_CUDA_EMULATION=1)")
+            os.remove(stale)
+    return exts, BuildExtension
 
 
 def main():

@@ -26,7 +26,6 @@ from .modules import _CompoundBatchNorm
 
 __all__ = ["SyncCompoundBatchNorm"]
 
-_ops = ops._ops
 
 
 def _acc(dtype):
@@ -100,21 +99,26 @@ class _SyncCompoundBatchNormFunction(torch.autograd.Function):
     """Forward: local E-step and M-step (batch_stats), one all-gather of (positions,
     count, mean, variance) per rank, merge, normalize. Backward: local sums (grad_sums),
     the parameter gradients from them, one all-reduce of the sums, the input gradient from
-    the group's sums (grad_input)."""
+    the group's sums (grad_input). No host read of device memory, except when this rank
+    has at most one position (to tell whether the whole group has more)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, mix_mean, mix_var, mix_prior, groups, K, eps, group):
-        tau, mean_l, var_l, count_l, _, _, _ = _ops.batch_stats(
-            input, mix_mean, mix_var, mix_prior, None, groups, K, eps)
+    def forward(ctx, input, weight, bias, running_mean, running_var, running_prior, groups, K,
+                eps, group):
+        # the E-step mixture as batch_stats returns it: copies (soft responsibilities), or
+        # empty (the running buffers serve as they are)
+        tau, mean_l, var_l, count_l, mix_mean, mix_var, mix_prior = ops._ops.batch_stats(
+            input, running_mean, running_var, running_prior, None, groups, K, eps)
         C = input.shape[1]
         M_l = input.shape[0] * math.prod(input.shape[2:])
         packed = torch.cat([mean_l.new_tensor([M_l]), count_l, mean_l.flatten(),
                             var_l.flatten()]).double()
         gathered = _gather(packed, group)
-        positions = int(sum(int(g[0]) for g in gathered))
-        if positions <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got "
-                             f"{positions} over the process group")
+        if M_l <= 1:  # only then can the whole group hold one position or none
+            positions = int(sum(int(g[0]) for g in gathered))
+            if positions <= 1:
+                raise ValueError("Expected more than 1 value per channel when training, got "
+                                 f"{positions} over the process group")
         # raw moments of every rank (batch_stats keeps inactive components' own)
         counts = [g[1:1 + K][:, None] for g in gathered]
         means = [g[1 + K:1 + K + K * C].view(K, C) for g in gathered]
@@ -123,20 +127,26 @@ class _SyncCompoundBatchNormFunction(torch.autograd.Function):
         count = n[:, 0]
         active = (count > 1)[:, None]
         acc = mean_l.dtype
-        mean = torch.where(active, mean, mix_mean.double()).to(acc)
-        var = torch.where(active, m2 / n.clamp(min=1), mix_var.double()).to(acc)
+        # inactive components take the E-step mixture's statistics (K = 1 is never
+        # inactive here: the group holds more than one position)
+        ref_mean = mix_mean if mix_mean.numel() else (running_mean if running_mean is not None
+                                                      else mean_l)
+        ref_var = mix_var if mix_var.numel() else (running_var if running_var is not None
+                                                   else var_l)
+        mean = torch.where(active, mean, ref_mean.double()).to(acc)
+        var = torch.where(active, m2 / n.clamp(min=1), ref_var.double()).to(acc)
         count = count.to(acc)
-        out = _ops.normalize(input, weight, bias, tau, mean, var, groups, eps)
+        out = ops._ops.normalize(input, weight, bias, tau, mean, var, groups, eps)
         ctx.save_for_backward(input, weight, bias, tau, mean, var, count, mix_mean, mix_var)
         ctx.soft = K > 1 and groups is None
         ctx.eps, ctx.group, ctx.K = eps, group, K
-        ctx.mark_non_differentiable(mean, var, count)
-        return out, mean, var, count, positions
+        ctx.mark_non_differentiable(mean, var, count, mix_mean, mix_var, mix_prior)
+        return out, mean, var, count, mix_mean, mix_var, mix_prior
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
         input, weight, bias, tau, mean, var, count, mix_mean, mix_var = ctx.saved_tensors
-        sum_g, sum_gx = _ops.grad_sums(grad_out, input, tau, mean)
+        sum_g, sum_gx = ops._ops.grad_sums(grad_out, input, tau, mean)
         # this process's share of the parameter gradients (SPEC): dbeta = Sg, dgamma = Sgx r
         grad_weight = sum_gx * torch.rsqrt(var + ctx.eps) if ctx.needs_input_grad[1] else None
         grad_bias = sum_g.clone() if ctx.needs_input_grad[2] else None
@@ -145,7 +155,7 @@ class _SyncCompoundBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             K = ctx.K
-            grad_input = _ops.grad_input(grad_out, input, weight, bias, tau, mean, var, count,
+            grad_input = ops._ops.grad_input(grad_out, input, weight, bias, tau, mean, var, count,
                                          mix_mean, mix_var, sums[:K], sums[K:], ctx.soft, True,
                                          ctx.eps)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
@@ -158,16 +168,16 @@ class SyncCompoundBatchNorm(_CompoundBatchNorm):
 
     Args:
         num_features, num_components, eps, momentum, affine, track_running_stats, device,
-            dtype: as the compound layers.
+            dtype, bias (keyword-only): as the compound layers.
         process_group: the group to synchronise over (default: the whole world).
     """
 
     def __init__(self, num_features: int, num_components: int = 2, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, bias: bool = True) -> None:
         super().__init__(num_features, num_components, eps, momentum, affine,
-                         track_running_stats, device, dtype)
+                         track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -187,30 +197,37 @@ class SyncCompoundBatchNorm(_CompoundBatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        K, C = self.num_components, self.num_features
+        K = self.num_components
         groups = self._groups_for(input)
         F_cbn._check_devices(input, weight=self.weight, running_mean=self.running_mean,
                              groups=groups)
-        acc = _acc(input.dtype)
+        rm, rv, rp = self.running_mean, self.running_var, self.running_prior
+        if rm is not None and K > 1 and groups is None and self._needs_initial_mixture():
+            # the E-step's mixture: the whole group's initialisation, once (collectives
+            # that every rank runs: the question is answered on the host, a sync once)
+            rm, rv, rp = _global_initial_mixture(input, K, self.eps, group)
+        out, mean, var, count, mix_mean, mix_var, mix_prior = \
+            _SyncCompoundBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, rp,
+                                                 groups, K, self.eps, group)
         if self.running_mean is not None:
-            # the mixture of the E-step: the running one, or (first batch, soft E-step)
-            # the whole group's initialisation; read-only copies for the running update
-            if K > 1 and groups is None and int(self.num_batches_tracked) == 0:
-                mix = _global_initial_mixture(input, K, self.eps, group)
-            else:
-                mix = (self.running_mean.clone(), self.running_var.clone(),
-                       self.running_prior.clone())
-        else:  # K = 1 without running statistics: the mixture is not used
-            mix = (torch.zeros(K, C, dtype=acc, device=input.device),
-                   torch.ones(K, C, dtype=acc, device=input.device),
-                   torch.ones(K, dtype=acc, device=input.device))
-        out, mean, var, count, positions = _SyncCompoundBatchNormFunction.apply(
-            input, self.weight, self.bias, *mix, groups, K, self.eps, group)
-        if self.running_mean is not None:
-            _ops.update_running_stats(self.running_mean, self.running_var, self.running_prior,
-                                      self.num_batches_tracked, *mix, mean, var, count,
-                                      positions, self.momentum)
+            # num_positions 0: M = sum_k N_k, computed on the device
+            ops._ops.update_running_stats(self.running_mean, self.running_var, self.running_prior,
+                                      self.num_batches_tracked, mix_mean, mix_var, mix_prior,
+                                      mean, var, count, 0, self.momentum)
+            if not self._mixture_ready:
+                self._start_readback()
         return out
+
+    def _needs_initial_mixture(self) -> bool:
+        """Whether num_batches_tracked is 0. Every rank must answer alike before the
+        collectives of the initialisation, so this reads the counter on the host until it
+        is known to be positive (one read on a GPU, where a non-blocking copy has not
+        answered yet)."""
+        if not self._mixture_ready:
+            self._poll_mixture_ready()
+        if not self._mixture_ready:
+            self._mixture_ready = int(self.num_batches_tracked) > 0
+        return not self._mixture_ready
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (
@@ -227,11 +244,13 @@ class SyncCompoundBatchNorm(_CompoundBatchNorm):
             ref = module.weight if module.weight is not None else module.running_mean
             factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
             out = cls(module.num_features, module.num_components, module.eps, module.momentum,
-                      module.affine, module.track_running_stats, process_group, **factory)
+                      module.affine, module.track_running_stats, process_group, **factory,
+                      bias=module.bias is not None or not module.affine)
             out.load_state_dict(module.state_dict())
-            if module.affine:
-                out.weight.requires_grad_(module.weight.requires_grad)
-                out.bias.requires_grad_(module.bias.requires_grad)
+            for name in ("weight", "bias"):
+                src = getattr(module, name)
+                if src is not None:
+                    getattr(out, name).requires_grad_(src.requires_grad)
             out.train(module.training)
         for name, child in module.named_children():
             new = cls.convert_sync_batchnorm(child, process_group)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import Tensor
@@ -22,17 +21,38 @@ def _has_cuda_kernels() -> bool:
     return _cuda_built
 
 
+def _check_cuda_build() -> None:
+    if not _has_cuda_kernels():
+        raise RuntimeError(
+            "compound_batch_norm: got a CUDA tensor, but this build of cbn_ext has no CUDA "
+            "kernels (cbn_ext.build_info() says which backends were compiled); rebuild with a "
+            "CUDA build of torch and a CUDA toolkit, or FORCE_CUDA=1")
+
+
 def _check_devices(input: Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
             raise RuntimeError(
                 f"compound_batch_norm: expected {name} on {input.device} (the input's device), "
                 f"got {t.device}")
-    if input.device.type == "cuda" and not _has_cuda_kernels():
-        raise RuntimeError(
-            "compound_batch_norm: got a CUDA tensor, but this build of cbn_ext has no CUDA "
-            "kernels (cbn_ext.build_info() says which backends were compiled); rebuild with a "
-            "CUDA build of torch and a CUDA toolkit, or FORCE_CUDA=1")
+    if input.device.type == "cuda":
+        _check_cuda_build()
+
+
+def _forward_train(input, weight, bias, running_mean, running_var, running_prior,
+                   num_batches_tracked, groups, K, eps, momentum, init):
+    """forward_train, then (with running statistics) the running update. `init`: the
+    num_batches_tracked the operator reads for the first-batch question (None: the caller
+    knows the mixture is initialised)."""
+    lib = ops._ops
+    out, _tau, mean, var, count, mix_mean, mix_var, mix_prior = lib.forward_train.default(
+        input, weight, bias, running_mean, running_var, running_prior, init, groups, K, eps)
+    if running_mean is not None:
+        positions = input.numel() // max(input.shape[1], 1)
+        lib.update_running_stats.default(running_mean, running_var, running_prior,
+                                         num_batches_tracked, mix_mean, mix_var, mix_prior,
+                                         mean, var, count, positions, momentum)
+    return out
 
 
 def compound_batch_norm(
@@ -68,6 +88,11 @@ def compound_batch_norm(
     an active batch statistic is not finite, no buffer changes. At the first training
     batch (``num_batches_tracked == 0``) with K > 1 and no ``groups``, the running mixture
     is first initialised from the batch. At evaluation, m and v are the running ones.
+
+    Synchronisation: none with a GPU. Given ``num_batches_tracked`` (K > 1, no
+    ``groups``), the first-batch question is answered on the device, which costs an extra
+    pass over the batch on a GPU at every call (the layers remember the answer and skip
+    it); group ids are checked on the device there (a device-side assert).
 
     Args:
         input: (N, C, *) float32, float64, float16 or bfloat16; contiguous or channels-last
@@ -110,15 +135,9 @@ def compound_batch_norm(
         raise ValueError("compound_batch_norm: momentum=None (a cumulative average) needs "
                          "num_batches_tracked")
     if training:
-        out, _tau, mean, var, count, mix_mean, mix_var, mix_prior = ops._ops.forward_train(
-            input, weight, bias, running_mean, running_var, running_prior, num_batches_tracked,
-            groups, K, eps)
-        if running_mean is not None:
-            positions = input.shape[0] * math.prod(input.shape[2:])
-            ops._ops.update_running_stats(running_mean, running_var, running_prior,
-                                          num_batches_tracked, mix_mean, mix_var, mix_prior,
-                                          mean, var, count, positions, momentum)
-        return out
+        return _forward_train(input, weight, bias, running_mean, running_var, running_prior,
+                              num_batches_tracked, groups, K, eps, momentum,
+                              num_batches_tracked)
     out, _tau = ops._ops.forward_eval(input, weight, bias, running_mean, running_var,
                                       running_prior, groups, K, eps)
     return out

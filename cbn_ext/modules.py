@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F_cbn
+from . import ops
 
 __all__ = ["CompoundBatchNorm1d", "CompoundBatchNorm2d", "CompoundBatchNorm3d"]
 
@@ -15,10 +16,16 @@ __all__ = ["CompoundBatchNorm1d", "CompoundBatchNorm2d", "CompoundBatchNorm3d"]
 class _CompoundBatchNorm(nn.Module):
     """Shared implementation of the compound batch norm layers.
 
-    Parameters (affine=True): ``weight`` and ``bias``, (K, C), initialised to 1 and 0.
-    Buffers (track_running_stats=True): ``running_mean`` (K, C) = 0, ``running_var``
-    (K, C) = 1, ``running_prior`` (K,) = 1/K, ``num_batches_tracked`` () int64 = 0. All are
-    float32 (float64 when the layer is float64) and in ``state_dict``.
+    Parameters (affine=True): ``weight`` and ``bias``, (K, C), initialised to 1 and 0
+    (``bias=False``: no bias, beta = 0, as BatchNorm's keyword). Buffers
+    (track_running_stats=True): ``running_mean`` (K, C) = 0, ``running_var`` (K, C) = 1,
+    ``running_prior`` (K,) = 1/K, ``num_batches_tracked`` () int64 = 0. All are float32
+    (float64 when the layer is float64) and in ``state_dict``.
+
+    A BatchNorm checkpoint loads too (``load_state_dict``): (C,) weight, bias, running_mean
+    and running_var are taken as the same in every component, the prior is 1/K and
+    ``num_batches_tracked`` is 0, so the next training batch initialises the mixture
+    (what ``from_batchnorm`` does).
     """
 
     _version = 1
@@ -26,7 +33,8 @@ class _CompoundBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, num_components: int = 2, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
@@ -46,7 +54,10 @@ class _CompoundBatchNorm(nn.Module):
         shape = (num_components, num_features)
         if affine:
             self.weight = nn.Parameter(torch.empty(shape, **factory))
-            self.bias = nn.Parameter(torch.empty(shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(shape, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -64,10 +75,45 @@ class _CompoundBatchNorm(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("running_prior", None)
             self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
         # set by cbn_ext.split_by: the group of each sample for the next forward passes
         self._split_groups: Optional[Tensor] = None
         self._split_name: str = ""
+        self._forget_mixture_state()
+        self.reset_parameters()
+
+    # The first-batch initialisation (SPEC) happens while num_batches_tracked == 0. Reading
+    # that buffer on every step would stop the CPU until a GPU catches up, so the layer
+    # remembers once it has seen num_batches_tracked > 0 (_mixture_ready) and then skips
+    # the question. Until then the operator decides, on the device (no sync), and the
+    # layer learns the counter's value from a non-blocking copy. load_state_dict and
+    # reset_running_stats start over.
+    def _forget_mixture_state(self) -> None:
+        self._mixture_ready = False
+        self._nbt_readback = None  # (pinned host copy, CUDA event) of num_batches_tracked
+
+    def _poll_mixture_ready(self) -> None:
+        nbt = self.num_batches_tracked
+        if nbt.device.type != "cuda":
+            self._mixture_ready = bool(nbt.item() > 0)  # a free read
+        elif (self._nbt_readback is not None and not torch.cuda.is_current_stream_capturing()
+              and self._nbt_readback[1].query()):
+            self._mixture_ready = bool(self._nbt_readback[0].item() > 0)
+            self._nbt_readback = None
+
+    def _start_readback(self) -> None:
+        if (self._nbt_readback is None and self.num_batches_tracked.device.type == "cuda"
+                and not torch.cuda.is_current_stream_capturing()):
+            host = torch.empty((), dtype=torch.long, pin_memory=True)
+            host.copy_(self.num_batches_tracked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._nbt_readback = (host, event)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_nbt_readback"] = None  # a CUDA event does not copy
+        return state
 
     def reset_running_stats(self) -> None:
         """Running statistics back to their initial values; the next training batch
@@ -77,12 +123,14 @@ class _CompoundBatchNorm(nn.Module):
             self.running_var.fill_(1)
             self.running_prior.fill_(1.0 / self.num_components)
             self.num_batches_tracked.zero_()
+        self._forget_mixture_state()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._dims:
@@ -103,30 +151,79 @@ class _CompoundBatchNorm(nn.Module):
         return groups
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        """Compound batch norm of ``input`` (see :func:`cbn_ext.compound_batch_norm`).
+
+        In a steady-state training step nothing here reads device memory on the host (no
+        synchronisation with a GPU); group ids of the split path are checked on the
+        device there (a device-side assert).
+        """
+        if input.dim() not in self._dims or input.shape[1] != self.num_features:
+            self._check_input_dim(input)
+        groups = self._groups_for(input)
+        if input.is_cuda:
+            F_cbn._check_cuda_build()
+        # parameters and buffers straight from their dicts: nn.Module.__getattr__ costs
+        # microseconds per access, a good part of a layer's CPU time on small inputs
+        p, b = self._parameters, self._buffers
+        weight, bias = p["weight"], p["bias"]
+        running_mean = b["running_mean"]
+        K, eps = self.num_components, self.eps
+        if not self.training and running_mean is not None:
+            return ops._ops.forward_eval.default(input, weight, bias, running_mean,
+                                                 b["running_var"], b["running_prior"], groups, K,
+                                                 eps)[0]
         # Like BatchNorm: without running statistics (K = 1 only), batch statistics are
-        # used in eval mode too; the buffers are passed when they are updated (training)
-        # or used (eval).
-        use_batch_stats = self.training or self.running_mean is None
-        track = self.training and self.track_running_stats
-        return F_cbn.compound_batch_norm(
-            input,
-            self.running_mean if (not self.training or self.track_running_stats) else None,
-            self.running_var if (not self.training or self.track_running_stats) else None,
-            self.running_prior,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if track else None,
-            self._groups_for(input),
-        )
+        # used in eval mode too.
+        if not (self.training and self.track_running_stats):
+            return F_cbn._forward_train(input, weight, bias, None, None, None, None, groups, K,
+                                        eps, self.momentum, None)
+        nbt = b["num_batches_tracked"]
+        init = None  # the mixture is known to be initialised: no first-batch question
+        if K > 1 and groups is None:
+            if torch.compiler.is_compiling():
+                init = nbt  # the operator decides (graph-safe)
+            else:
+                if not self._mixture_ready:
+                    self._poll_mixture_ready()
+                if not self._mixture_ready:
+                    init = nbt
+        out = F_cbn._forward_train(input, weight, bias, running_mean, b["running_var"],
+                                   b["running_prior"], nbt, groups, K, eps, self.momentum, init)
+        if init is not None and not torch.compiler.is_compiling():
+            self._start_readback()
+        return out
 
     def extra_repr(self) -> str:
         return ("{num_features}, num_components={num_components}, eps={eps}, "
-                "momentum={momentum}, affine={affine}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__))
+                "momentum={momentum}, affine={affine}, bias={use_bias}, "
+                "track_running_stats={track_running_stats}".format(
+                    **self.__dict__, use_bias=self.bias is not None))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # A BatchNorm checkpoint: (C,) entries are the same in every component; the prior
+        # is 1/K and num_batches_tracked 0, so the next training batch initialises the
+        # mixture (as from_batchnorm). Other shapes are left to the usual (clear) error.
+        K, C = self.num_components, self.num_features
+        per_channel = [prefix + n for n in ("weight", "bias", "running_mean", "running_var")]
+
+        def is_bn_shaped(key):
+            t = state_dict.get(key)
+            return t is not None and t.dim() == 1 and t.shape[0] == C
+
+        from_bn = any(is_bn_shaped(k) for k in per_channel)
+        self._forget_mixture_state()
+        if from_bn:
+            for k in per_channel:
+                if is_bn_shaped(k):
+                    state_dict[k] = state_dict[k].unsqueeze(0).expand(K, C)
+            if self.running_prior is not None:
+                state_dict.setdefault(prefix + "running_prior",
+                                      torch.full((K,), 1.0 / K, dtype=self.running_prior.dtype))
+            if self.num_batches_tracked is not None:
+                state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, num_components: int = 2):
@@ -144,13 +241,14 @@ class _CompoundBatchNorm(nn.Module):
         ref = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
         factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         layer = cls(bn.num_features, num_components, eps=bn.eps, momentum=bn.momentum,
-                    affine=bn.affine, track_running_stats=bn.track_running_stats, **factory)
+                    affine=bn.affine, track_running_stats=bn.track_running_stats,
+                    bias=bn.bias is not None or not bn.affine, **factory)
         with torch.no_grad():
-            if bn.affine:
-                layer.weight.copy_(bn.weight.expand_as(layer.weight))
-                layer.bias.copy_(bn.bias.expand_as(layer.bias))
-                layer.weight.requires_grad_(bn.weight.requires_grad)
-                layer.bias.requires_grad_(bn.bias.requires_grad)
+            for name in ("weight", "bias"):
+                src, dst = getattr(bn, name), getattr(layer, name)
+                if src is not None:
+                    dst.copy_(src.expand_as(dst))
+                    dst.requires_grad_(src.requires_grad)
             if bn.track_running_stats:
                 layer.running_mean.copy_(bn.running_mean.expand_as(layer.running_mean))
                 layer.running_var.copy_(bn.running_var.expand_as(layer.running_var))
@@ -165,8 +263,8 @@ class CompoundBatchNorm1d(_CompoundBatchNorm):
     Args:
         num_features: C.
         num_components: K, the number of Gaussians in the mixture (1 is BatchNorm).
-        eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm1d``;
-            track_running_stats=False is only allowed with K = 1.
+        eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only):
+            as ``nn.BatchNorm1d``; track_running_stats=False is only allowed with K = 1.
     """
 
     _dims = (2, 3)

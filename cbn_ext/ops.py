@@ -1,11 +1,12 @@
-"""The Python side of the cbn_ext operators: loading the library, fake (meta) kernels for
-torch.compile, and the autograd wiring of the forward operators.
+"""The Python side of the cbn_ext operators: loading the library and the fake (meta)
+kernels for torch.compile.
 
-The schemas live in csrc/cbn_ext.cpp (one TORCH_LIBRARY block). Autograd is registered
-on the operators themselves with ``torch.library.register_autograd`` (which wraps one
-``torch.autograd.Function`` per operator, calling the backward operators); PyTorch
-recommends this over a hand-written ``autograd.Function`` around a custom operator, and
-it makes ``torch.library.opcheck`` pass on inputs that require grad.
+The schemas live in csrc/cbn_schemas.h (one TORCH_LIBRARY block in csrc/cbn_ext.cpp).
+Autograd is registered in C++ under the Autograd dispatch key (csrc/cbn_autograd.h, one
+torch::autograd::Function per forward operator, calling the backward operators), as
+torchvision's operators do: a training step then costs microseconds of CPU per layer,
+not a Python round trip, and ``torch.library.opcheck`` passes on inputs that require
+grad.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ _ops = torch.ops.cbn_ext
 
 def build_info() -> dict:
     """What the compiled extension contains: ``{"cpu": True, "cuda": bool, "torch": str,
-    "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str}``; ``cpu_isa``
+    "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str,
+    "cuda_emulation": bool}``; ``cpu_isa``
     is the instruction set of the CPU kernels chosen for this processor ("avx2" or
-    "baseline")."""
-    return _C.build_info()
+    "baseline"); ``cuda_emulation``: whether the emulated CUDA backend (the CUDA kernels
+    run on the CPU, ``torch.ops.cbn_ext_emu``, for the tests) was built."""
+    info = _C.build_info()
+    info["cuda_emulation"] = has_emulation()
+    return info
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,10 +77,20 @@ def _empty_like_canonical(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels
+# Fake kernels, registered for every library of the operators: cbn_ext, and
+# cbn_ext_emu (the emulated CUDA backend, when built: cbn_ext._emu).
 # ---------------------------------------------------------------------------------------
 
-@torch.library.register_fake("cbn_ext::forward_train")
+def _mixture_outputs(x, K, C, soft):
+    """The E-step's mixture as the operators return it (csrc/cbn_common.h, mix_outputs):
+    (K, C), (K, C), (K,) with soft responsibilities, else three empty tensors."""
+    acc = _acc(x.dtype)
+    if not soft:
+        return tuple(x.new_empty((0,), dtype=acc) for _ in range(3))
+    return (x.new_empty((K, C), dtype=acc), x.new_empty((K, C), dtype=acc),
+            x.new_empty((K,), dtype=acc))
+
+
 def _forward_train_fake(input, weight, bias, running_mean, running_var, running_prior,
                         num_batches_tracked, groups, num_components, eps):
     x, inter = _canonical(input)
@@ -86,10 +101,9 @@ def _forward_train_fake(input, weight, bias, running_mean, running_var, running_
         return x.new_empty((K, C), dtype=acc)
 
     return (_empty_like_canonical(x), _empty_tau(x, inter, K), kc(), kc(),
-            x.new_empty((K,), dtype=acc), kc(), kc(), x.new_empty((K,), dtype=acc))
+            x.new_empty((K,), dtype=acc), *_mixture_outputs(x, K, C, K > 1 and groups is None))
 
 
-@torch.library.register_fake("cbn_ext::forward_eval")
 def _forward_eval_fake(input, weight, bias, running_mean, running_var, running_prior, groups,
                        num_components, eps):
     x, inter = _canonical(input)
@@ -106,19 +120,16 @@ def _backward_fake(grad_out, input, weight, K, output_mask):
     return gi, gw, gb
 
 
-@torch.library.register_fake("cbn_ext::backward_train")
 def _backward_train_fake(grad_out, input, weight, bias, tau, mean, var, count, mix_mean,
                          mix_var, soft, eps, output_mask):
     return _backward_fake(grad_out, input, weight, mean.shape[0], output_mask)
 
 
-@torch.library.register_fake("cbn_ext::backward_eval")
 def _backward_eval_fake(grad_out, input, weight, bias, tau, running_mean, running_var, soft,
                         eps, output_mask):
     return _backward_fake(grad_out, input, weight, running_mean.shape[0], output_mask)
 
 
-@torch.library.register_fake("cbn_ext::batch_stats")
 def _batch_stats_fake(input, running_mean, running_var, running_prior, num_batches_tracked,
                       groups, num_components, eps):
     x, inter = _canonical(input)
@@ -128,87 +139,59 @@ def _batch_stats_fake(input, running_mean, running_var, running_prior, num_batch
     def kc():
         return x.new_empty((K, C), dtype=acc)
 
-    return (_empty_tau(x, inter, K), kc(), kc(), x.new_empty((K,), dtype=acc), kc(), kc(),
-            x.new_empty((K,), dtype=acc))
+    return (_empty_tau(x, inter, K), kc(), kc(), x.new_empty((K,), dtype=acc),
+            *_mixture_outputs(x, K, C, K > 1 and groups is None))
 
 
-@torch.library.register_fake("cbn_ext::normalize")
 def _normalize_fake(input, weight, bias, tau, mean, var, groups, eps):
     x, _ = _canonical(input)
     return _empty_like_canonical(x)
 
 
-@torch.library.register_fake("cbn_ext::grad_sums")
 def _grad_sums_fake(grad_out, input, tau, mean):
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
-@torch.library.register_fake("cbn_ext::grad_input")
 def _grad_input_fake(grad_out, input, weight, bias, tau, mean, var, count, mix_mean, mix_var,
                      sum_g, sum_gx, soft, batch_stats, eps):
     x, _ = _canonical(input)
     return _empty_like_canonical(x)
 
 
-@torch.library.register_fake("cbn_ext::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, running_prior, num_batches_tracked,
                                mix_mean, mix_var, mix_prior, mean, var, count, num_positions,
                                momentum):
     return None
 
 
-# ---------------------------------------------------------------------------------------
-# Autograd: the forward operators' backward calls the backward operators.
-# ---------------------------------------------------------------------------------------
-
-def _output_mask(ctx):
-    return [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-            bool(ctx.needs_input_grad[2])]
+_FAKES = {"forward_train": _forward_train_fake, "forward_eval": _forward_eval_fake,
+          "backward_train": _backward_train_fake, "backward_eval": _backward_eval_fake,
+          "batch_stats": _batch_stats_fake, "normalize": _normalize_fake,
+          "grad_sums": _grad_sums_fake, "grad_input": _grad_input_fake,
+          "update_running_stats": _update_running_stats_fake}
 
 
-def _grads(ctx, gi, gw, gb, num_other_inputs):
-    mask = _output_mask(ctx)
-    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            *([None] * num_other_inputs))
+def _register(ns: str) -> None:
+    """Fake kernels of library `ns`, for torch.compile (autograd is registered in C++:
+    csrc/cbn_autograd.h)."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{ns}::{name}")(fake)
 
 
-def _setup_train(ctx, inputs, output):
-    (input, weight, bias, _rm, _rv, _rp, _nbt, groups, num_components, eps) = inputs
-    _out, tau, mean, var, count, mix_mean, mix_var, mix_prior = output
-    ctx.mark_non_differentiable(tau, mean, var, count, mix_mean, mix_var, mix_prior)
-    ctx.save_for_backward(input, weight, bias, tau, mean, var, count, mix_mean, mix_var)
-    ctx.soft = num_components > 1 and groups is None
-    ctx.eps = eps
+_register("cbn_ext")
+
+# The emulated CUDA backend, when this build has it (CBN_CUDA_EMULATION=1). Only its
+# absence is tolerated: a module that is there but does not load is an error.
+try:
+    from . import _emu  # noqa: F401  (registers torch.ops.cbn_ext_emu)
+except ModuleNotFoundError as e:
+    if e.name != f"{__package__}._emu":
+        raise
+    _emu = None
+else:
+    _register("cbn_ext_emu")
 
 
-def _backward_train(ctx, grad_out, *unused):
-    input, weight, bias, tau, mean, var, count, mix_mean, mix_var = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(input)
-    gi, gw, gb = _ops.backward_train(grad_out, input, weight, bias, tau, mean, var, count,
-                                     mix_mean, mix_var, ctx.soft, ctx.eps, _output_mask(ctx))
-    return _grads(ctx, gi, gw, gb, 7)
-
-
-def _setup_eval(ctx, inputs, output):
-    (input, weight, bias, running_mean, running_var, _rp, groups, num_components, eps) = inputs
-    _out, tau = output
-    ctx.mark_non_differentiable(tau)
-    ctx.save_for_backward(input, weight, bias, tau, running_mean, running_var)
-    ctx.soft = num_components > 1 and groups is None
-    ctx.eps = eps
-
-
-def _backward_eval(ctx, grad_out, *unused):
-    input, weight, bias, tau, running_mean, running_var = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(input)
-    gi, gw, gb = _ops.backward_eval(grad_out, input, weight, bias, tau, running_mean,
-                                    running_var, ctx.soft, ctx.eps, _output_mask(ctx))
-    return _grads(ctx, gi, gw, gb, 6)
-
-
-torch.library.register_autograd("cbn_ext::forward_train", _backward_train,
-                                setup_context=_setup_train)
-torch.library.register_autograd("cbn_ext::forward_eval", _backward_eval,
-                                setup_context=_setup_eval)
+def has_emulation() -> bool:
+    """Whether this build has the emulated CUDA backend (torch.ops.cbn_ext_emu)."""
+    return _emu is not None

@@ -115,17 +115,20 @@ def split_by(model: nn.Module, groups: Tensor):
     first-batch initialisation does not run.
 
     Raises:
-        ValueError (on entry): groups not 1-D integers, or a group id outside [0, K) of
-            some layer, naming it; (at a forward) a batch size other than len(groups),
-            naming the layer.
+        ValueError (on entry): groups not 1-D integers, or (groups on the CPU) a group id
+            outside [0, K) of some layer, naming it; (at a forward) a batch size other
+            than len(groups), naming the layer.
+        RuntimeError: group ids on a GPU outside [0, K): a device-side assert at the
+            layer's kernel (the host does not read device memory to check them, so that
+            a training step does not synchronise).
     """
     groups = torch.as_tensor(groups)
     if groups.dim() != 1 or groups.dtype.is_floating_point or groups.dtype == torch.bool:
         raise ValueError(f"split_by: expected a 1-D integer tensor of group ids, got "
                          f"{groups.dtype} of shape {tuple(groups.shape)}")
     layers = list(_compound_layers(model))
-    if groups.numel() > 0 and layers:
-        lo, hi = int(groups.min()), int(groups.max())  # one read of the ids
+    if groups.numel() > 0 and layers and groups.device.type == "cpu":
+        lo, hi = int(groups.min()), int(groups.max())  # free on the CPU
         for name, m in layers:
             if lo < 0 or hi >= m.num_components:
                 raise ValueError(f"{name}: split_by group ids must be in [0, "
@@ -137,7 +140,9 @@ def split_by(model: nn.Module, groups: Tensor):
             device = m.running_mean.device if m.running_mean is not None else (
                 m.weight.device if m.weight is not None else groups.device)
             if device not in by_device:
-                by_device[device] = groups.to(device=device, dtype=torch.long)
+                # non-blocking: a host-to-device copy that does not wait for the device
+                by_device[device] = groups.to(device=device, dtype=torch.long,
+                                              non_blocking=True)
             m._split_groups = by_device[device]
             m._split_name = name
         yield model
@@ -178,7 +183,7 @@ def dual_path_loss(model: nn.Module, inputs: Tensor, targets: Tensor, class_to_g
         :class:`DualPathLoss` (loss, main, auxiliary, consistency, logits).
     """
     logits_main = model(inputs)
-    groups = class_to_group.to(targets.device)[targets]
+    groups = class_to_group.to(targets.device, non_blocking=True)[targets]
     with split_by(model, groups):
         logits_aux = model(inputs)
     main = criterion(logits_main, targets)

@@ -140,11 +140,10 @@ Tensor grad_like(const Tensor& grad, const Tensor& x) {
 
 void check_group_values(const OptTensor& groups, int64_t K) {
   if (!defined(groups) || groups->numel() == 0) return;
-  const Tensor& g = *groups;
-  const Tensor bad = (g < 0).logical_or_(g >= K);
-  if (bad.any().item<bool>()) {
-    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "expected group ids in [0, ", K, "), got ", g[i].item<int64_t>(),
+  const Tensor g = groups->contiguous();
+  const int64_t* p = g.data_ptr<int64_t>();
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < K, "expected group ids in [0, ", K, "), got ", p[i],
                       " for sample ", i);
   }
 }
@@ -155,6 +154,9 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
                        const OptTensor& groups, int64_t K, double eps, bool require_positions) {
   check_input(input, "compound_batch_norm");
   check_num_components(K);
+  // as F.batch_norm
+  TORCH_CHECK_VALUE(eps > 0, "compound_batch_norm eps must be positive during training, but got ",
+                    eps);
   TrainSetup st;
   st.x = canonical_input(input, st.shape);
   const int64_t C = st.shape.C;
@@ -173,7 +175,6 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
                 "expected num_batches_tracked as an int64 scalar on ", input.device());
   }
   check_groups(groups, input, K);
-  check_group_values(groups, K);
   st.resp = resp_of(K, groups);
   const bool have_running = defined(running_mean) && defined(running_var);
   TORCH_CHECK_VALUE(have_running || K == 1, "compound_batch_norm with ", K,
@@ -183,25 +184,77 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
                     K, " components needs running_prior");
   st.acc = acc_type_of(input.scalar_type());
   const auto aopt = st.x.options().dtype(st.acc);
-  // reads num_batches_tracked: a device sync on a GPU, for soft responsibilities only
-  const bool first = st.resp == Resp::kSoft && defined(num_batches_tracked) &&
-                     st.shape.M() > 0 && num_batches_tracked->item<int64_t>() == 0;
-  if (first) {
-    std::tie(st.mix_mean, st.mix_var, st.mix_prior) = initial_mixture(st.x, K, eps);
-  } else {
-    st.mix_mean = have_running ? running_mean->clone() : at::zeros({K, C}, aopt);
-    st.mix_var = have_running ? running_var->clone() : at::ones({K, C}, aopt);
-    st.mix_prior = defined(running_prior) ? running_prior->clone()
-                                          : at::full({K}, 1.0 / static_cast<double>(K), aopt);
+  // The mixture of the E-step: the running one, read in place (the backend returns copies
+  // where the backward needs them), or at the first batch (num_batches_tracked == 0, soft
+  // E-step) its initialisation from the batch.
+  if (have_running) {
+    st.mix_mean = running_mean->contiguous();
+    st.mix_var = running_var->contiguous();
+  } else {  // K = 1 without running statistics: never used, as the component is active
+    st.mix_mean = at::zeros({K, C}, aopt);
+    st.mix_var = at::ones({K, C}, aopt);
+    st.mix_owned = true;
+  }
+  st.mix_prior = defined(running_prior) ? running_prior->contiguous()
+                                        : at::full({K}, 1.0 / static_cast<double>(K), aopt);
+  if (st.resp == Resp::kSoft && defined(num_batches_tracked) && st.shape.M() > 0) {
+    if (st.x.is_cpu()) {
+      // a free read on the CPU
+      if (num_batches_tracked->item<int64_t>() == 0) {
+        std::tie(st.mix_mean, st.mix_var, st.mix_prior) = initial_mixture(st.x, K, eps);
+        st.mix_owned = true;
+      }
+    } else {
+      // decided on the device, without a host-device sync: the initialisation where
+      // num_batches_tracked == 0 (callers that know the mixture is initialised pass no
+      // num_batches_tracked and skip this work)
+      Tensor im, iv, ip;
+      std::tie(im, iv, ip) = initial_mixture(st.x, K, eps);
+      const Tensor first = num_batches_tracked->reshape({}).eq(0);
+      st.mix_mean = at::where(first, im, st.mix_mean);
+      st.mix_var = at::where(first, iv, st.mix_var);
+      st.mix_prior = at::where(first, ip, st.mix_prior);
+      st.mix_owned = true;
+    }
   }
   return st;
 }
 
+GradCoefs GradCoefs::make(int64_t K, int64_t C, int64_t ev_cols, const at::TensorOptions& opts) {
+  GradCoefs g;
+  g.kc = K * C;
+  g.ev_cols = ev_cols;
+  g.buf = at::empty({kRows * K * C + K * ev_cols}, opts);
+  g.dgamma = at::empty({K, C}, opts);
+  g.dbeta = at::empty({K, C}, opts);
+  return g;
+}
+
+void mix_outputs(const TrainSetup& st, BatchStats& out, Tensor copy_mean, Tensor copy_var,
+                 Tensor copy_prior) {
+  if (st.resp != Resp::kSoft) {
+    const auto aopt = st.x.options().dtype(st.acc);
+    out.mix_mean = at::empty({0}, aopt);  // three tensors: outputs must not alias
+    out.mix_var = at::empty({0}, aopt);
+    out.mix_prior = at::empty({0}, aopt);
+  } else if (st.mix_owned) {
+    out.mix_mean = st.mix_mean;
+    out.mix_var = st.mix_var;
+    out.mix_prior = st.mix_prior;
+  } else {
+    out.mix_mean = std::move(copy_mean);
+    out.mix_var = std::move(copy_var);
+    out.mix_prior = std::move(copy_prior);
+  }
+}
+
 EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const Tensor& running_mean, const Tensor& running_var,
-                     const OptTensor& running_prior, const OptTensor& groups, int64_t K) {
+                     const OptTensor& running_prior, const OptTensor& groups, int64_t K,
+                     double eps) {
   check_input(input, "compound_batch_norm");
   check_num_components(K);
+  TORCH_CHECK_VALUE(eps >= 0, "compound_batch_norm eps must be non-negative, but got ", eps);
   EvalSetup st;
   st.x = canonical_input(input, st.shape);
   const int64_t C = st.shape.C;
@@ -211,7 +264,6 @@ EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTens
   check_param(running_var, "running_var", input, K, C, true);
   check_param(running_prior, "running_prior", input, K, C, false);
   check_groups(groups, input, K);
-  check_group_values(groups, K);
   st.resp = resp_of(K, groups);
   TORCH_CHECK_VALUE(st.resp != Resp::kSoft || defined(running_prior), "compound_batch_norm with ",
                     K, " components needs running_prior");

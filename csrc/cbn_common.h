@@ -39,6 +39,11 @@ Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType 
 
 at::ScalarType acc_type_of(at::ScalarType input);
 
+// A device guard for backends that need none.
+struct NoGuard {
+  explicit NoGuard(const c10::Device&) {}
+};
+
 // Checks shared by every operator; raise ValueError / TypeError / RuntimeError with a
 // message that names the argument.
 void check_input(const Tensor& input, const char* op);
@@ -47,7 +52,9 @@ void check_param(const OptTensor& t, const char* name, const Tensor& input, int6
 void check_groups(const OptTensor& groups, const Tensor& input, int64_t K);
 void check_num_components(int64_t K);
 
-// Checks group ids against [0, K) (reads them: a device sync on a GPU).
+// Checks group ids (CPU tensors) against [0, K). The CPU backend does; the CUDA backend
+// leaves it to its kernels (a device-side assert), so that the host never reads device
+// memory.
 void check_group_values(const OptTensor& groups, int64_t K);
 
 // Everything a backend needs before its kernels run, after the shared checks.
@@ -56,8 +63,10 @@ struct TrainSetup {
   Shape shape;
   Resp resp;
   at::ScalarType acc;
-  // the mixture of the E-step: the running one, or the first batch's initialisation
+  // The mixture of the E-step (contiguous): the running buffers themselves (read only), or
+  // (mix_owned) tensors of this call, such as the first batch's initialisation.
   Tensor mix_mean, mix_var, mix_prior;
+  bool mix_owned = false;
 };
 // require_positions: training needs more than one position (forward_train); the
 // building block batch_stats leaves that check to its caller (synced layers check the
@@ -68,17 +77,46 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
                        const OptTensor& groups, int64_t K, double eps, bool require_positions);
 
 // The outputs of the E-step and M-step; alpha, delta: the affine coefficients when the
-// backend computes them with the statistics (else undefined).
+// backend computes them with the statistics (else undefined). mix_*: the mixture of the
+// E-step as the operators return it (mix_outputs below).
 struct BatchStats {
   Tensor tau, mean, var, count;
   Tensor alpha, delta;
+  Tensor mix_mean, mix_var, mix_prior;
 };
 
-// Per-(k, c) coefficients of the backward (cbn_math.h): alpha, beta, e1, e2 for dtau;
-// p, q, a, amu for dx; dgamma and dbeta. ev: sum_c e2 v per component (the CPU backend:
-// (K,); the CUDA one: per-block parts, (K, blocks)).
+// The mixture the operators return for the backward and the running update: with soft
+// responsibilities the E-step's mixture (copies of the running buffers, which the running
+// update then overwrites, or the tensors of this call); otherwise nothing (empty tensors:
+// neither the backward nor the running update needs more than the running buffers).
+// `copies` are the backend's copies of st.mix_* (made with the E-step coefficients), used
+// when the mixture is the running buffers.
+void mix_outputs(const TrainSetup& st, BatchStats& out, Tensor copy_mean, Tensor copy_var,
+                 Tensor copy_prior);
+
+// Per-(k, c) coefficients of the backward (cbn_math.h), as rows of K x C values in one
+// allocation: alpha, beta, e1, e2 for dtau; p, q, a, amu for dx; then ev, sum_c e2 v per
+// component (the CPU backend: K values; the CUDA one: per-block parts, K x ev_cols).
+// dgamma and dbeta: the parameter gradients (K, C).
 struct GradCoefs {
-  Tensor alpha, beta, e1, e2, ev, p, q, a, amu, dgamma, dbeta;
+  enum Row : int { kAlpha, kBeta, kE1, kE2, kP, kQ, kA, kAmu, kRows };
+  Tensor buf;
+  int64_t kc = 0, ev_cols = 1;
+  Tensor dgamma, dbeta;
+
+  static GradCoefs make(int64_t K, int64_t C, int64_t ev_cols, const at::TensorOptions& opts);
+  template <typename T>
+  T* row(Row r) const {
+    return buf.data_ptr<T>() + r * kc;
+  }
+  template <typename T>
+  T* ev() const {
+    return buf.data_ptr<T>() + kRows * kc;
+  }
+  void* row_ptr(Row r) const {
+    return static_cast<char*>(buf.data_ptr()) + r * kc * buf.element_size();
+  }
+  void* ev_ptr() const { return row_ptr(kRows); }
 };
 
 // Applying given statistics (the normalize operator).
@@ -107,7 +145,8 @@ struct EvalSetup {
 };
 EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const Tensor& running_mean, const Tensor& running_var,
-                     const OptTensor& running_prior, const OptTensor& groups, int64_t K);
+                     const OptTensor& running_prior, const OptTensor& groups, int64_t K,
+                     double eps);
 
 struct BackwardSetup {
   Tensor x;     // canonical input

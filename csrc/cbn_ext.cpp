@@ -1,6 +1,6 @@
-// The cbn_ext operator library: schemas (one TORCH_LIBRARY block) and the Python module
-// that loads them. Backends register their kernels with TORCH_LIBRARY_IMPL in
-// csrc/cpu/cbn_cpu.cpp and csrc/cuda/.
+// The cbn_ext operator library: schemas (one TORCH_LIBRARY block, csrc/cbn_schemas.h),
+// autograd (csrc/cbn_autograd.h) and the Python module that loads them. Backends register
+// their kernels with TORCH_LIBRARY_IMPL in csrc/cpu/cbn_cpu.cpp and csrc/cuda/.
 //
 // Operators (SPEC notation; K components, C channels, M positions):
 //   forward_train: E-step (or given groups), M-step and normalization with batch
@@ -28,6 +28,9 @@
 
 #include <string>
 
+#include "cbn_autograd.h"
+#include "cbn_schemas.h"
+
 #if defined(CBN_WITH_CUDA)
 #include <cuda_runtime_api.h>
 #endif
@@ -39,45 +42,13 @@ const char* cpu_isa();
 }
 }  // namespace cbn_ext
 
-TORCH_LIBRARY(cbn_ext, m) {
-  m.def(
-      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-      "Tensor? running_var, Tensor? running_prior, Tensor? num_batches_tracked, Tensor? groups, "
-      "int num_components, float eps) -> (Tensor out, Tensor tau, Tensor mean, Tensor var, "
-      "Tensor count, Tensor mix_mean, Tensor mix_var, Tensor mix_prior)");
-  m.def(
-      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, Tensor? running_prior, Tensor? groups, int num_components, "
-      "float eps) -> (Tensor out, Tensor tau)");
-  m.def(
-      "backward_train(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
-      "Tensor mean, Tensor var, Tensor count, Tensor mix_mean, Tensor mix_var, bool soft, "
-      "float eps, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
-      "Tensor grad_bias)");
-  m.def(
-      "backward_eval(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
-      "Tensor running_mean, Tensor running_var, bool soft, float eps, bool[3] output_mask) -> "
-      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  m.def(
-      "batch_stats(Tensor input, Tensor? running_mean, Tensor? running_var, "
-      "Tensor? running_prior, Tensor? num_batches_tracked, Tensor? groups, int num_components, "
-      "float eps) -> (Tensor tau, Tensor mean, Tensor var, Tensor count, Tensor mix_mean, "
-      "Tensor mix_var, Tensor mix_prior)");
-  m.def(
-      "normalize(Tensor input, Tensor? weight, Tensor? bias, Tensor tau, Tensor mean, "
-      "Tensor var, Tensor? groups, float eps) -> Tensor");
-  m.def("grad_sums(Tensor grad_out, Tensor input, Tensor tau, Tensor mean) -> (Tensor sum_g, "
-        "Tensor sum_gx)");
-  m.def(
-      "grad_input(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor tau, "
-      "Tensor mean, Tensor var, Tensor count, Tensor mix_mean, Tensor mix_var, Tensor sum_g, "
-      "Tensor sum_gx, bool soft, bool batch_stats, float eps) -> Tensor");
-  m.def(
-      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "Tensor(c!)? running_prior, Tensor(d!)? num_batches_tracked, Tensor mix_mean, "
-      "Tensor mix_var, Tensor mix_prior, Tensor mean, Tensor var, Tensor count, "
-      "SymInt num_positions, float? momentum) -> ()");
-}
+TORCH_LIBRARY(cbn_ext, m) { cbn_ext::define_operators(m); }
+
+namespace {
+constexpr char kLibrary[] = "cbn_ext";
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbn_ext, Autograd, m) { cbn_ext::register_autograd<kLibrary>(m); }
 
 namespace {
 

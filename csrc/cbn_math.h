@@ -94,7 +94,18 @@ struct WeightedMoments {
   acc_t m2;    // weighted sum of squared deviations from mean
 };
 
-// Merge b into a (Chan et al.): exact for any split of the positions.
+// The weighted mean sum / n of a tile or a component; 0 when n is 0 (no weight, so the sum
+// is 0 too). By division, never by a reciprocal: a component far from every position of a
+// tile holds tiny responsibilities there, subnormal ones included, and 1 / n overflows
+// once n < 1 / FLT_MAX (1 / DBL_MAX), while sum / n stays a finite weighted average.
+// T may be a SIMD vector of sums (one count for every lane).
+template <typename T, typename acc_t>
+CBN_INLINE T weighted_mean(T sum, acc_t n) {
+  return n > acc_t(0) ? sum / n : T{};
+}
+
+// Merge b into a (Chan et al.): exact for any split of the positions. Finite whatever the
+// counts (tiny, subnormal or zero): b's weight is the ratio b.n / (a.n + b.n) <= 1.
 template <typename acc_t>
 CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_t>& b) {
   const acc_t n = a.n + b.n;

@@ -18,6 +18,7 @@
 //   static void update_running_stats(running_mean, running_var, running_prior,
 //                                    num_batches_tracked, mix_mean, mix_var, mix_prior,
 //                                    mean, var, count, num_positions, momentum);
+//   static constexpr bool kHostChecksGroupIds;  // else the kernels check them
 //
 // and registers them with register_operators<B>(m) in its TORCH_LIBRARY_IMPL block.
 #pragma once
@@ -46,11 +47,12 @@ struct Operators {
     const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
                                       running_prior, num_batches_tracked, groups, K, eps,
                                       /*require_positions=*/true);
+    if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
     const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/true, weight,
                                          bias);
     const Tensor out = B::normalize(ApplySetup::from(st, K), groups, weight, bias, bs.tau,
                                     bs.mean, bs.var, eps, bs.alpha, bs.delta);
-    return {out, bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+    return {out, bs.tau, bs.mean, bs.var, bs.count, bs.mix_mean, bs.mix_var, bs.mix_prior};
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_stats(
@@ -61,9 +63,10 @@ struct Operators {
     const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean,
                                       running_var, running_prior, num_batches_tracked, groups,
                                       K, eps, /*require_positions=*/false);
+    if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
     const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/false,
                                          std::nullopt, std::nullopt);
-    return {bs.tau, bs.mean, bs.var, bs.count, st.mix_mean, st.mix_var, st.mix_prior};
+    return {bs.tau, bs.mean, bs.var, bs.count, bs.mix_mean, bs.mix_var, bs.mix_prior};
   }
 
   static Tensor normalize(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
@@ -71,6 +74,7 @@ struct Operators {
                           const OptTensor& groups, double eps) {
     typename B::Guard guard(input.device());
     const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
+    if constexpr (B::kHostChecksGroupIds) check_group_values(groups, st.K);
     return B::normalize(st, groups, weight, bias, tau, mean, var, eps, Tensor(), Tensor());
   }
 
@@ -83,7 +87,8 @@ struct Operators {
                                                  double eps) {
     typename B::Guard guard(input.device());
     const EvalSetup st = setup_eval(input, weight, bias, running_mean, running_var,
-                                    running_prior, groups, K);
+                                    running_prior, groups, K, eps);
+    if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
     return B::forward_eval(st, weight, bias, running_mean, running_var, running_prior, groups,
                            K, eps);
   }
@@ -173,10 +178,5 @@ void register_operators(torch::Library& m) {
   m.impl("grad_sums", &Operators<B>::grad_sums);
   m.impl("grad_input", &Operators<B>::grad_input);
 }
-
-// A device guard for backends that need none.
-struct NoGuard {
-  explicit NoGuard(const c10::Device&) {}
-};
 
 }  // namespace cbn_ext

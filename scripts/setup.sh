@@ -6,6 +6,7 @@
 #   CBN_TORCH   what to pip-install when no torch is found (default: torch)
 #   CBN_VENV    where the virtual environment lives (default: .venv)
 #   PYTHON      the interpreter to create it from (default: python3)
+#   CBN_CUDA_EMULATION=1    also build the emulated CUDA backend (cbn_ext._emu; CI)
 #   CBN_STRICT_WARNINGS=1   fail when the compilers warn (CI)
 #   CBN_REBUILD=1           build even when the extension looks up to date
 # A torch already installed for $PYTHON (a GPU machine's own build) is reused, not
@@ -41,16 +42,18 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # rebuild unless the built extension is newer than every source and matches this torch
-# and the FORCE_CUDA / FORCE_CPU switches
+# and the FORCE_CUDA / FORCE_CPU / CBN_CUDA_EMULATION switches
 so=$(ls cbn_ext/_C*.so 2>/dev/null | head -1 || true)
 fresh=0
 if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ] &&
-   FORCE_CUDA=${FORCE_CUDA:-0} FORCE_CPU=${FORCE_CPU:-0} "$VPY" -c "
+   FORCE_CUDA=${FORCE_CUDA:-0} FORCE_CPU=${FORCE_CPU:-0} \
+   CBN_CUDA_EMULATION=${CBN_CUDA_EMULATION:-0} "$VPY" -c "
 import os, sys, torch, cbn_ext
 info = cbn_ext.build_info()
 stale = (info['torch'] != torch.__version__.split('+')[0]
          or (os.environ['FORCE_CUDA'] == '1' and not info['cuda'])
-         or (os.environ['FORCE_CPU'] == '1' and info['cuda']))
+         or (os.environ['FORCE_CPU'] == '1' and info['cuda'])
+         or (os.environ['CBN_CUDA_EMULATION'] == '1' and not info['cuda_emulation']))
 sys.exit(1 if stale else 0)" >/dev/null 2>&1; then
   fresh=1
 fi

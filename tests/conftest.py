@@ -3,6 +3,8 @@ float64 reference, and relative errors."""
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,6 +13,7 @@ import torch
 
 import cbn_ext
 from cbn_ext import functional as Fc
+from cbn_ext import ops
 from cbn_ext import reference as R
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -18,11 +21,45 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def device_params():
-    return [pytest.param("cpu")] + [
-        pytest.param("cuda", marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and cbn_ext.build_info()["cuda"]),
-            reason="needs a CUDA device and a build with CUDA kernels"))]
+HAS_CUDA = torch.cuda.is_available() and cbn_ext.build_info()["cuda"]
+HAS_EMU = cbn_ext.build_info()["cuda_emulation"]
+
+
+def device_params(emu: bool = False):
+    """"cpu", "cuda" (skipped without a GPU) and, with emu=True, "emu": the CUDA kernels
+    run by the emulated CUDA backend on CPU tensors (skipped when it is not built)."""
+    params = [pytest.param("cpu"),
+              pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                  not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels")])]
+    if emu:
+        params.append(pytest.param("emu", marks=[pytest.mark.emu, pytest.mark.skipif(
+            not HAS_EMU, reason="needs the emulated CUDA backend (CBN_CUDA_EMULATION=1)")]))
+    return params
+
+
+def seed_of_params(*params) -> int:
+    """A seed that depends on a test's parameters only (str hashes vary per process)."""
+    return zlib.crc32(repr(params).encode())
+
+
+def torch_device(device: str) -> str:
+    """The torch device of a test device ("emu" runs on CPU tensors)."""
+    return "cpu" if device == "emu" else device
+
+
+@contextlib.contextmanager
+def backend(device: str):
+    """Within the context, the operators of `device`'s backend serve cbn_ext's calls: the
+    emulated CUDA backend's for "emu", the dispatcher's choice otherwise."""
+    if device != "emu":
+        yield
+        return
+    saved = ops._ops
+    ops._ops = torch.ops.cbn_ext_emu
+    try:
+        yield
+    finally:
+        ops._ops = saved
 
 
 def rel_err(out, ref) -> float:
@@ -57,6 +94,7 @@ class Case:
     bias: torch.Tensor
     grad: torch.Tensor
     groups: Optional[torch.Tensor]
+    device: str = ""  # the test device ("emu": CPU tensors, emulated CUDA kernels)
 
     @property
     def K(self):
@@ -84,14 +122,16 @@ def make_case(shape, K, dtype=torch.float32, channels_last=False, seed=0, device
     grp = torch.randint(0, K, (N,), generator=g) if groups else None
     acc = acc_dtype(dtype)
 
+    tdev = torch_device(device)
+
     def dev(t, dt):
-        return t.to(device=device, dtype=dt)
+        return t.to(device=tdev, dtype=dt)
 
     x, gr = dev(x, dtype), dev(gr, dtype)
     if channels_last:
         x, gr = channels_inner(x), channels_inner(gr)
     return Case(x, dev(rm, acc), dev(rv, acc), dev(rp, acc), dev(w, acc), dev(b, acc), gr,
-                None if grp is None else grp.to(device))
+                None if grp is None else grp.to(tdev), device)
 
 
 def counts_near_one(case: Case, nbt: Optional[int] = 3, eps=1e-5, band=1e-3) -> bool:
@@ -145,11 +185,12 @@ def run(fn, case: Case, training: bool, nbt: Optional[int] = 3, momentum=0.1, ep
     b = cast(case.bias, acc).requires_grad_(backward) if affine else None
     rm, rv, rp = cast(case.running_mean, acc), cast(case.running_var, acc), cast(case.running_prior, acc)
     n = None if nbt is None else torch.tensor(nbt, device=case.x.device)
-    y = fn(x, rm, rv, rp, w, b, training, momentum, eps, n, case.groups)
-    dx = dw = db = None
-    if backward:
-        y.backward(cast(case.grad, in_dt))
-        dx, dw, db = x.grad, (w.grad if affine else None), (b.grad if affine else None)
+    with backend(case.device):
+        y = fn(x, rm, rv, rp, w, b, training, momentum, eps, n, case.groups)
+        dx = dw = db = None
+        if backward:
+            y.backward(cast(case.grad, in_dt))
+            dx, dw, db = x.grad, (w.grad if affine else None), (b.grad if affine else None)
     return Result(y.detach(), dx, dw, db, rm, rv, rp, n)
 
 
@@ -166,5 +207,29 @@ def compare(ours: Result, ref: Result, tol: float, what=("y", "dx", "dw", "db", 
     return errs
 
 
+def compare_with_rule(ours: Result, case: Case, training: bool, dtype, what=(
+        "y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"), **kwargs):
+    """The SPEC's accuracy rule: each result within TOL[dtype] (relative) of the float64
+    evaluation, or, where the pure-PyTorch reference run in `dtype` on the same input
+    misses that too, within twice that reference's own error. Returns {name: (error,
+    bound)}."""
+    exact = run(R.compound_batch_norm, case, training, dtype=torch.float64, **kwargs)
+    same = run(R.compound_batch_norm, case, training, **kwargs)
+    out, bad = {}, {}
+    for name in what:
+        a, b, c = getattr(ours, name), getattr(exact, name), getattr(same, name)
+        if a is None and b is None:
+            continue
+        err = rel_err(a, b)
+        bound = max(TOL[dtype], 2.0 * rel_err(c, b))
+        out[name] = (err, bound)
+        if not err <= bound:  # NaN fails
+            bad[name] = (err, bound)
+    assert not bad, f"(error, bound) above the SPEC's rule: {bad} (all: {out})"
+    return out
+
+
 __all__ = ["DTYPES", "TOL", "Case", "Result", "make_case", "make_stable_case", "run", "compare", "rel_err",
-           "device_params", "channels_inner", "Fc", "R", "acc_dtype"]
+           "device_params", "channels_inner", "Fc", "R", "acc_dtype", "torch_device", "backend",
+           "compare_with_rule", "seed_of_params",
+           "HAS_CUDA", "HAS_EMU"]

@@ -13,7 +13,7 @@ HAS_CUDA = torch.cuda.is_available() and cbn_ext.build_info()["cuda"]
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels")
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
 @pytest.mark.parametrize("K", [1, 2, 4])
@@ -98,3 +98,103 @@ def test_more_than_2_31_elements(layout):
         assert torch.equal(yb_eval[-n:], ys_eval)
     del big_x, y_big, yb_eval
     torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# A GPU-friendly training step: no host synchronisation, and capturable in a CUDA graph.
+# ---------------------------------------------------------------------------------------
+
+def _converted_resnet(K, seed=0):
+    from test_training import TinyResNet, randomize_bn
+    torch.manual_seed(seed)
+    model = TinyResNet(num_classes=4)
+    randomize_bn(model)
+    return cbn_ext.convert_batchnorm(model, num_components=K).cuda().train()
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["soft", "split", "dual"])
+@pytest.mark.parametrize("K", [1, 2])
+def test_training_step_without_sync(K, path):
+    """A steady-state training step (forward, backward, optimizer) of a converted ResNet
+    never synchronises with the host: torch.cuda.set_sync_debug_mode("error") raises at
+    any synchronising call. The first steps (the mixture's initialisation) are warm-up."""
+    if path != "soft" and K == 1:
+        pytest.skip("the split and dual paths need K > 1")
+    model = _converted_resnet(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    class_to_group = cbn_ext.class_groups(torch.tensor([50, 30, 10, 5]), K)
+    x = torch.randn(16, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 4, (16,), device="cuda")
+    groups = class_to_group.cuda()[y]
+
+    def step():
+        if path == "dual":
+            loss = cbn_ext.dual_path_loss(model, x, y, class_to_group).loss
+        elif path == "split":
+            with cbn_ext.split_by(model, groups):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_cuda
+@pytest.mark.parametrize("K", [1, 2])
+def test_training_step_in_a_cuda_graph(K):
+    """The same step captured in a CUDA graph and replayed gives what eager mode gives:
+    parameters and running statistics after three steps on the same batches."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    eager, graphed = _converted_resnet(K), _converted_resnet(K)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.01, momentum=0.9)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [(torch.randn(16, 3, 16, 16, device="cuda", generator=g),
+                torch.randint(0, 4, (16,), device="cuda", generator=g)) for _ in range(6)]
+
+    def step(model, opt, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    # warm-up on a side stream, as torch.cuda.graphs' whole-network capture asks
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            step(graphed, opt_g, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        step(eager, opt_e, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed, opt_g, static_x, static_y)
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        step(eager, opt_e, x, y)
+    torch.cuda.synchronize()
+    for (name, pe), (_, pg) in zip(eager.named_parameters(), graphed.named_parameters()):
+        assert rel_err(pg, pe) <= 1e-5, name
+    for (name, be), (_, bg) in zip(eager.named_buffers(), graphed.named_buffers()):
+        assert rel_err(bg.float(), be.float()) <= 1e-5, name

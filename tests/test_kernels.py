@@ -1,14 +1,12 @@
 """The fused kernels against the float64 reference: forward, backward and running
 statistics, over components, dtypes, layouts, shapes and modes (train / eval / split)."""
 
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DTYPES, TOL, Fc, R, compare, device_params, make_case, make_stable_case,
-                      rel_err, run)
+from conftest import (DTYPES, TOL, Fc, R, backend, compare, device_params, make_case,
+                      make_stable_case, rel_err, run, seed_of_params, torch_device)
 
 SHAPES = {
     "1d": (64, 13),              # (N, C), C not a multiple of 8
@@ -26,9 +24,7 @@ KS = [1, 2, 3, 4, 8]
 MODES = ["train", "eval", "split-train", "split-eval"]
 
 
-def seed_of(*params) -> int:
-    """A seed that depends on the test's parameters only (str hashes vary per process)."""
-    return zlib.crc32(repr(params).encode())
+seed_of = seed_of_params
 
 
 def _run_case(shape, K, dtype, layout, mode, device, seed):
@@ -48,7 +44,7 @@ def _run_case(shape, K, dtype, layout, mode, device, seed):
         assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 4
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -59,7 +55,7 @@ def test_matches_reference(dtype, shape_name, layout, K, mode, device):
     _run_case(SHAPES[shape_name], K, dtype, layout, mode, device, seed)
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -70,7 +66,7 @@ def test_half_precision_matches_reference(dtype, shape_name, layout, K, mode, de
     _run_case(SHAPES[shape_name], K, dtype, layout, mode, device, seed)
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("K", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -84,8 +80,9 @@ def test_first_batch_initialisation(dtype, K, layout, device):
     compare(ours, ref, TOL[dtype])
     assert ours.num_batches_tracked.item() == 1
     # the prior was reset to 1/K before the update (1 - eta) / K + eta N_k / M: sums to 1
-    assert torch.allclose(ours.running_prior.sum(), torch.tensor(1.0, dtype=ours.running_prior.dtype,
-                                                                  device=device))
+    assert torch.allclose(ours.running_prior.sum(),
+                          torch.tensor(1.0, dtype=ours.running_prior.dtype,
+                                       device=ours.running_prior.device))
 
 
 def test_initial_mixture_chunks():
@@ -99,7 +96,7 @@ def test_initial_mixture_chunks():
     assert torch.equal(mean4[3], x.mean(0))
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
@@ -126,19 +123,20 @@ def test_k1_is_batch_norm(training, dtype, layout, device):
     assert torch.equal(ours.running_prior.cpu(), torch.ones(1, dtype=ours.running_prior.dtype))
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 def test_k1_without_running_stats_is_batch_norm(device):
-    x = torch.randn(6, 5, 4, 3, device=device, requires_grad=True)
-    y = Fc.compound_batch_norm(x, None, None, training=True)
-    x2 = x.detach().clone().requires_grad_()
-    y2 = F.batch_norm(x2, None, None, training=True)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y2.backward(g)
+    x = torch.randn(6, 5, 4, 3, device=torch_device(device), requires_grad=True)
+    with backend(device):
+        y = Fc.compound_batch_norm(x, None, None, training=True)
+        x2 = x.detach().clone().requires_grad_()
+        y2 = F.batch_norm(x2, None, None, training=True)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y2.backward(g)
     assert rel_err(y, y2) <= 1e-5 and rel_err(x.grad, x2.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("split", [False, True])
 def test_inactive_component(split, layout, device):
@@ -148,7 +146,7 @@ def test_inactive_component(split, layout, device):
     case = make_case(shape, K, torch.float32, channels_last=(layout == "channels_last"), seed=5,
                      device=device, groups=split)
     if split:
-        case.groups = torch.tensor([0, 0, 2, 2, 0, 2], device=device)  # component 1 empty
+        case.groups = torch.tensor([0, 0, 2, 2, 0, 2], device=torch_device(device))  # 1 empty
     else:
         case.running_mean[1] += 50.0  # far from every position: tau ~ 0
     ours = run(Fc.compound_batch_norm, case, True)
@@ -159,7 +157,7 @@ def test_inactive_component(split, layout, device):
     assert torch.isfinite(ours.dx).all() and torch.isfinite(ours.dw).all()
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_large_mean_input(K, layout, device):
@@ -176,7 +174,7 @@ def test_large_mean_input(K, layout, device):
     compare(ours, ref, 1e-3)
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("nbt", [0, 3])
@@ -194,7 +192,7 @@ def test_nan_input_leaves_running_buffers(nbt, K, layout, device):
     assert ours.num_batches_tracked.item() == nbt, "a bad batch is not tracked"
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 def test_momentum_none_is_cumulative_average(device):
     K, shape = 2, (6, 5, 4, 4)
     case = make_case(shape, K, torch.float64, seed=3, device=device)
@@ -206,7 +204,7 @@ def test_momentum_none_is_cumulative_average(device):
     assert moved.abs().max() > 0
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("K", [1, 3])
 def test_affine_false(K, device):
     case = make_case((4, 7, 5, 3), K, torch.float32, seed=4, device=device)
@@ -216,7 +214,7 @@ def test_affine_false(K, device):
         compare(ours, ref, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 def test_non_contiguous_input(device):
     """An input that is neither contiguous nor channels-last is copied; the result matches."""
     K = 2
@@ -231,14 +229,15 @@ def test_non_contiguous_input(device):
         compare(ours, ref, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 def test_empty_batch_in_eval(device):
     case = make_case((3, 5, 4, 4), 2, torch.float32, seed=1, device=device)
     x = case.x[:0].clone().requires_grad_()
-    y = Fc.compound_batch_norm(x, case.running_mean, case.running_var, case.running_prior,
-                               case.weight, case.bias, training=False)
-    assert y.shape == x.shape
-    y.sum().backward()
+    with backend(device):
+        y = Fc.compound_batch_norm(x, case.running_mean, case.running_var, case.running_prior,
+                                   case.weight, case.bias, training=False)
+        assert y.shape == x.shape
+        y.sum().backward()
     assert x.grad.shape == x.shape
 
 
@@ -265,7 +264,7 @@ def test_deterministic(mode, layout, device):
             assert torch.equal(getattr(results[0], name), getattr(other, name)), name
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,layout", [((3, 5, 7, 3), "contiguous"), ((3, 5, 7, 3), "channels_last"),
                                           ((37, 13), "contiguous")])
@@ -280,12 +279,13 @@ def test_half_precision_conversions_are_exact(shape, layout, dtype, device):
     flat[1::13] = float("inf")
     flat[2::17] = -float("inf")
     flat[3::19] = torch.finfo(dtype).tiny / 4  # subnormal
-    x = x.to(device)
+    x = x.to(torch_device(device))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     C = shape[1]
-    mean = (torch.randn(1, C, generator=g) * 0.37).to(device)
-    y = Fc.compound_batch_norm(x, mean, torch.ones(1, C, device=device), eps=0.0)
+    mean = (torch.randn(1, C, generator=g) * 0.37).to(x.device)
+    with backend(device):
+        y = Fc.compound_batch_norm(x, mean, torch.ones(1, C, device=x.device), eps=0.0)
     view = (1, C) + (1,) * (x.dim() - 2)
     expected = (x.float() - mean.view(view)).to(dtype)
     nan = torch.isnan(expected)

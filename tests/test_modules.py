@@ -2,6 +2,8 @@
 errors for bad input."""
 
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 import cbn_ext
 from cbn_ext import CompoundBatchNorm1d, CompoundBatchNorm2d, CompoundBatchNorm3d
-from conftest import R, device_params, rel_err
+from conftest import HAS_CUDA, R, backend, device_params, rel_err, torch_device
 
 
 def test_parameters_and_buffers():
@@ -230,24 +232,51 @@ def test_one_value_per_channel_in_training():
     assert m(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)
 
 
-@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("device", device_params(emu=True))
 def test_bad_group_ids(device):
-    x = torch.randn(4, 3, 2, 2, device=device)
-    args = (torch.zeros(2, 3, device=device), torch.ones(2, 3, device=device),
-            torch.full((2,), 0.5, device=device))
-    for training in (True, False):
-        with pytest.raises(ValueError, match=r"group ids in \[0, 2\)"):
-            cbn_ext.compound_batch_norm(x, *args, training=training,
-                                        groups=torch.tensor([0, 1, 2, 0], device=device))
-        with pytest.raises(ValueError, match=r"group ids in \[0, 2\)"):
-            cbn_ext.compound_batch_norm(x, *args, training=training,
-                                        groups=torch.tensor([0, -1, 1, 0], device=device))
-        with pytest.raises(ValueError, match="one group per sample"):
-            cbn_ext.compound_batch_norm(x, *args, training=training,
-                                        groups=torch.tensor([0, 1, 1], device=device))
-        with pytest.raises(TypeError, match="int64"):
-            cbn_ext.compound_batch_norm(x, *args, training=training,
-                                        groups=torch.tensor([0., 1., 1., 0.], device=device))
+    """On the CPU a ValueError names the id; on a GPU (and the emulated backend) the kernel
+    checks the ids, a device-side assert, so that the host never waits to read them."""
+    if device == "cuda":
+        pytest.skip("a device-side assert ends the CUDA context: "
+                    "test_bad_group_ids_device_side_assert runs it in a subprocess")
+    dev = torch_device(device)
+    x = torch.randn(4, 3, 2, 2, device=dev)
+    args = (torch.zeros(2, 3, device=dev), torch.ones(2, 3, device=dev),
+            torch.full((2,), 0.5, device=dev))
+    bad_ids = (ValueError, r"group ids in \[0, 2\)") if device == "cpu" else (
+        RuntimeError, r"device-side assertion `grp >= 0 && grp < K")
+    with backend(device):
+        for training in (True, False):
+            with pytest.raises(bad_ids[0], match=bad_ids[1]):
+                cbn_ext.compound_batch_norm(x, *args, training=training,
+                                            groups=torch.tensor([0, 1, 2, 0], device=dev))
+            with pytest.raises(bad_ids[0], match=bad_ids[1]):
+                cbn_ext.compound_batch_norm(x, *args, training=training,
+                                            groups=torch.tensor([0, -1, 1, 0], device=dev))
+            with pytest.raises(ValueError, match="one group per sample"):
+                cbn_ext.compound_batch_norm(x, *args, training=training,
+                                            groups=torch.tensor([0, 1, 1], device=dev))
+            with pytest.raises(TypeError, match="int64"):
+                cbn_ext.compound_batch_norm(x, *args, training=training,
+                                            groups=torch.tensor([0., 1., 1., 0.], device=dev))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels")
+def test_bad_group_ids_device_side_assert():
+    """A group id outside [0, K) on a GPU stops the kernel (a device-side assert, as
+    PyTorch's index kernels do); in a subprocess, since the CUDA context is lost after."""
+    code = (
+        "import torch, cbn_ext\n"
+        "x = torch.randn(4, 3, 2, 2, device='cuda')\n"
+        "a = (torch.zeros(2, 3, device='cuda'), torch.ones(2, 3, device='cuda'),\n"
+        "     torch.full((2,), 0.5, device='cuda'))\n"
+        "y = cbn_ext.compound_batch_norm(x, *a, training=True,\n"
+        "                                groups=torch.tensor([0, 1, 2, 0], device='cuda'))\n"
+        "torch.cuda.synchronize()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "device-side assert" in out.stderr, out.stderr[-2000:]
 
 
 def test_missing_running_statistics():
@@ -268,3 +297,101 @@ def test_build_info():
     assert info["cpu"] is True and isinstance(info["cuda"], bool)
     assert info["torch"].split(".")[:2] == torch.__version__.split(".")[:2]
     assert info["cpu_isa"] in ("avx2", "baseline")
+
+
+# ---------------------------------------------------------------------------------------
+# Drop-in points with nn.BatchNorm*d (bias=False, eps, BatchNorm checkpoints)
+# ---------------------------------------------------------------------------------------
+
+def _small_net(norm, C=6):
+    """A torchvision-style block, built with the given norm_layer."""
+    return nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), norm(C), nn.ReLU(),
+                         nn.Conv2d(C, C, 3, padding=1, bias=False), norm(C), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(C, 3))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_bias_false(K):
+    """BatchNorm's keyword-only bias=False: a weight without bias."""
+    torch.manual_seed(5)
+    m = CompoundBatchNorm2d(4, K, bias=False)
+    assert m.bias is None and m.weight.shape == (K, 4)
+    assert set(m.state_dict()) == {"weight", "running_mean", "running_var", "running_prior",
+                                   "num_batches_tracked"}
+    assert "bias=False" in repr(m)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    m(x).sum().backward()
+    assert m.weight.grad is not None and x.grad is not None
+    bn = nn.BatchNorm2d(4, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_mean.normal_()
+    bn.eval()
+    c = CompoundBatchNorm2d.from_batchnorm(bn, K)
+    assert c.bias is None
+    assert rel_err(c(x), bn(x)) <= 1e-5
+    sync = cbn_ext.SyncCompoundBatchNorm(4, K, bias=False)
+    assert sync.bias is None
+    assert cbn_ext.SyncCompoundBatchNorm.convert_sync_batchnorm(c).bias is None
+
+
+def test_convert_model_with_bias_false_batchnorm():
+    torch.manual_seed(6)
+    model = _small_net(lambda C: nn.BatchNorm2d(C, bias=False)).eval()
+    x = torch.randn(4, 3, 7, 7)
+    before = model(x)
+    converted = cbn_ext.convert_batchnorm(model, num_components=2)
+    assert all(m.bias is None for m in converted.modules()
+               if isinstance(m, cbn_ext.CompoundBatchNorm2d))
+    assert rel_err(converted(x), before) <= 1e-5
+    converted.train()
+    converted(x).sum().backward()
+
+
+def test_eps_must_be_positive_in_training():
+    x = torch.randn(4, 3, 2, 2)
+    for eps in (0.0, -1.0):
+        m = CompoundBatchNorm2d(3, 2, eps=eps)
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            m(x)
+        assert m.num_batches_tracked.item() == 0
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        CompoundBatchNorm2d(3, 2, eps=-1.0).eval()(x)
+    assert torch.isfinite(CompoundBatchNorm2d(3, 2, eps=0.0).eval()(x)).all()  # as BatchNorm
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_load_batchnorm_checkpoint(K):
+    """A BatchNorm checkpoint loads into the same model built with compound layers: every
+    component is the BatchNorm, so eval output is unchanged; the next training batch
+    initialises the mixture."""
+    torch.manual_seed(7)
+    bn_model = _small_net(nn.BatchNorm2d)
+    bn_model.train()
+    for _ in range(3):
+        bn_model(torch.randn(8, 3, 7, 7))
+    bn_model.eval()
+    state = bn_model.state_dict()
+    model = _small_net(lambda C: CompoundBatchNorm2d(C, num_components=K)).eval()
+    model.load_state_dict(state)
+    x = torch.randn(4, 3, 7, 7)
+    assert rel_err(model(x), bn_model(x)) <= 1e-5
+    layer = model[1]
+    assert layer.num_batches_tracked.item() == 0
+    assert torch.allclose(layer.running_prior, torch.full((K,), 1.0 / K))
+    assert torch.equal(layer.running_mean, state["1.running_mean"].expand(K, -1))
+    model.train()
+    model(torch.randn(8, 3, 7, 7))
+    assert layer.num_batches_tracked.item() == 1
+    if K > 1:  # initialised from the batch: the components now differ
+        assert not torch.equal(layer.running_mean[0], layer.running_mean[1])
+
+
+def test_load_mismatched_checkpoint_raises():
+    model = _small_net(lambda C: CompoundBatchNorm2d(C, num_components=2))
+    wrong = _small_net(nn.BatchNorm2d, C=5).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(wrong)
+    other_k = _small_net(lambda C: CompoundBatchNorm2d(C, num_components=3)).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(other_k)

@@ -91,40 +91,88 @@ Geometry geometry_of(const Shape& s) { return Geometry{s.N, s.C, s.S, s.interlea
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// E-step coefficients of the mixture: mu, 1/2 a = 1/2 / (var + eps),
-// b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps).
-std::tuple<Tensor, Tensor, Tensor> estep_coefs(const Tensor& mix_mean, const Tensor& mix_var,
-                                               const Tensor& mix_prior, double eps) {
-  const int64_t K = mix_mean.size(0), C = mix_mean.size(1);
-  Tensor mu = mix_mean.contiguous();
-  Tensor ha = at::empty_like(mu);
-  Tensor b = at::empty({K}, mu.options());
-  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "cbn_estep_coefs", [&] {
-    const Tensor var = mix_var.contiguous();
-    const Tensor prior = mix_prior.contiguous();
-    const scalar_t* v = var.data_ptr<scalar_t>();
-    const scalar_t* pr = prior.data_ptr<scalar_t>();
-    scalar_t* h = ha.data_ptr<scalar_t>();
-    scalar_t* bb = b.data_ptr<scalar_t>();
-    const scalar_t e = static_cast<scalar_t>(eps);
-    for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc = math::log_prior(pr[k]);
-      for (int64_t c = 0; c < C; ++c) {
-        h[k * C + c] = math::half_precision(v[k * C + c], e);
-        acc += math::neg_half_log_var(v[k * C + c], e);
-      }
-      bb[k] = acc;
-    }
-  });
-  return {mu, ha, b};
+// sum_{i < n} f(i), pairwise (blocks of 16 summed in order, then a tree): the rounding
+// error grows with log n, and the order depends on n alone (deterministic).
+template <typename T, typename F>
+T pairwise_sum(int64_t n, F&& f, int64_t lo = 0) {
+  if (n <= 16) {
+    T s = 0;
+    for (int64_t i = 0; i < n; ++i) s += f(lo + i);
+    return s;
+  }
+  const int64_t half = n / 2;
+  return pairwise_sum<T>(half, f, lo) + pairwise_sum<T>(n - half, f, lo + half);
 }
 
-// alpha = gamma r, delta = beta - alpha m (K x C).
-std::tuple<Tensor, Tensor> affine_coefs(const OptTensor& weight, const OptTensor& bias,
-                                        const Tensor& mean, const Tensor& var, double eps) {
+// Chan's merge of parts [lo, lo + n) of `part(i)`, as a tree: pairwise, like the sums.
+template <typename T, typename F>
+math::WeightedMoments<T> pairwise_merge(int64_t n, F&& part, int64_t lo = 0) {
+  if (n == 1) return part(lo);
+  const int64_t half = n / 2;
+  math::WeightedMoments<T> a = pairwise_merge<T>(half, part, lo);
+  math::chan_merge(a, pairwise_merge<T>(n - half, part, lo + half));
+  return a;
+}
+
+// E-step coefficients of the mixture: mu, 1/2 a = 1/2 / (var + eps),
+// b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps) (one allocation for both).
+// With `copy`, also copies of the mixture (mean, var, prior), in the same pass.
+struct EstepCoefs {
+  Tensor mu, buf;
+  const void* half_a = nullptr;
+  const void* b = nullptr;
+  Tensor mean_copy, var_copy, prior_copy;
+};
+
+EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tensor& mix_prior,
+                       double eps, bool copy) {
+  const int64_t K = mix_mean.size(0), C = mix_mean.size(1);
+  EstepCoefs out;
+  out.mu = mix_mean.contiguous();
+  out.buf = at::empty({K * C + K}, out.mu.options());
+  if (copy) {
+    out.mean_copy = at::empty_like(out.mu);
+    out.var_copy = at::empty_like(out.mu);
+    out.prior_copy = at::empty({K}, out.mu.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.mu.scalar_type(), "cbn_estep_coefs", [&] {
+    const Tensor var = mix_var.contiguous();
+    const Tensor prior = mix_prior.contiguous();
+    const scalar_t* m = out.mu.data_ptr<scalar_t>();
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    const scalar_t* pr = prior.data_ptr<scalar_t>();
+    scalar_t* h = out.buf.data_ptr<scalar_t>();
+    scalar_t* bb = h + K * C;
+    out.half_a = h;
+    out.b = bb;
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) h[k * C + c] = math::half_precision(v[k * C + c], e);
+      bb[k] = math::log_prior(pr[k]) + pairwise_sum<scalar_t>(C, [&](int64_t c) {
+                return math::neg_half_log_var(v[k * C + c], e);
+              });
+    }
+    if (copy) {
+      std::memcpy(out.mean_copy.data_ptr<scalar_t>(), m, K * C * sizeof(scalar_t));
+      std::memcpy(out.var_copy.data_ptr<scalar_t>(), v, K * C * sizeof(scalar_t));
+      std::memcpy(out.prior_copy.data_ptr<scalar_t>(), pr, K * sizeof(scalar_t));
+    }
+  });
+  return out;
+}
+
+// alpha = gamma r, delta = beta - alpha m (K x C each, one allocation).
+struct AffineCoefs {
+  Tensor buf;
+  const void* alpha = nullptr;
+  const void* delta = nullptr;
+};
+
+AffineCoefs affine_coefs(const OptTensor& weight, const OptTensor& bias, const Tensor& mean,
+                         const Tensor& var, double eps) {
   const int64_t K = mean.size(0), C = mean.size(1);
-  Tensor alpha = at::empty({K, C}, mean.options());
-  Tensor delta = at::empty({K, C}, mean.options());
+  AffineCoefs out;
+  out.buf = at::empty({2 * K * C}, mean.options());
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_affine_coefs", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous();
     const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
@@ -133,27 +181,29 @@ std::tuple<Tensor, Tensor> affine_coefs(const OptTensor& weight, const OptTensor
     const scalar_t* pv = v.data_ptr<scalar_t>();
     const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pb = bb.defined() ? bb.data_ptr<scalar_t>() : nullptr;
-    scalar_t* pa = alpha.data_ptr<scalar_t>();
-    scalar_t* pd = delta.data_ptr<scalar_t>();
+    scalar_t* pa = out.buf.data_ptr<scalar_t>();
+    scalar_t* pd = pa + K * C;
+    out.alpha = pa;
+    out.delta = pd;
     for (int64_t i = 0; i < K * C; ++i) {
       math::affine_coefs<scalar_t>(pw ? pw[i] : scalar_t(1), pb ? pb[i] : scalar_t(0), pm[i],
                                    pv[i], static_cast<scalar_t>(eps), pa[i], pd[i]);
     }
   });
-  return {alpha, delta};
+  return out;
 }
 
-// Merge the per-tile partials in tile order: biased mean and variance per (k, c) and the
-// count per k. replace_inactive: inactive components (count <= 1) take the mixture's
+// Merge the per-tile partials (a tree over the tiles): biased mean and variance per (k, c)
+// and the count per k. replace_inactive: inactive components (count <= 1) take the mixture's
 // statistics; else the raw moments are kept (0 for an empty component).
-void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& part_m2,
+// parts: one buffer, (tiles, K) counts then (tiles, K, C) means then (tiles, K, C) M2.
+void merge_moments(const Tensor& parts, int64_t tiles, int64_t K, int64_t C,
                    const Tensor& mix_mean, const Tensor& mix_var, Tensor& mean, Tensor& var,
                    Tensor& count, bool replace_inactive) {
-  const int64_t tiles = part_n.size(0), K = part_n.size(1), C = part_mean.size(2);
-  AT_DISPATCH_FLOATING_TYPES(part_mean.scalar_type(), "cbn_merge_moments", [&] {
-    const scalar_t* pn = part_n.data_ptr<scalar_t>();
-    const scalar_t* pmean = part_mean.data_ptr<scalar_t>();
-    const scalar_t* pm2 = part_m2.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "cbn_merge_moments", [&] {
+    const scalar_t* pn = parts.data_ptr<scalar_t>();
+    const scalar_t* pmean = pn + tiles * K;
+    const scalar_t* pm2 = pmean + tiles * K * C;
     const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous();
     const scalar_t* pmm = mm.data_ptr<scalar_t>();
     const scalar_t* pmv = mv.data_ptr<scalar_t>();
@@ -168,12 +218,12 @@ void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& 
     at::parallel_for(0, K * C, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = i / C, c = i % C;
-        math::WeightedMoments<scalar_t> acc{0, 0, 0};
-        for (int64_t t = 0; t < tiles; ++t) {
-          const math::WeightedMoments<scalar_t> part{pn[t * K + k], pmean[(t * K + k) * C + c],
-                                                     pm2[(t * K + k) * C + c]};
-          math::chan_merge(acc, part);
-        }
+        const math::WeightedMoments<scalar_t> acc =
+            tiles == 0 ? math::WeightedMoments<scalar_t>{0, 0, 0}
+                       : pairwise_merge<scalar_t>(tiles, [&](int64_t t) {
+                           return math::WeightedMoments<scalar_t>{
+                               pn[t * K + k], pmean[(t * K + k) * C + c], pm2[(t * K + k) * C + c]};
+                         });
         if (!replace_inactive || math::is_active(on[k])) {
           om[i] = acc.mean;
           ov[i] = acc.n > scalar_t(0) ? acc.m2 / acc.n : scalar_t(0);
@@ -186,19 +236,16 @@ void merge_moments(const Tensor& part_n, const Tensor& part_mean, const Tensor& 
   });
 }
 
-// Sum per-tile partial sums (tiles, K, C) in tile order.
-Tensor sum_partials(const Tensor& part) {
-  const int64_t tiles = part.size(0), KC = part.size(1) * part.size(2);
-  Tensor out = at::zeros({part.size(1), part.size(2)}, part.options());
-  AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "cbn_sum_partials", [&] {
-    const scalar_t* p = part.data_ptr<scalar_t>();
+// Sum per-tile partial sums (tiles, K x C values at `part`), pairwise over the tiles.
+Tensor sum_partials(const Tensor& buf, const void* part, int64_t tiles, int64_t K, int64_t C) {
+  const int64_t KC = K * C;
+  Tensor out = at::empty({K, C}, buf.options());
+  AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "cbn_sum_partials", [&] {
+    const scalar_t* p = static_cast<const scalar_t*>(part);
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, KC, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t s = 0;
-        for (int64_t t = 0; t < tiles; ++t) s += p[t * KC + i];
-        o[i] = s;
-      }
+      for (int64_t i = begin; i < end; ++i)
+        o[i] = pairwise_sum<scalar_t>(tiles, [&](int64_t t) { return p[t * KC + i]; });
     });
   });
   return out;
@@ -220,12 +267,12 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   const TilePlan plan = make_tile_plan(geo);
   BatchStats out;
   out.tau = empty_tau(x, shape, K, st.acc);
-  Tensor part_n = at::empty({plan.num_tiles, K}, aopt);
-  Tensor part_mean = at::empty({plan.num_tiles, K, C}, aopt);
-  Tensor part_m2 = at::empty({plan.num_tiles, K, C}, aopt);
-  Tensor mu, ha, b;
+  const int64_t tiles = plan.num_tiles;
+  const Tensor parts = at::empty({tiles * (K + 2 * K * C)}, aopt);  // n | mean | M2
+  EstepCoefs ec;
   if (st.resp == Resp::kSoft)
-    std::tie(mu, ha, b) = estep_coefs(st.mix_mean, st.mix_var, st.mix_prior, eps);
+    ec = estep_coefs(st.mix_mean, st.mix_var, st.mix_prior, eps, /*copy=*/!st.mix_owned);
+  mix_outputs(st, out, ec.mean_copy, ec.var_copy, ec.prior_copy);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   StatsArgs sa{};
   sa.geo = geo;
@@ -235,18 +282,19 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   sa.dtype = x.scalar_type();
   sa.x = x.data_ptr();
   sa.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
-  sa.mu = mu.defined() ? mu.data_ptr() : nullptr;
-  sa.half_a = ha.defined() ? ha.data_ptr() : nullptr;
-  sa.b = b.defined() ? b.data_ptr() : nullptr;
+  sa.mu = ec.mu.defined() ? ec.mu.data_ptr() : nullptr;
+  sa.half_a = ec.half_a;
+  sa.b = ec.b;
   sa.tau = out.tau.numel() > 0 ? out.tau.data_ptr() : nullptr;
-  sa.part_n = part_n.data_ptr();
-  sa.part_mean = part_mean.data_ptr();
-  sa.part_m2 = part_m2.data_ptr();
-  if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_mixture_stats, sa);
+  const size_t esize = parts.element_size();
+  sa.part_n = parts.data_ptr();
+  sa.part_mean = static_cast<char*>(parts.data_ptr()) + tiles * K * esize;
+  sa.part_m2 = static_cast<char*>(parts.data_ptr()) + tiles * (K + K * C) * esize;
+  if (tiles > 0) CBN_CALL_KERNEL(collect_mixture_stats, sa);
   out.mean = at::empty({K, C}, aopt);
   out.var = at::empty({K, C}, aopt);
   out.count = at::empty({K}, aopt);
-  merge_moments(part_n, part_mean, part_m2, st.mix_mean, st.mix_var, out.mean, out.var, out.count,
+  merge_moments(parts, tiles, K, C, st.mix_mean, st.mix_var, out.mean, out.var, out.count,
                 replace_inactive);
   return out;
 }
@@ -260,8 +308,7 @@ Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTe
   const Geometry geo = geometry_of(st.shape);
   const TilePlan plan = make_tile_plan(geo);
   if (plan.num_tiles == 0) return out;
-  Tensor alpha, delta;
-  std::tie(alpha, delta) = affine_coefs(weight, bias, mean, var, eps);
+  const AffineCoefs ac = affine_coefs(weight, bias, mean, var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   NormalizeArgs na{};
   na.geo = geo;
@@ -272,8 +319,8 @@ Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTe
   na.x = x.data_ptr();
   na.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
   na.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
-  na.alpha = alpha.data_ptr();
-  na.delta = delta.data_ptr();
+  na.alpha = ac.alpha;
+  na.delta = ac.delta;
   na.y = out.data_ptr();
   CBN_CALL_KERNEL(normalize_mixture, na);
   return out;
@@ -287,8 +334,9 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   const int64_t K = st.K, C = st.shape.C;
   const Geometry geo = geometry_of(st.shape);
   const TilePlan plan = make_tile_plan(geo);
-  Tensor part_sg = at::empty({plan.num_tiles, K, C}, aopt);
-  Tensor part_sgx = at::empty({plan.num_tiles, K, C}, aopt);
+  const Tensor parts = at::empty({plan.num_tiles * 2 * K * C}, aopt);  // Sg | Sgx
+  void* part_sg = parts.data_ptr();
+  void* part_sgx = static_cast<char*>(part_sg) + plan.num_tiles * K * C * parts.element_size();
   const Tensor mc = mean.contiguous();
   GradStatsArgs ga{};
   ga.geo = geo;
@@ -300,10 +348,11 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   ga.x = x.data_ptr();
   ga.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
   ga.mean = mc.data_ptr();
-  ga.part_sg = part_sg.data_ptr();
-  ga.part_sgx = part_sgx.data_ptr();
+  ga.part_sg = part_sg;
+  ga.part_sgx = part_sgx;
   if (plan.num_tiles > 0) CBN_CALL_KERNEL(collect_grad_stats, ga);
-  return {sum_partials(part_sg), sum_partials(part_sgx)};
+  return {sum_partials(parts, part_sg, plan.num_tiles, K, C),
+          sum_partials(parts, part_sgx, plan.num_tiles, K, C)};
 }
 
 // The backward's per-(k, c) coefficients (GradCoefs); sum_g / sum_gx undefined: zero
@@ -315,21 +364,11 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
                                 bool batch_stats) {
   const auto aopt = st.x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
-  GradCoefs out;
-  out.alpha = at::empty({K, C}, aopt);
-  out.e1 = at::empty({K, C}, aopt);
-  out.e2 = at::empty({K, C}, aopt);
-  out.ev = at::empty({K}, aopt);
-  out.p = at::empty({K, C}, aopt);
-  out.q = at::empty({K, C}, aopt);
-  out.a = at::zeros({K, C}, aopt);
-  out.amu = at::zeros({K, C}, aopt);
-  out.dgamma = at::empty({K, C}, aopt);
-  out.dbeta = at::empty({K, C}, aopt);
-  out.beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
+  GradCoefs out = GradCoefs::make(K, C, 1, aopt);
   const bool soft = st.resp == Resp::kSoft;
   AT_DISPATCH_FLOATING_TYPES(st.acc, "cbn_grad_coefs", [&] {
     const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+    const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
     const Tensor v = var.contiguous(), m = mean.contiguous();
     const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
     const Tensor mm = soft ? mix_mean.contiguous() : Tensor();
@@ -337,6 +376,7 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
     const Tensor sg = sum_g.defined() ? sum_g.contiguous() : Tensor();
     const Tensor sgx = sum_gx.defined() ? sum_gx.contiguous() : Tensor();
     const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pb = bb.defined() ? bb.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pv = v.data_ptr<scalar_t>();
     const scalar_t* pm = m.data_ptr<scalar_t>();
     const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
@@ -345,18 +385,18 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
     const scalar_t* psg = sg.defined() ? sg.data_ptr<scalar_t>() : nullptr;
     const scalar_t* psgx = sgx.defined() ? sgx.data_ptr<scalar_t>() : nullptr;
     const scalar_t e = static_cast<scalar_t>(eps);
-    scalar_t* pa = out.alpha.data_ptr<scalar_t>();
-    scalar_t* p1 = out.e1.data_ptr<scalar_t>();
-    scalar_t* p2 = out.e2.data_ptr<scalar_t>();
-    scalar_t* pev = out.ev.data_ptr<scalar_t>();
-    scalar_t* pp = out.p.data_ptr<scalar_t>();
-    scalar_t* pq = out.q.data_ptr<scalar_t>();
-    scalar_t* pac = out.a.data_ptr<scalar_t>();
-    scalar_t* pamu = out.amu.data_ptr<scalar_t>();
+    scalar_t* pa = out.row<scalar_t>(GradCoefs::kAlpha);
+    scalar_t* pbeta = out.row<scalar_t>(GradCoefs::kBeta);
+    scalar_t* p1 = out.row<scalar_t>(GradCoefs::kE1);
+    scalar_t* p2 = out.row<scalar_t>(GradCoefs::kE2);
+    scalar_t* pp = out.row<scalar_t>(GradCoefs::kP);
+    scalar_t* pq = out.row<scalar_t>(GradCoefs::kQ);
+    scalar_t* pac = out.row<scalar_t>(GradCoefs::kA);
+    scalar_t* pamu = out.row<scalar_t>(GradCoefs::kAmu);
+    scalar_t* pev = out.ev<scalar_t>();
     scalar_t* pdg = out.dgamma.data_ptr<scalar_t>();
     scalar_t* pdb = out.dbeta.data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc_ev = 0;
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = k * C + c;
         const auto gc = math::grad_coefs<scalar_t>(
@@ -367,6 +407,7 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
         const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
                                                  pmm ? pmm[i] : scalar_t(0));
         pa[i] = gc.alpha;
+        pbeta[i] = pb ? pb[i] : scalar_t(0);
         p1[i] = gc.e1;
         p2[i] = gc.e2;
         pdg[i] = gc.dgamma;
@@ -375,9 +416,8 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
         pq[i] = dc.q;
         pac[i] = dc.a;
         pamu[i] = dc.amu;
-        acc_ev += gc.e2 * pv[i];
       }
-      pev[k] = acc_ev;
+      pev[k] = pairwise_sum<scalar_t>(C, [&](int64_t c) { return p2[k * C + c] * pv[k * C + c]; });
     }
   });
   return out;
@@ -401,15 +441,15 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   ia.x = x.data_ptr();
   ia.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr();
   ia.mean = m.data_ptr();
-  ia.alpha = cf.alpha.data_ptr();
-  ia.beta = cf.beta.data_ptr();
-  ia.e1 = cf.e1.data_ptr();
-  ia.e2 = cf.e2.data_ptr();
-  ia.ev = cf.ev.data_ptr();
-  ia.p = cf.p.data_ptr();
-  ia.q = cf.q.data_ptr();
-  ia.a = cf.a.data_ptr();
-  ia.amu = cf.amu.data_ptr();
+  ia.alpha = cf.row_ptr(GradCoefs::kAlpha);
+  ia.beta = cf.row_ptr(GradCoefs::kBeta);
+  ia.e1 = cf.row_ptr(GradCoefs::kE1);
+  ia.e2 = cf.row_ptr(GradCoefs::kE2);
+  ia.ev = cf.ev_ptr();
+  ia.p = cf.row_ptr(GradCoefs::kP);
+  ia.q = cf.row_ptr(GradCoefs::kQ);
+  ia.a = cf.row_ptr(GradCoefs::kA);
+  ia.amu = cf.row_ptr(GradCoefs::kAmu);
   ia.dx = dx.data_ptr();
   CBN_CALL_KERNEL(mixture_grad_input, ia);
   return dx;
@@ -433,11 +473,10 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   Tensor tau = empty_tau(x, shape, K, st.acc);
   Tensor out = empty_like_input(x);
   if (shape.M() == 0) return {out, tau};
-  Tensor mu, ha, b;
+  EstepCoefs ec;
   if (resp == Resp::kSoft)
-    std::tie(mu, ha, b) = estep_coefs(running_mean, running_var, *running_prior, eps);
-  Tensor alpha, delta;
-  std::tie(alpha, delta) = affine_coefs(weight, bias, running_mean, running_var, eps);
+    ec = estep_coefs(running_mean, running_var, *running_prior, eps, /*copy=*/false);
+  const AffineCoefs ac = affine_coefs(weight, bias, running_mean, running_var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   NormalizeArgs na{};
   na.geo = geo;
@@ -447,12 +486,12 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   na.dtype = x.scalar_type();
   na.x = x.data_ptr();
   na.groups = grp.defined() ? grp.data_ptr<int64_t>() : nullptr;
-  na.mu = mu.defined() ? mu.data_ptr() : nullptr;
-  na.half_a = ha.defined() ? ha.data_ptr() : nullptr;
-  na.b = b.defined() ? b.data_ptr() : nullptr;
+  na.mu = ec.mu.defined() ? ec.mu.data_ptr() : nullptr;
+  na.half_a = ec.half_a;
+  na.b = ec.b;
   na.tau = tau.numel() > 0 ? tau.data_ptr() : nullptr;
-  na.alpha = alpha.data_ptr();
-  na.delta = delta.data_ptr();
+  na.alpha = ac.alpha;
+  na.delta = ac.delta;
   na.y = out.data_ptr();
   CBN_CALL_KERNEL(estep_normalize_mixture, na);
   return {out, tau};
@@ -465,9 +504,13 @@ void update_running_stats_impl(Tensor& running_mean, Tensor& running_var,
                                const Tensor& var, const Tensor& count, int64_t num_positions,
                                std::optional<double> momentum) {
   const int64_t K = mean.size(0), C = mean.size(1);
+  // an empty mixture: the running buffers themselves (updated in place, element by element)
+  const bool same = mix_mean.numel() == 0;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
-    const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous(), mp = mix_prior.contiguous();
+    const Tensor mm = same ? running_mean : mix_mean.contiguous();
+    const Tensor mv = same ? running_var : mix_var.contiguous();
+    const Tensor mp = same ? (defined(running_prior) ? *running_prior : mm) : mix_prior.contiguous();
     const scalar_t* pm = m.data_ptr<scalar_t>();
     const scalar_t* pv = v.data_ptr<scalar_t>();
     const scalar_t* pn = n.data_ptr<scalar_t>();
@@ -498,9 +541,14 @@ void update_running_stats_impl(Tensor& running_mean, Tensor& running_var,
       }
     }
     if (defined(running_prior)) {
+      // num_positions 0: M = sum_k N_k (callers that do not know M on the host)
+      scalar_t M = static_cast<scalar_t>(num_positions);
+      if (num_positions <= 0) {
+        M = 0;
+        for (int64_t k = 0; k < K; ++k) M += pn[k];
+      }
       scalar_t* rp = running_prior->data_ptr<scalar_t>();
-      for (int64_t k = 0; k < K; ++k)
-        rp[k] = math::ema(pmp[k], pn[k] / static_cast<scalar_t>(num_positions), eta);
+      for (int64_t k = 0; k < K; ++k) rp[k] = math::ema(pmp[k], pn[k] / M, eta);
     }
     if (nbt != nullptr) *nbt += 1;
   });
@@ -508,6 +556,7 @@ void update_running_stats_impl(Tensor& running_mean, Tensor& running_var,
 
 struct CpuBackend {
   using Guard = NoGuard;
+  static constexpr bool kHostChecksGroupIds = true;  // a free read
   static constexpr auto batch_stats = &batch_stats_impl;
   static constexpr auto normalize = &normalize_impl;
   static constexpr auto forward_eval = &forward_eval_impl;

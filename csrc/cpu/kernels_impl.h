@@ -172,6 +172,12 @@ struct VExp {
   }
 };
 
+// Blocked sums (SPEC "Accuracy"): long sums over channels or positions are cut into
+// blocks whose partial sums are added at the end, so that the rounding error grows with
+// the block length plus the number of blocks, not with the whole length.
+constexpr int64_t kChannelBlock = 32;   // channels of a blocked sum over c, planar
+constexpr int64_t kPositionBlock = 64;  // positions of a blocked sum over p
+
 // Calls f(std::integral_constant<int, KB>, k0) over blocks of at most 4 components.
 template <typename F>
 C10_ALWAYS_INLINE void for_component_blocks(int64_t K, F&& f) {
@@ -414,27 +420,34 @@ void estep_interleaved(const acc_t* x, int64_t T, int64_t C, int64_t K, const ac
     const acc_t* xr = x + j * C;
     for_component_blocks(K, [&](auto KBc, int64_t k0) {
       constexpr int KB = decltype(KBc)::value;
-      V acc0[KB], acc1[KB];
-      for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
       const acc_t* m = mu + k0 * C;
       const acc_t* h = ha + k0 * C;
-      int64_t c = 0;
-      for (; c + 2 * W <= C; c += 2 * W) {
-        const V x0 = vload(xr + c), x1 = vload(xr + c + W);
-        for (int kb = 0; kb < KB; ++kb) {
-          acc0[kb] += math::mahalanobis_term(x0, vload(m + kb * C + c), vload(h + kb * C + c));
-          acc1[kb] += math::mahalanobis_term(x1, vload(m + kb * C + c + W),
-                                             vload(h + kb * C + c + W));
+      V tot[KB];
+      for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+      // blocks of kChannelBlock channels per lane (2 W lanes)
+      for (int64_t c0 = 0; c0 < C; c0 += 2 * W * kChannelBlock) {
+        const int64_t c1 = std::min(C, c0 + 2 * W * kChannelBlock);
+        V acc0[KB], acc1[KB];
+        for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
+        int64_t c = c0;
+        for (; c + 2 * W <= c1; c += 2 * W) {
+          const V x0 = vload(xr + c), x1 = vload(xr + c + W);
+          for (int kb = 0; kb < KB; ++kb) {
+            acc0[kb] += math::mahalanobis_term(x0, vload(m + kb * C + c), vload(h + kb * C + c));
+            acc1[kb] += math::mahalanobis_term(x1, vload(m + kb * C + c + W),
+                                               vload(h + kb * C + c + W));
+          }
         }
+        for_vectors<acc_t>(c1 - c, [&](auto full, int64_t i, int64_t n) {
+          constexpr bool F = decltype(full)::value;
+          const V x0 = ld<F>(xr + c + i, n);
+          for (int kb = 0; kb < KB; ++kb)
+            acc0[kb] += math::mahalanobis_term(x0, ld<F>(m + kb * C + c + i, n),
+                                               ld<F>(h + kb * C + c + i, n));
+        });
+        for (int kb = 0; kb < KB; ++kb) tot[kb] += acc0[kb] + acc1[kb];
       }
-      for_vectors<acc_t>(C - c, [&](auto full, int64_t i, int64_t n) {
-        constexpr bool F = decltype(full)::value;
-        const V x0 = ld<F>(xr + c + i, n);
-        for (int kb = 0; kb < KB; ++kb)
-          acc0[kb] += math::mahalanobis_term(x0, ld<F>(m + kb * C + c + i, n),
-                                             ld<F>(h + kb * C + c + i, n));
-      });
-      for (int kb = 0; kb < KB; ++kb) loc[(k0 + kb) * T + j] = b[k0 + kb] - vsum(acc0[kb] + acc1[kb]);
+      for (int kb = 0; kb < KB; ++kb) loc[(k0 + kb) * T + j] = b[k0 + kb] - vsum(tot[kb]);
     });
   }
 }
@@ -446,24 +459,33 @@ C10_ALWAYS_INLINE void estep_planar_block(View<const acc_t> xv, int64_t seg, int
                                           const acc_t* b, acc_t* loc, int64_t T, int64_t j) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
-  V acc0[KB], acc1[KB];
-  for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
+  V tot0[KB], tot1[KB];
+  for (int kb = 0; kb < KB; ++kb) tot0[kb] = tot1[kb] = V{};
   const int64_t n0 = Full ? W : std::min(n, W), n1 = Full ? W : n - n0;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t* r = xv.row(seg, c) + s;
-    const V x0 = ld<Full>(r, n0);
-    const V x1 = (Full || n1 > 0) ? ld<Full>(r + W, n1) : V{};
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {  // blocked over channels
+    const int64_t c1 = std::min(C, c0 + kChannelBlock);
+    V acc0[KB], acc1[KB];
+    for (int kb = 0; kb < KB; ++kb) acc0[kb] = acc1[kb] = V{};
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t* r = xv.row(seg, c) + s;
+      const V x0 = ld<Full>(r, n0);
+      const V x1 = (Full || n1 > 0) ? ld<Full>(r + W, n1) : V{};
+      for (int kb = 0; kb < KB; ++kb) {
+        const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
+        acc0[kb] += math::mahalanobis_term(x0, m, h);
+        acc1[kb] += math::mahalanobis_term(x1, m, h);
+      }
+    }
     for (int kb = 0; kb < KB; ++kb) {
-      const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
-      acc0[kb] += math::mahalanobis_term(x0, m, h);
-      acc1[kb] += math::mahalanobis_term(x1, m, h);
+      tot0[kb] += acc0[kb];
+      tot1[kb] += acc1[kb];
     }
   }
   for (int kb = 0; kb < KB; ++kb) {
     acc_t* o = loc + kb * T + j;
     const V bk = vsplat(b[kb]);
-    st<Full>(o, bk - acc0[kb], n0);
-    if (Full || n1 > 0) st<Full>(o + W, bk - acc1[kb], n1);
+    st<Full>(o, bk - tot0[kb], n0);
+    if (Full || n1 > 0) st<Full>(o + W, bk - tot1[kb], n1);
   }
 }
 
@@ -522,56 +544,71 @@ void tile_responsibilities(const Geometry& g, const Tile& tl, int64_t K, Resp re
 // Interleaved: channels [c, c + n) of all T rows; One: tau == 1.
 template <bool Full, bool One, int KB, typename acc_t>
 C10_ALWAYS_INLINE void moments_interleaved_block(const acc_t* x, int64_t T, int64_t C, int64_t c,
-                                                 int64_t n, const acc_t* loc, const acc_t* inv,
+                                                 int64_t n, const acc_t* loc, const acc_t* cnt,
                                                  acc_t* pmean, acc_t* pm2) {
   using V = Vec<acc_t>;
-  V s0[KB], s1[KB];
-  for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
-  int64_t j = 0;
-  for (; j + 2 <= T; j += 2) {
-    const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
-    for (int kb = 0; kb < KB; ++kb) {
-      if constexpr (One) {
-        s0[kb] += x0;
-        s1[kb] += x1;
-      } else {
-        s0[kb] += loc[kb * T + j] * x0;
-        s1[kb] += loc[kb * T + j + 1] * x1;
+  // pass 1: weighted sums, blocked over positions
+  V tot[KB];
+  for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+  for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
+    const int64_t j1 = std::min(T, j0 + kPositionBlock);
+    V s0[KB], s1[KB];
+    for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+      const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        if constexpr (One) {
+          s0[kb] += x0;
+          s1[kb] += x1;
+        } else {
+          s0[kb] += loc[kb * T + j] * x0;
+          s1[kb] += loc[kb * T + j + 1] * x1;
+        }
       }
     }
-  }
-  if (j < T) {
-    const V x0 = ld<Full>(x + j * C + c, n);
-    for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : loc[kb * T + j] * x0;
+    if (j < j1) {
+      const V x0 = ld<Full>(x + j * C + c, n);
+      for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : loc[kb * T + j] * x0;
+    }
+    for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb] + s1[kb];
   }
   V mt[KB];
   for (int kb = 0; kb < KB; ++kb) {
-    mt[kb] = (s0[kb] + s1[kb]) * inv[kb];
-    s0[kb] = s1[kb] = V{};
+    mt[kb] = math::weighted_mean(tot[kb], cnt[kb]);
+    tot[kb] = V{};
   }
-  for (j = 0; j + 2 <= T; j += 2) {
-    const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
-    for (int kb = 0; kb < KB; ++kb) {
-      const V d0 = x0 - mt[kb], d1 = x1 - mt[kb];
-      if constexpr (One) {
-        s0[kb] += d0 * d0;
-        s1[kb] += d1 * d1;
-      } else {
-        s0[kb] += (loc[kb * T + j] * d0) * d0;
-        s1[kb] += (loc[kb * T + j + 1] * d1) * d1;
+  // pass 2: weighted squared deviations from the tile's mean, blocked the same way
+  for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
+    const int64_t j1 = std::min(T, j0 + kPositionBlock);
+    V s0[KB], s1[KB];
+    for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+      const V x0 = ld<Full>(x + j * C + c, n), x1 = ld<Full>(x + (j + 1) * C + c, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const V d0 = x0 - mt[kb], d1 = x1 - mt[kb];
+        if constexpr (One) {
+          s0[kb] += d0 * d0;
+          s1[kb] += d1 * d1;
+        } else {
+          s0[kb] += (loc[kb * T + j] * d0) * d0;
+          s1[kb] += (loc[kb * T + j + 1] * d1) * d1;
+        }
       }
     }
-  }
-  if (j < T) {
-    const V x0 = ld<Full>(x + j * C + c, n);
-    for (int kb = 0; kb < KB; ++kb) {
-      const V d0 = x0 - mt[kb];
-      s0[kb] += One ? d0 * d0 : (loc[kb * T + j] * d0) * d0;
+    if (j < j1) {
+      const V x0 = ld<Full>(x + j * C + c, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const V d0 = x0 - mt[kb];
+        s0[kb] += One ? d0 * d0 : (loc[kb * T + j] * d0) * d0;
+      }
     }
+    for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb] + s1[kb];
   }
   for (int kb = 0; kb < KB; ++kb) {
     st<Full>(pmean + kb * C + c, mt[kb], n);
-    st<Full>(pm2 + kb * C + c, keep<Full>(s0[kb] + s1[kb], n), n);
+    st<Full>(pm2 + kb * C + c, keep<Full>(tot[kb], n), n);
   }
 }
 
@@ -579,46 +616,59 @@ C10_ALWAYS_INLINE void moments_interleaved_block(const acc_t* x, int64_t T, int6
 template <bool One, int KB, typename acc_t>
 C10_ALWAYS_INLINE void moments_planar_row(View<const acc_t> xv, int64_t nseg, int64_t len,
                                           int64_t c, const acc_t* loc, int64_t T,
-                                          const acc_t* inv, acc_t* pmean, acc_t* pm2,
+                                          const acc_t* cnt, acc_t* pmean, acc_t* pm2,
                                           int64_t C) {
   using V = Vec<acc_t>;
-  V s0[KB];
-  for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+  constexpr int64_t B = kW<acc_t> * kPositionBlock;  // positions of a block
+  V tot[KB];
+  for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
   for (int64_t seg = 0; seg < nseg; ++seg) {
     const acc_t* r = xv.row(seg, c);
     const acc_t* lt = loc + seg * len;
-    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
-      constexpr bool F = decltype(full)::value;
-      const V x0 = ld<F>(r + s, n);
-      for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : ld<F>(lt + kb * T + s, n) * x0;
-    });
+    for (int64_t b0 = 0; b0 < len; b0 += B) {
+      V s0[KB];
+      for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+      for_vectors<acc_t>(std::min(B, len - b0), [&](auto full, int64_t i, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const int64_t s = b0 + i;
+        const V x0 = ld<F>(r + s, n);
+        for (int kb = 0; kb < KB; ++kb) s0[kb] += One ? x0 : ld<F>(lt + kb * T + s, n) * x0;
+      });
+      for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb];
+    }
   }
   acc_t mt[KB];
   for (int kb = 0; kb < KB; ++kb) {
-    mt[kb] = vsum(s0[kb]) * inv[kb];
-    s0[kb] = V{};
+    mt[kb] = math::weighted_mean(vsum(tot[kb]), cnt[kb]);
+    tot[kb] = V{};
   }
   for (int64_t seg = 0; seg < nseg; ++seg) {
     const acc_t* r = xv.row(seg, c);
     const acc_t* lt = loc + seg * len;
-    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
-      constexpr bool F = decltype(full)::value;
-      const V x0 = ld<F>(r + s, n);
-      for (int kb = 0; kb < KB; ++kb) {
-        const V d = keep<F>(x0 - mt[kb], n);
-        s0[kb] += One ? d * d : (ld<F>(lt + kb * T + s, n) * d) * d;
-      }
-    });
+    for (int64_t b0 = 0; b0 < len; b0 += B) {
+      V s0[KB];
+      for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+      for_vectors<acc_t>(std::min(B, len - b0), [&](auto full, int64_t i, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const int64_t s = b0 + i;
+        const V x0 = ld<F>(r + s, n);
+        for (int kb = 0; kb < KB; ++kb) {
+          const V d = keep<F>(x0 - mt[kb], n);
+          s0[kb] += One ? d * d : (ld<F>(lt + kb * T + s, n) * d) * d;
+        }
+      });
+      for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb];
+    }
   }
   for (int kb = 0; kb < KB; ++kb) {
     pmean[kb * C + c] = mt[kb];
-    pm2[kb * C + c] = vsum(s0[kb]);
+    pm2[kb * C + c] = vsum(tot[kb]);
   }
 }
 
 template <bool One, typename acc_t>
 void tile_moments(const Geometry& g, const Tile& tl, int64_t K, const View<const acc_t>& xv,
-                  const acc_t* loc, acc_t* inv, acc_t* pn, acc_t* pmean, acc_t* pm2) {
+                  const acc_t* loc, acc_t* pn, acc_t* pmean, acc_t* pm2) {
   using V = Vec<acc_t>;
   const int64_t C = g.C, T = tl.T;
   for (int64_t k = 0; k < K; ++k) {
@@ -626,21 +676,25 @@ void tile_moments(const Geometry& g, const Tile& tl, int64_t K, const View<const
     if constexpr (One) {
       n = acc_t(T);
     } else {
-      V s = {};
-      for_vectors<acc_t>(T, [&](auto full, int64_t j, int64_t m) {
-        s += ld<decltype(full)::value>(loc + k * T + j, m);
-      });
-      n = vsum(s);
+      constexpr int64_t B = kW<acc_t> * kPositionBlock;
+      V tot = {};
+      for (int64_t b0 = 0; b0 < T; b0 += B) {
+        V s = {};
+        for_vectors<acc_t>(std::min(B, T - b0), [&](auto full, int64_t j, int64_t m) {
+          s += ld<decltype(full)::value>(loc + k * T + b0 + j, m);
+        });
+        tot += s;
+      }
+      n = vsum(tot);
     }
     pn[k] = n;
-    inv[k] = n > acc_t(0) ? acc_t(1) / n : acc_t(0);
   }
   if (g.interleaved) {
     for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
       constexpr bool F = decltype(full)::value;
       for_component_blocks(K, [&](auto KBc, int64_t k0) {
         moments_interleaved_block<F, One, decltype(KBc)::value>(
-            xv.base, T, C, c, n, loc + k0 * T, inv + k0, pmean + k0 * C, pm2 + k0 * C);
+            xv.base, T, C, c, n, loc + k0 * T, pn + k0, pmean + k0 * C, pm2 + k0 * C);
       });
     });
     return;
@@ -648,7 +702,7 @@ void tile_moments(const Geometry& g, const Tile& tl, int64_t K, const View<const
   for (int64_t c = 0; c < C; ++c) {
     for_component_blocks(K, [&](auto KBc, int64_t k0) {
       moments_planar_row<One, decltype(KBc)::value>(xv, tl.nseg, tl.len, c, loc + k0 * T, T,
-                                                    inv + k0, pmean + k0 * C, pm2 + k0 * C, C);
+                                                    pn + k0, pmean + k0 * C, pm2 + k0 * C, C);
     });
   }
 }
@@ -763,13 +817,22 @@ C10_ALWAYS_INLINE void grad_stats_interleaved_block(const acc_t* x, const acc_t*
     ag[kb] = agx[kb] = V{};
     m[kb] = ld<Full>(mean + kb * C + c, n);
   }
-  for (int64_t j = 0; j < T; ++j) {
-    const V g0 = ld<Full>(gr + j * C + c, n);
-    const V x0 = ld<Full>(x + j * C + c, n);
+  for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {  // blocked over positions
+    const int64_t j1 = std::min(T, j0 + kPositionBlock);
+    V bg[KB], bgx[KB];
+    for (int kb = 0; kb < KB; ++kb) bg[kb] = bgx[kb] = V{};
+    for (int64_t j = j0; j < j1; ++j) {
+      const V g0 = ld<Full>(gr + j * C + c, n);
+      const V x0 = ld<Full>(x + j * C + c, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const V gt = One ? g0 : loc[kb * T + j] * g0;
+        bg[kb] += gt;
+        bgx[kb] += gt * (x0 - m[kb]);
+      }
+    }
     for (int kb = 0; kb < KB; ++kb) {
-      const V gt = One ? g0 : loc[kb * T + j] * g0;
-      ag[kb] += gt;
-      agx[kb] += gt * (x0 - m[kb]);
+      ag[kb] += bg[kb];
+      agx[kb] += bgx[kb];
     }
   }
   for (int kb = 0; kb < KB; ++kb) {
@@ -790,20 +853,30 @@ C10_ALWAYS_INLINE void grad_stats_planar_row(View<const acc_t> xv, View<const ac
     ag[kb] = agx[kb] = V{};
     m[kb] = mean[kb * C + c];
   }
+  constexpr int64_t B = kW<acc_t> * kPositionBlock;  // positions of a block
   for (int64_t seg = 0; seg < nseg; ++seg) {
     const acc_t* xr = xv.row(seg, c);
     const acc_t* grr = gv.row(seg, c);
     const acc_t* lt = loc + seg * len;
-    for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
-      constexpr bool F = decltype(full)::value;
-      const V g0 = ld<F>(grr + s, n);
-      const V x0 = ld<F>(xr + s, n);
+    for (int64_t b0 = 0; b0 < len; b0 += B) {
+      V bg[KB], bgx[KB];
+      for (int kb = 0; kb < KB; ++kb) bg[kb] = bgx[kb] = V{};
+      for_vectors<acc_t>(std::min(B, len - b0), [&](auto full, int64_t i, int64_t n) {
+        constexpr bool F = decltype(full)::value;
+        const int64_t s = b0 + i;
+        const V g0 = ld<F>(grr + s, n);
+        const V x0 = ld<F>(xr + s, n);
+        for (int kb = 0; kb < KB; ++kb) {
+          const V gt = One ? g0 : ld<F>(lt + kb * T + s, n) * g0;
+          bg[kb] += gt;
+          bgx[kb] += gt * (x0 - m[kb]);
+        }
+      });
       for (int kb = 0; kb < KB; ++kb) {
-        const V gt = One ? g0 : ld<F>(lt + kb * T + s, n) * g0;
-        ag[kb] += gt;
-        agx[kb] += gt * (x0 - m[kb]);
+        ag[kb] += bg[kb];
+        agx[kb] += bgx[kb];
       }
-    });
+    }
   }
   for (int kb = 0; kb < KB; ++kb) {
     sg[kb * C + c] = vsum(ag[kb]);
@@ -859,19 +932,27 @@ void dtau_interleaved(const acc_t* x, const acc_t* gr, int64_t T, int64_t C, int
     const acc_t* grr = gr + j * C;
     for_component_blocks(K, [&](auto KBc, int64_t k0) {
       constexpr int KB = decltype(KBc)::value;
-      V acc[KB];
-      for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
-      for_vectors<acc_t>(C, [&](auto full, int64_t c, int64_t n) {
-        constexpr bool F = decltype(full)::value;
-        const V x0 = ld<F>(xr + c, n), g0 = ld<F>(grr + c, n);
-        for (int kb = 0; kb < KB; ++kb) {
-          const int64_t o = (k0 + kb) * C + c;
-          const V d = keep<F>(x0 - ld<F>(cf.m + o, n), n);
-          acc[kb] += math::dtau_term(g0, d, ld<F>(cf.al + o, n), ld<F>(cf.be + o, n),
-                                     ld<F>(cf.e1 + o, n), ld<F>(cf.e2 + o, n));
-        }
-      });
-      for (int kb = 0; kb < KB; ++kb) dl[(k0 + kb) * T + j] = vsum(acc[kb]) - cf.ev[k0 + kb];
+      V tot[KB];
+      for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+      // blocks of kChannelBlock channels per lane
+      for (int64_t c0 = 0; c0 < C; c0 += kW<acc_t> * kChannelBlock) {
+        const int64_t c1 = std::min(C, c0 + kW<acc_t> * kChannelBlock);
+        V acc[KB];
+        for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
+        for_vectors<acc_t>(c1 - c0, [&](auto full, int64_t i, int64_t n) {
+          constexpr bool F = decltype(full)::value;
+          const int64_t c = c0 + i;
+          const V x0 = ld<F>(xr + c, n), g0 = ld<F>(grr + c, n);
+          for (int kb = 0; kb < KB; ++kb) {
+            const int64_t o = (k0 + kb) * C + c;
+            const V d = keep<F>(x0 - ld<F>(cf.m + o, n), n);
+            acc[kb] += math::dtau_term(g0, d, ld<F>(cf.al + o, n), ld<F>(cf.be + o, n),
+                                       ld<F>(cf.e1 + o, n), ld<F>(cf.e2 + o, n));
+          }
+        });
+        for (int kb = 0; kb < KB; ++kb) tot[kb] += acc[kb];
+      }
+      for (int kb = 0; kb < KB; ++kb) dl[(k0 + kb) * T + j] = vsum(tot[kb]) - cf.ev[k0 + kb];
     });
   }
 }
@@ -882,17 +963,23 @@ C10_ALWAYS_INLINE void dtau_planar_block(View<const acc_t> xv, View<const acc_t>
                                          int64_t s, int64_t n, int64_t C, int64_t k0,
                                          DtauPtrs<acc_t> cf, acc_t* dl, int64_t T, int64_t j) {
   using V = Vec<acc_t>;
-  V acc[KB];
-  for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
-  for (int64_t c = 0; c < C; ++c) {
-    const V x0 = ld<Full>(xv.row(seg, c) + s, n);
-    const V g0 = ld<Full>(gv.row(seg, c) + s, n);
-    for (int kb = 0; kb < KB; ++kb) {
-      const int64_t o = (k0 + kb) * C + c;
-      acc[kb] += math::dtau_term(g0, x0 - cf.m[o], cf.al[o], cf.be[o], cf.e1[o], cf.e2[o]);
+  V tot[KB];
+  for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {  // blocked over channels
+    const int64_t c1 = std::min(C, c0 + kChannelBlock);
+    V acc[KB];
+    for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
+    for (int64_t c = c0; c < c1; ++c) {
+      const V x0 = ld<Full>(xv.row(seg, c) + s, n);
+      const V g0 = ld<Full>(gv.row(seg, c) + s, n);
+      for (int kb = 0; kb < KB; ++kb) {
+        const int64_t o = (k0 + kb) * C + c;
+        acc[kb] += math::dtau_term(g0, x0 - cf.m[o], cf.al[o], cf.be[o], cf.e1[o], cf.e2[o]);
+      }
     }
+    for (int kb = 0; kb < KB; ++kb) tot[kb] += acc[kb];
   }
-  for (int kb = 0; kb < KB; ++kb) st<Full>(dl + (k0 + kb) * T + j, acc[kb] - cf.ev[k0 + kb], n);
+  for (int kb = 0; kb < KB; ++kb) st<Full>(dl + (k0 + kb) * T + j, tot[kb] - cf.ev[k0 + kb], n);
 }
 
 template <typename acc_t>
@@ -1043,19 +1130,18 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<acc_t> xs(IO::kNative ? 0 : maxT * C);
     Scratch<acc_t> loc(resp == Resp::kOne ? 0 : K * maxT);
-    Scratch<acc_t> inv(K);
     Scratch<Vec<acc_t>> lanes(K);
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       const View<const acc_t> xv = IO::load(g, tl, x, xs.get());
       if (resp == Resp::kOne) {
-        tile_moments<true>(g, tl, K, xv, loc.get(), inv.get(), pn + t * K, pmean + t * K * C,
+        tile_moments<true>(g, tl, K, xv, loc.get(), pn + t * K, pmean + t * K * C,
                            pm2 + t * K * C);
         continue;
       }
       tile_responsibilities(g, tl, K, resp, xv, groups, mu, ha, b, loc.get(), lanes.get());
       tau_to_global(g, tl, K, loc.get(), tau);
-      tile_moments<false>(g, tl, K, xv, loc.get(), inv.get(), pn + t * K, pmean + t * K * C,
+      tile_moments<false>(g, tl, K, xv, loc.get(), pn + t * K, pmean + t * K * C,
                           pm2 + t * K * C);
     }
   });

@@ -34,8 +34,7 @@ struct GradStatsParams {
 // Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB).
 template <typename scalar_t, typename acc_t, int KB>
 __global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ts = reinterpret_cast<acc_t*>(smem_raw);
+  CBN_DYNAMIC_SMEM(acc_t, ts);
   acc_t* red = ts + p.geo.len * p.geo.K;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
@@ -164,6 +163,7 @@ struct CoefParams {
   const acc_t* sum_g;  // (K, C); null: zero (evaluation, input gradient only)
   const acc_t* sum_gx;
   const acc_t* weight;
+  const acc_t* bias;  // null: zero
   const acc_t* var;
   const acc_t* count;    // null at evaluation
   const acc_t* mean;
@@ -172,12 +172,12 @@ struct CoefParams {
   acc_t eps;
   bool batch_stats;
   int64_t K, C;
-  acc_t *alpha, *e1, *e2, *pc, *qc, *a, *amu, *dgamma, *dbeta, *ev_part;
+  acc_t *alpha, *beta, *e1, *e2, *pc, *qc, *a, *amu, *dgamma, *dbeta, *ev_part;
 };
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> p) {
-  __shared__ acc_t buf[kWarps];
+  CBN_STATIC_SMEM(acc_t[kWarps], buf);
   const int64_t k = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t ev = 0;
@@ -193,6 +193,7 @@ __global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> 
     const auto dc = math::dx_coefs<acc_t>(gc.alpha, gc.e1, gc.e2, p.mean[i], a,
                                           p.mix_mean ? p.mix_mean[i] : acc_t(0));
     p.alpha[i] = gc.alpha;
+    p.beta[i] = p.bias ? p.bias[i] : acc_t(0);
     p.e1[i] = gc.e1;
     p.e2[i] = gc.e2;
     p.pc[i] = dc.p;
@@ -242,8 +243,7 @@ __device__ __forceinline__ void load_ev(const GradInputParams<acc_t>& p, acc_t* 
 template <typename scalar_t, typename acc_t, int KB>
 __global__ void __launch_bounds__(kThreads) grad_input_soft_interleaved_kernel(
     GradInputParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);
+  CBN_DYNAMIC_SMEM(acc_t, ev);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.K);
   acc_t* dl = ev + K + warp * 2 * K;
@@ -304,8 +304,7 @@ __global__ void __launch_bounds__(kThreads) grad_input_soft_interleaved_kernel(
 // Shared memory: ev (K) | dtau/dl (K x kThreads) | tau (K x kThreads).
 template <typename scalar_t, typename acc_t, int KB>
 __global__ void __launch_bounds__(kThreads) grad_input_soft_planar_kernel(GradInputParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);
+  CBN_DYNAMIC_SMEM(acc_t, ev);
   const int K = static_cast<int>(p.K);
   acc_t* dl = ev + K;
   acc_t* tw = dl + K * kThreads;
@@ -320,23 +319,32 @@ __global__ void __launch_bounds__(kThreads) grad_input_soft_planar_kernel(GradIn
     const int64_t n = pos / S, s = pos % S;
     const int64_t base = n * C * S + s;
     for (int k0 = 0; k0 < K; k0 += KB) {
-      acc_t acc[KB];
+      acc_t tot[KB];
 #pragma unroll
-      for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t xv = static_cast<acc_t>(x[base + c * S]);
-        const acc_t gv = static_cast<acc_t>(gr[base + c * S]);
+      for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
+      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {  // blocked over channels
+        const int64_t c1 = c0 + kChannelBlock < C ? c0 + kChannelBlock : C;
+        acc_t acc[KB];
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          if (k0 + kk < K) {
-            const int64_t o = (k0 + kk) * C + c;
-            acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
+        for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+        for (int64_t c = c0; c < c1; ++c) {
+          const acc_t xv = static_cast<acc_t>(x[base + c * S]);
+          const acc_t gv = static_cast<acc_t>(gr[base + c * S]);
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            if (k0 + kk < K) {
+              const int64_t o = (k0 + kk) * C + c;
+              acc[kk] +=
+                  math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
+            }
           }
         }
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
       }
 #pragma unroll
       for (int kk = 0; kk < KB; ++kk)
-        if (k0 + kk < K) dl[(k0 + kk) * kThreads + tid] = acc[kk] - ev[k0 + kk];
+        if (k0 + kk < K) dl[(k0 + kk) * kThreads + tid] = tot[kk] - ev[k0 + kk];
     }
     acc_t dot = 0;
     for (int k = 0; k < K; ++k) {
@@ -397,11 +405,15 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
   const int64_t K = st.K, C = shape.C;
-  Tensor sum_g = at::zeros({K, C}, aopt), sum_gx = at::zeros({K, C}, aopt);
+  Tensor sum_g = at::empty({K, C}, aopt), sum_gx = at::empty({K, C}, aopt);
   const Tensor m = mean.contiguous();
   CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_grad_sums_cuda", [&] {
     const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
-    if (tiles.num == 0) return;
+    if (tiles.num == 0) {  // no positions: zero sums
+      sum_g.zero_();
+      sum_gx.zero_();
+      return;
+    }
     Tensor part_sg = at::empty({tiles.num, K, C}, aopt);
     Tensor part_sgx = at::empty({tiles.num, K, C}, aopt);
     GradStatsParams<acc_t> gp{};
@@ -415,17 +427,15 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
     dispatch_kb(K, [&](auto kb) {
       constexpr int KB = decltype(kb)::value;
       const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
-      auto kernel = collect_grad_stats_kernel<scalar_t, acc_t, KB>;
-      allow_smem(kernel, smem);
-      kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(gp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      allow_smem(collect_grad_stats_kernel<scalar_t, acc_t, KB>, smem);
+      CBN_LAUNCH_KERNEL(collect_grad_stats_kernel<scalar_t, acc_t, KB>, grid_1d(tiles.num),
+                        kThreads, smem, gp);
     });
     const int64_t n = K * C;
     for (auto pair : {std::make_pair(&part_sg, &sum_g), std::make_pair(&part_sgx, &sum_gx)}) {
-      sum_tiles_kernel<acc_t><<<grid_1d((n + kThreads - 1) / kThreads), kThreads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
-          pair.first->data_ptr<acc_t>(), tiles.num, n, pair.second->data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      CBN_LAUNCH_KERNEL(sum_tiles_kernel<acc_t>, grid_1d((n + kThreads - 1) / kThreads),
+                        kThreads, 0, pair.first->data_ptr<acc_t>(), tiles.num, n,
+                        pair.second->data_ptr<acc_t>());
     }
   });
   return {sum_g, sum_gx};
@@ -440,15 +450,11 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
   const auto aopt = st.x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
   const bool soft = st.resp == Resp::kSoft;
-  GradCoefs cf;
-  for (Tensor* t : {&cf.alpha, &cf.e1, &cf.e2, &cf.p, &cf.q, &cf.a, &cf.amu, &cf.dgamma,
-                    &cf.dbeta})
-    *t = at::empty({K, C}, aopt);
-  cf.beta = defined(bias) ? bias->contiguous() : at::zeros({K, C}, aopt);
   const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
-  cf.ev = at::empty({K, ev_blocks}, aopt);
+  GradCoefs cf = GradCoefs::make(K, C, ev_blocks, aopt);
   const Tensor m = mean.contiguous(), v = var.contiguous();
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
   const Tensor mm = soft ? mix_mean.contiguous() : Tensor();
   const Tensor mv = soft ? mix_var.contiguous() : Tensor();
@@ -460,6 +466,7 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
     cp.sum_g = ptr_or_null<acc_t>(sg);
     cp.sum_gx = ptr_or_null<acc_t>(sgx);
     cp.weight = ptr_or_null<acc_t>(w);
+    cp.bias = ptr_or_null<acc_t>(bb);
     cp.var = v.data_ptr<acc_t>();
     cp.count = ptr_or_null<acc_t>(n);
     cp.mean = m.data_ptr<acc_t>();
@@ -469,19 +476,20 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
     cp.batch_stats = batch_stats;
     cp.K = K;
     cp.C = C;
-    cp.alpha = cf.alpha.data_ptr<acc_t>();
-    cp.e1 = cf.e1.data_ptr<acc_t>();
-    cp.e2 = cf.e2.data_ptr<acc_t>();
-    cp.pc = cf.p.data_ptr<acc_t>();
-    cp.qc = cf.q.data_ptr<acc_t>();
-    cp.a = cf.a.data_ptr<acc_t>();
-    cp.amu = cf.amu.data_ptr<acc_t>();
+    cp.alpha = cf.row<acc_t>(GradCoefs::kAlpha);
+    cp.beta = cf.row<acc_t>(GradCoefs::kBeta);
+    cp.e1 = cf.row<acc_t>(GradCoefs::kE1);
+    cp.e2 = cf.row<acc_t>(GradCoefs::kE2);
+    cp.pc = cf.row<acc_t>(GradCoefs::kP);
+    cp.qc = cf.row<acc_t>(GradCoefs::kQ);
+    cp.a = cf.row<acc_t>(GradCoefs::kA);
+    cp.amu = cf.row<acc_t>(GradCoefs::kAmu);
     cp.dgamma = cf.dgamma.data_ptr<acc_t>();
     cp.dbeta = cf.dbeta.data_ptr<acc_t>();
-    cp.ev_part = cf.ev.data_ptr<acc_t>();
-    grad_coefs_kernel<acc_t><<<dim3(static_cast<unsigned>(ev_blocks), static_cast<unsigned>(K)),
-                               kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(cp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cp.ev_part = cf.ev<acc_t>();
+    CBN_LAUNCH_KERNEL(grad_coefs_kernel<acc_t>,
+                      dim3(static_cast<unsigned>(ev_blocks), static_cast<unsigned>(K)), kThreads,
+                      0, cp);
   });
   return cf;
 }
@@ -501,45 +509,42 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     ip.dx = grad_input.data_ptr();
     ip.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
     ip.mean = m.data_ptr<acc_t>();
-    ip.alpha = cf.alpha.data_ptr<acc_t>();
-    ip.beta = cf.beta.data_ptr<acc_t>();
-    ip.e1 = cf.e1.data_ptr<acc_t>();
-    ip.e2 = cf.e2.data_ptr<acc_t>();
-    ip.ev_part = cf.ev.data_ptr<acc_t>();
-    ip.ev_blocks = cf.ev.size(1);
-    ip.pc = cf.p.data_ptr<acc_t>();
-    ip.qc = cf.q.data_ptr<acc_t>();
-    ip.a = cf.a.data_ptr<acc_t>();
-    ip.amu = cf.amu.data_ptr<acc_t>();
+    ip.alpha = cf.row<acc_t>(GradCoefs::kAlpha);
+    ip.beta = cf.row<acc_t>(GradCoefs::kBeta);
+    ip.e1 = cf.row<acc_t>(GradCoefs::kE1);
+    ip.e2 = cf.row<acc_t>(GradCoefs::kE2);
+    ip.ev_part = cf.ev<acc_t>();
+    ip.ev_blocks = cf.ev_cols;
+    ip.pc = cf.row<acc_t>(GradCoefs::kP);
+    ip.qc = cf.row<acc_t>(GradCoefs::kQ);
+    ip.a = cf.row<acc_t>(GradCoefs::kA);
+    ip.amu = cf.row<acc_t>(GradCoefs::kAmu);
     ip.N = shape.N;
     ip.C = C;
     ip.S = shape.S;
     ip.K = K;
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int sms = num_sms();
     if (st.resp == Resp::kSoft) {
       dispatch_kb(K, [&](auto kb) {
         constexpr int KB = decltype(kb)::value;
         if (shape.interleaved) {
           const size_t smem = sizeof(acc_t) * (K + kWarps * 2 * K);
-          auto kernel = grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>;
-          allow_smem(kernel, smem);
+          allow_smem(grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>, smem);
           const int64_t blocks = std::min<int64_t>((shape.M() + kWarps - 1) / kWarps, 32 * sms);
-          kernel<<<grid_1d(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(ip);
+          CBN_LAUNCH_KERNEL(grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>,
+                            grid_1d(blocks), kThreads, smem, ip);
         } else {
           const size_t smem = sizeof(acc_t) * (K + 2 * K * kThreads);
-          auto kernel = grad_input_soft_planar_kernel<scalar_t, acc_t, KB>;
-          allow_smem(kernel, smem);
+          allow_smem(grad_input_soft_planar_kernel<scalar_t, acc_t, KB>, smem);
           const int64_t blocks = std::min<int64_t>((shape.M() + kThreads - 1) / kThreads, 32 * sms);
-          kernel<<<grid_1d(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(ip);
+          CBN_LAUNCH_KERNEL(grad_input_soft_planar_kernel<scalar_t, acc_t, KB>, grid_1d(blocks),
+                            kThreads, smem, ip);
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
       const Rows rows = plan_rows(shape);
-      grad_input_given_kernel<scalar_t, acc_t>
-          <<<grid_1d(rows_grid(rows)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              ip, shape.interleaved, rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      CBN_LAUNCH_KERNEL(grad_input_given_kernel<scalar_t, acc_t>, grid_1d(rows_grid(rows)),
+                        kThreads, 0, ip, shape.interleaved, rows);
     }
   });
   return grad_input;

@@ -1,8 +1,11 @@
 // The CUDA backend's steps (csrc/cbn_ops.h composes them into the operators): defined in
-// forward.cu and backward.cu, registered by operators.cpp.
+// forward.cu and backward.cu, registered by operators.cpp (and, emulated on the CPU, by
+// csrc/emu/operators_emu.cpp).
 #pragma once
 
+#if !defined(CBN_CUDA_EMULATION)
 #include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <optional>
 #include <tuple>
@@ -13,7 +16,13 @@ namespace cbn_ext {
 namespace cuda {
 
 struct CudaBackend {
+#if defined(CBN_CUDA_EMULATION)
+  using Guard = NoGuard;  // CPU tensors
+#else
   using Guard = c10::cuda::CUDAGuard;
+#endif
+  // the kernels check group ids (a device-side assert): the host never reads device memory
+  static constexpr bool kHostChecksGroupIds = false;
 
   // With replace_inactive (the forward's own statistics), the affine coefficients come
   // out of the merge too (alpha, delta).

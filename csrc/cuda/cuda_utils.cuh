@@ -2,27 +2,95 @@
 //
 // Determinism: every reduction is done in a fixed order (warp butterflies, per-tile
 // partials merged in tile order); there are no floating-point atomics.
+//
+// These sources are compiled twice: by nvcc for the GPU, and (CBN_CUDA_EMULATION) as host
+// C++ against csrc/emu/cuda_emu.h, whose runtime runs the kernels on the CPU for the
+// tests. What the sources need of CUDA beyond device code goes through the few helpers
+// below, which have both forms: CBN_LAUNCH_KERNEL (every launch), allow_smem, num_sms,
+// CBN_STATIC_SMEM and CBN_DYNAMIC_SMEM (shared memory).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#if defined(CBN_CUDA_EMULATION)
+#include "../emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "../cbn_common.h"
 #include "../cbn_math.h"
+
+// The kernel's dynamic shared memory as `type* name`; a static shared variable `name` of
+// type `type` (arrays too: CBN_STATIC_SMEM(float[8], buf)).
+#if defined(CBN_CUDA_EMULATION)
+#define CBN_DYNAMIC_SMEM(type, name) CBN_EMU_DYNAMIC_SMEM(type, name)
+#define CBN_STATIC_SMEM(type, name) CBN_EMU_STATIC_SMEM(type, name)
+#else
+#define CBN_DYNAMIC_SMEM(type, name)                          \
+  extern __shared__ __align__(16) unsigned char cbn_smem_[]; \
+  type* name = reinterpret_cast<type*>(cbn_smem_)
+#define CBN_STATIC_SMEM(type, name) __shared__ ::cbn_ext::cuda::type_identity<type> name
+#endif
+
+// Every kernel launch: CBN_LAUNCH_KERNEL(kernel, grid, block, dynamic smem, args...) is
+// kernel<<<grid, block, smem, current stream>>>(args...) and the launch check; emulated,
+// the grid runs on the CPU after the checks the hardware does.
+#define CBN_LAUNCH_KERNEL(...) \
+  ::cbn_ext::cuda::launch_kernel(#__VA_ARGS__, __FILE__, __LINE__, __VA_ARGS__)
 
 namespace cbn_ext {
 namespace cuda {
 
 namespace math = ::cbn_ext::math;
 
+template <typename T>
+using type_identity = T;
+
+// CBN_LAUNCH_KERNEL's function; `what`, `file`, `line`: the launch as written, for errors.
+template <typename... KArgs, typename... Args>
+void launch_kernel(const char* what, const char* file, int line, void (*kernel)(KArgs...),
+                   dim3 grid, dim3 block, size_t smem, Args&&... args) {
+#if defined(CBN_CUDA_EMULATION)
+  ::cbn_ext::emu::launch(what, file, line, kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
+  (void)what;
+  kernel<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  c10::cuda::c10_cuda_check_implementation(static_cast<int32_t>(cudaGetLastError()), file,
+                                           "CBN_LAUNCH_KERNEL", static_cast<uint32_t>(line),
+                                           true);
+#endif
+}
+
+// Multiprocessors of the current device.
+inline int num_sms() {
+#if defined(CBN_CUDA_EMULATION)
+  return ::cbn_ext::emu::device_props().multiProcessorCount;
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+inline size_t max_smem_optin() {
+#if defined(CBN_CUDA_EMULATION)
+  return ::cbn_ext::emu::device_props().sharedMemPerBlockOptin;
+#else
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+#endif
+}
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Blocked sums (SPEC "Accuracy"): a thread summing over channels adds kChannelBlock terms
+// at a time into a partial sum, then the partial sums, so that the rounding error grows
+// with the block plus the number of blocks, not with C.
+constexpr int kChannelBlock = 32;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -66,7 +134,7 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
   Tiles t{0, 1, 1};
   const int64_t M = s.M();
   if (M == 0) return t;
-  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target = 2 * num_sms();
   // the tile's responsibilities (len x K) stay in 32 KiB of shared memory
   const int64_t max_len = std::max<int64_t>(1, std::min<int64_t>(512, 32768 / (K * acc_size)));
   if (s.interleaved) {
@@ -180,7 +248,7 @@ inline Rows plan_rows(const Shape& s) {
 
 inline int64_t rows_grid(const Rows& r) {
   const int64_t blocks = (r.count + r.per_block - 1) / r.per_block;
-  return std::min<int64_t>(blocks, 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8);
+  return std::min<int64_t>(blocks, 8 * num_sms() * 8);
 }
 
 inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -209,12 +277,16 @@ void dispatch_kb(int64_t K, F&& f) {
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t smem) {
   if (smem <= 48 * 1024) return;
-  const size_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const size_t max_smem = max_smem_optin();
   TORCH_CHECK(smem <= max_smem, "compound_batch_norm: ", smem,
               " bytes of shared memory needed per block (too many components); the device has ",
               max_smem);
+#if defined(CBN_CUDA_EMULATION)
+  ::cbn_ext::emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+#else
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
+#endif
 }
 
 // float32 / float64 / float16 / bfloat16 inputs; acc_t: float, or double for double.

@@ -22,20 +22,31 @@ namespace {
 // b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps). One block per component.
 // ---------------------------------------------------------------------------------------
 
+// With copy_mean not null, also copies of the mixture (mean, var, prior), in the same pass.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    estep_coefs_kernel(const acc_t* __restrict__ var, const acc_t* __restrict__ prior, acc_t eps,
-                       int64_t C, acc_t* __restrict__ half_a, acc_t* __restrict__ b) {
-  __shared__ acc_t buf[kWarps];
+    estep_coefs_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                       const acc_t* __restrict__ prior, acc_t eps, int64_t C,
+                       acc_t* __restrict__ half_a, acc_t* __restrict__ b,
+                       acc_t* __restrict__ copy_mean, acc_t* __restrict__ copy_var,
+                       acc_t* __restrict__ copy_prior) {
+  CBN_STATIC_SMEM(acc_t[kWarps], buf);
   const int64_t k = blockIdx.x;
   acc_t s = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const acc_t v = var[k * C + c];
     half_a[k * C + c] = math::half_precision(v, eps);
     s += math::neg_half_log_var(v, eps);
+    if (copy_mean != nullptr) {
+      copy_mean[k * C + c] = mean[k * C + c];
+      copy_var[k * C + c] = v;
+    }
   }
   s = block_sum(s, buf);
-  if (threadIdx.x == 0) b[k] = math::log_prior(prior[k]) + s;
+  if (threadIdx.x == 0) {
+    b[k] = math::log_prior(prior[k]) + s;
+    if (copy_prior != nullptr) copy_prior[k] = prior[k];
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -68,7 +79,11 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
       const int j = i / K, k = i % K;
       const int64_t n = p.geo.interleaved ? (tg.p0 + j) / S : tg.n;
-      ts[tau_index(p.geo.interleaved, j, k, K, len)] = p.groups[n] == k ? acc_t(1) : acc_t(0);
+      const int64_t grp = p.groups[n];
+      // the host does not read the ids (no sync): bad ones stop here, as in PyTorch's
+      // index kernels
+      CUDA_KERNEL_ASSERT(grp >= 0 && grp < K && "group ids must be in [0, K)");
+      ts[tau_index(p.geo.interleaved, j, k, K, len)] = grp == k ? acc_t(1) : acc_t(0);
     }
   } else if (p.geo.interleaved) {
     // a warp per position, lanes over channels
@@ -98,26 +113,34 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
       if (lane == 0) math::softmax_in_place(ts + j * K, K, 1, DevExp{});
     }
   } else {
-    // a thread per position, channels in sequence (coalesced across the warp)
+    // a thread per position, channels in sequence (coalesced across the warp), blocked
     for (int j = threadIdx.x; j < tg.P; j += kThreads) {
       const scalar_t* xc = x + tg.n * C * S + tg.s0 + j;
       for (int k0 = 0; k0 < K; k0 += KB) {
-        acc_t acc[KB];
+        acc_t tot[KB];
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(xc[c * S]);
+        for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
+        for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+          const int64_t c1 = c0 + kChannelBlock < C ? c0 + kChannelBlock : C;
+          acc_t acc[KB];
 #pragma unroll
-          for (int kk = 0; kk < KB; ++kk) {
-            if (k0 + kk < K) {
-              const int64_t o = (k0 + kk) * C + c;
-              acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
+          for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t v = static_cast<acc_t>(xc[c * S]);
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+              if (k0 + kk < K) {
+                const int64_t o = (k0 + kk) * C + c;
+                acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
+              }
             }
           }
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
         }
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk)
-          if (k0 + kk < K) ts[(k0 + kk) * len + j] = p.b[k0 + kk] - acc[kk];
+          if (k0 + kk < K) ts[(k0 + kk) * len + j] = p.b[k0 + kk] - tot[kk];
       }
       math::softmax_in_place(ts + j, K, len, DevExp{});
     }
@@ -145,7 +168,7 @@ __device__ __forceinline__ acc_t tile_tau(const acc_t* ts, bool one, bool interl
 // from L2), so that no E[x^2] - E[x]^2 cancellation arises.
 template <typename scalar_t, typename acc_t, int KB>
 __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, const acc_t* ts,
-                             acc_t* inv, acc_t* red, int64_t t) {
+                             acc_t* cnt, acc_t* red, int64_t t) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
   const int64_t C = p.geo.C, S = p.geo.S;
@@ -160,7 +183,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
       for (int j = 0; j < tg.P; ++j) n += ts[tau_index(p.geo.interleaved, j, k, K, len)];
     }
     p.part_n[t * K + k] = n;
-    inv[k] = n > acc_t(0) ? acc_t(1) / n : acc_t(0);
+    cnt[k] = n;
   }
   __syncthreads();
 
@@ -187,7 +210,8 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
-          mt[kk] = k0 + kk < K ? sum_groups(red, cg, KB, kk) * inv[k0 + kk] : acc_t(0);
+          mt[kk] = k0 + kk < K ? math::weighted_mean(sum_groups(red, cg, KB, kk), cnt[k0 + kk])
+                               : acc_t(0);
           s1[kk] = acc_t(0);
         }
         __syncthreads();
@@ -235,7 +259,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
         }
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
-          mt[kk] = k0 + kk < K ? warp_sum(s1[kk]) * inv[k0 + kk] : acc_t(0);
+          mt[kk] = k0 + kk < K ? math::weighted_mean(warp_sum(s1[kk]), cnt[k0 + kk]) : acc_t(0);
           s1[kk] = acc_t(0);
         }
         for (int j = lane; j < tg.P; j += 32) {
@@ -264,17 +288,16 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
   }
 }
 
-// Dynamic shared memory: ts (len x K) | inv (K) | red (kThreads x KB).
+// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB).
 template <typename scalar_t, typename acc_t, int KB, bool kMoments>
 __global__ void __launch_bounds__(kThreads) collect_mixture_stats_kernel(StatsParams<acc_t> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ts = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* inv = ts + p.geo.len * p.geo.K;
-  acc_t* red = inv + p.geo.K;
+  CBN_DYNAMIC_SMEM(acc_t, ts);
+  acc_t* cnt = ts + p.geo.len * p.geo.K;
+  acc_t* red = cnt + p.geo.K;
   const int64_t t = blockIdx.x;
   const TileGeo tg = tile_geo(p.geo.interleaved, t, p.geo.len, p.geo.chunks, p.geo.N * p.geo.S, p.geo.S);
   if (p.resp != Resp::kOne) tile_responsibilities<scalar_t, acc_t, KB>(p, tg, ts);
-  if constexpr (kMoments) tile_moments<scalar_t, acc_t, KB>(p, tg, ts, inv, red, t);
+  if constexpr (kMoments) tile_moments<scalar_t, acc_t, KB>(p, tg, ts, cnt, red, t);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -292,7 +315,7 @@ __global__ void __launch_bounds__(256) merge_moments_kernel(
     const acc_t* __restrict__ bias, acc_t eps, acc_t* __restrict__ mean, acc_t* __restrict__ var,
     acc_t* __restrict__ count, acc_t* __restrict__ alpha, acc_t* __restrict__ delta,
     bool replace_inactive) {
-  __shared__ math::WeightedMoments<acc_t> sm[8][32];
+  CBN_STATIC_SMEM(math::WeightedMoments<acc_t>[8][32], sm);
   const int64_t k = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   const int g = threadIdx.y;
@@ -373,17 +396,18 @@ __global__ void __launch_bounds__(kThreads) normalize_mixture_kernel(
 
 // ---------------------------------------------------------------------------------------
 // Running update: one block. Nothing changes when an active statistic is not finite.
+// The mixture may be the running buffers themselves (rm == mix_mean, ...): each element
+// is read before it is written, by the same thread, so no __restrict__ on those.
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
 __global__ void __launch_bounds__(1024) update_running_stats_kernel(
-    acc_t* __restrict__ rm, acc_t* __restrict__ rv, acc_t* __restrict__ rp,
-    int64_t* __restrict__ nbt, const acc_t* __restrict__ mix_mean,
-    const acc_t* __restrict__ mix_var, const acc_t* __restrict__ mix_prior,
+    acc_t* rm, acc_t* rv, acc_t* rp, int64_t* __restrict__ nbt, const acc_t* mix_mean,
+    const acc_t* mix_var, const acc_t* mix_prior,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
     const acc_t* __restrict__ count, int64_t K, int64_t C, int64_t M, double momentum,
     bool has_momentum) {
-  __shared__ int bad;
+  CBN_STATIC_SMEM(int, bad);
   if (threadIdx.x == 0) bad = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < K * C; i += blockDim.x) {
@@ -403,8 +427,14 @@ __global__ void __launch_bounds__(1024) update_running_stats_kernel(
     rv[i] = active ? math::ema(mix_var[i], math::unbiased_var(var[i], count[k]), eta) : mix_var[i];
   }
   if (rp != nullptr) {
+    // M 0: M = sum_k N_k (callers that do not know M on the host), in order
+    acc_t m = static_cast<acc_t>(M);
+    if (M <= 0) {
+      m = 0;
+      for (int64_t k = 0; k < K; ++k) m += count[k];
+    }
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-      rp[k] = math::ema(mix_prior[k], count[k] / static_cast<acc_t>(M), eta);
+      rp[k] = math::ema(mix_prior[k], count[k] / m, eta);
   }
   __syncthreads();  // every thread has read nbt
   if (threadIdx.x == 0 && nbt != nullptr) nbt[0] += 1;
@@ -414,17 +444,32 @@ __global__ void __launch_bounds__(1024) update_running_stats_kernel(
 // Launchers
 // ---------------------------------------------------------------------------------------
 
+// E-step coefficients mu, 1/2 a, b of a mixture; with `copy`, also copies of it.
+struct EstepCoefs {
+  Tensor mu, half_a, b;
+  Tensor mean_copy, var_copy, prior_copy;
+};
+
 template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> estep_coefs(const Tensor& mix_mean, const Tensor& mix_var,
-                                               const Tensor& mix_prior, double eps) {
+EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tensor& mix_prior,
+                       double eps, bool copy) {
   const int64_t K = mix_mean.size(0), C = mix_mean.size(1);
   const Tensor var = mix_var.contiguous(), prior = mix_prior.contiguous();
-  Tensor ha = at::empty_like(var), b = at::empty({K}, var.options());
-  estep_coefs_kernel<acc_t><<<grid_1d(K), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      var.data_ptr<acc_t>(), prior.data_ptr<acc_t>(), static_cast<acc_t>(eps), C,
-      ha.data_ptr<acc_t>(), b.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {mix_mean.contiguous(), ha, b};
+  EstepCoefs out;
+  out.mu = mix_mean.contiguous();
+  out.half_a = at::empty_like(var);
+  out.b = at::empty({K}, var.options());
+  if (copy) {
+    out.mean_copy = at::empty_like(var);
+    out.var_copy = at::empty_like(var);
+    out.prior_copy = at::empty({K}, var.options());
+  }
+  CBN_LAUNCH_KERNEL(estep_coefs_kernel<acc_t>, grid_1d(K), kThreads, 0,
+                    out.mu.data_ptr<acc_t>(), var.data_ptr<acc_t>(), prior.data_ptr<acc_t>(),
+                    static_cast<acc_t>(eps), C, out.half_a.data_ptr<acc_t>(),
+                    out.b.data_ptr<acc_t>(), mut_ptr_or_null<acc_t>(out.mean_copy),
+                    mut_ptr_or_null<acc_t>(out.var_copy), mut_ptr_or_null<acc_t>(out.prior_copy));
+  return out;
 }
 
 template <typename scalar_t, typename acc_t, bool kMoments>
@@ -432,10 +477,9 @@ void launch_stats(const StatsParams<acc_t>& p, const Tiles& tiles) {
   dispatch_kb(p.geo.K, [&](auto kb) {
     constexpr int KB = decltype(kb)::value;
     const size_t smem = sizeof(acc_t) * (p.geo.len * p.geo.K + p.geo.K + kThreads * KB);
-    auto kernel = collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>;
-    allow_smem(kernel, smem);
-    kernel<<<grid_1d(tiles.num), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    allow_smem(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>, smem);
+    CBN_LAUNCH_KERNEL(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>,
+                      grid_1d(tiles.num), kThreads, smem, p);
   });
 }
 
@@ -443,13 +487,11 @@ template <typename scalar_t, typename acc_t>
 void launch_normalize(const Tensor& x, Tensor& y, const Tensor& tau, const Tensor& alpha,
                       const Tensor& delta, const Shape& s, int64_t K) {
   const Rows rows = plan_rows(s);
-  normalize_mixture_kernel<scalar_t, acc_t>
-      <<<grid_1d(rows_grid(rows)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          tau.defined() && tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr,
-          alpha.data_ptr<acc_t>(),
-          delta.data_ptr<acc_t>(), s.C, s.S, K, s.interleaved, rows);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  CBN_LAUNCH_KERNEL(normalize_mixture_kernel<scalar_t, acc_t>, grid_1d(rows_grid(rows)), kThreads,
+                    0, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                    tau.defined() && tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr,
+                    alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), s.C, s.S, K,
+                    s.interleaved, rows);
 }
 
 }  // namespace
@@ -479,9 +521,13 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   const Tensor mix_mean = st.mix_mean.contiguous(), mix_var = st.mix_var.contiguous();
   CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_batch_stats_cuda", [&] {
-    Tensor mu, ha, b;
+    EstepCoefs ec;
     if (st.resp == Resp::kSoft)
-      std::tie(mu, ha, b) = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps);
+      ec = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps, /*copy=*/!st.mix_owned);
+    mix_outputs(st, out, ec.mean_copy, ec.var_copy, ec.prior_copy);
+    const Tensor& mu = ec.mu;
+    const Tensor& ha = ec.half_a;
+    const Tensor& b = ec.b;
     if (tiles.num > 0) {
       StatsParams<acc_t> p{};
       p.x = x.data_ptr();
@@ -498,13 +544,14 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
       launch_stats<scalar_t, acc_t, true>(p, tiles);
     }
     const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(K));
-    merge_moments_kernel<acc_t><<<grid, dim3(32, 8), 0, at::cuda::getCurrentCUDAStream()>>>(
-        part_n.data_ptr<acc_t>(), part_mean.data_ptr<acc_t>(), part_m2.data_ptr<acc_t>(),
-        tiles.num, K, C, mix_mean.data_ptr<acc_t>(), mix_var.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps),
-        out.mean.data_ptr<acc_t>(), out.var.data_ptr<acc_t>(), out.count.data_ptr<acc_t>(),
-        mut_ptr_or_null<acc_t>(out.alpha), mut_ptr_or_null<acc_t>(out.delta), replace_inactive);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    CBN_LAUNCH_KERNEL(merge_moments_kernel<acc_t>, grid, dim3(32, 8), 0,
+                      part_n.data_ptr<acc_t>(), part_mean.data_ptr<acc_t>(),
+                      part_m2.data_ptr<acc_t>(), tiles.num, K, C, mix_mean.data_ptr<acc_t>(),
+                      mix_var.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
+                      static_cast<acc_t>(eps), out.mean.data_ptr<acc_t>(),
+                      out.var.data_ptr<acc_t>(), out.count.data_ptr<acc_t>(),
+                      mut_ptr_or_null<acc_t>(out.alpha), mut_ptr_or_null<acc_t>(out.delta),
+                      replace_inactive);
   });
   return out;
 }
@@ -529,11 +576,10 @@ Tensor CudaBackend::normalize(const ApplySetup& st, const OptTensor&, const OptT
       alpha = at::empty({K, C}, aopt);
       delta = at::empty({K, C}, aopt);
       const int64_t n = K * C;
-      affine_coefs_kernel<acc_t><<<grid_1d((n + kThreads - 1) / kThreads), kThreads, 0,
-                                   at::cuda::getCurrentCUDAStream()>>>(
-          m.data_ptr<acc_t>(), v.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
-          static_cast<acc_t>(eps), n, alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      CBN_LAUNCH_KERNEL(affine_coefs_kernel<acc_t>, grid_1d((n + kThreads - 1) / kThreads),
+                        kThreads, 0, m.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
+                        ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps), n,
+                        alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
     }
     launch_normalize<scalar_t, acc_t>(x, out, st.resp == Resp::kOne ? Tensor() : tau, alpha,
                                       delta, st.shape, K);
@@ -557,9 +603,11 @@ std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const 
   const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
   if (st.resp != Resp::kOne) {
     CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_eval_cuda", [&] {
-      Tensor mu, ha, b;
-      if (st.resp == Resp::kSoft)
-        std::tie(mu, ha, b) = estep_coefs<acc_t>(rm, rv, *running_prior, eps);
+      EstepCoefs ec;
+      if (st.resp == Resp::kSoft) ec = estep_coefs<acc_t>(rm, rv, *running_prior, eps, false);
+      const Tensor& mu = ec.mu;
+      const Tensor& ha = ec.half_a;
+      const Tensor& b = ec.b;
       const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
       StatsParams<acc_t> p{};
       p.x = x.data_ptr();
@@ -585,17 +633,22 @@ void CudaBackend::update_running_stats(Tensor& running_mean, Tensor& running_var
                                        const Tensor& var, const Tensor& count,
                                        int64_t num_positions, std::optional<double> momentum) {
   const int64_t K = mean.size(0), C = mean.size(1);
+  // an empty mixture: the running buffers themselves (updated in place, element by element)
+  const bool same = mix_mean.numel() == 0;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbn_update_running_stats_cuda", [&] {
     const Tensor m = mean.contiguous(), v = var.contiguous(), n = count.contiguous();
-    const Tensor mm = mix_mean.contiguous(), mv = mix_var.contiguous(), mp = mix_prior.contiguous();
-    update_running_stats_kernel<scalar_t><<<1, 1024, 0, at::cuda::getCurrentCUDAStream()>>>(
-        running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(),
+    const Tensor mm = same ? running_mean : mix_mean.contiguous();
+    const Tensor mv = same ? running_var : mix_var.contiguous();
+    const Tensor mp = same ? (defined(running_prior) ? *running_prior : mm)
+                           : mix_prior.contiguous();
+    CBN_LAUNCH_KERNEL(
+        update_running_stats_kernel<scalar_t>, 1, 1024, 0, running_mean.data_ptr<scalar_t>(),
+        running_var.data_ptr<scalar_t>(),
         defined(running_prior) ? running_prior->data_ptr<scalar_t>() : nullptr,
         defined(num_batches_tracked) ? num_batches_tracked->data_ptr<int64_t>() : nullptr,
         mm.data_ptr<scalar_t>(), mv.data_ptr<scalar_t>(), mp.data_ptr<scalar_t>(),
         m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), K, C,
         num_positions, momentum.value_or(0.0), momentum.has_value());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -1,0 +1,2 @@
+// csrc/cuda/backward.cu, compiled as host C++ for the emulated CUDA backend (cuda_emu.h).
+#include "../cuda/backward.cu"

@@ -1,0 +1,187 @@
+"""The emulated CUDA backend (CBN_CUDA_EMULATION=1 builds): the CUDA kernels of csrc/cuda/,
+compiled as host C++ and run on the CPU (csrc/emu/). The accuracy grids of test_kernels.py,
+test_cuda.py and test_separated.py run through it too (their "emu" device); this file
+checks what is particular to it: the schedule does not change results (no races), launch
+configurations are checked like the hardware does, tile boundaries and large shared
+memory, and agreement with the CPU kernels on every kernel path."""
+
+import os
+
+import pytest
+import torch
+
+import cbn_ext
+from conftest import (HAS_EMU, TOL, Fc, R, backend, compare, make_case, make_stable_case, rel_err,
+                      run)
+
+needs_emu = pytest.mark.skipif(not HAS_EMU, reason="needs the emulated CUDA backend "
+                                                   "(build with CBN_CUDA_EMULATION=1)")
+pytestmark = [pytest.mark.emu]
+
+emu_ops = torch.ops.cbn_ext_emu if HAS_EMU else None
+RESULTS = ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior")
+
+
+def _emu():
+    from cbn_ext import _emu
+    return _emu
+
+
+def test_built_when_asked():
+    """CI builds with CBN_CUDA_EMULATION=1: then the emulated backend must be there, or
+    every emulated test would be skipped silently."""
+    if os.environ.get("CBN_CUDA_EMULATION", "0") == "1":
+        assert HAS_EMU, "CBN_CUDA_EMULATION=1, but cbn_ext._emu is not built"
+    else:
+        pytest.skip("CBN_CUDA_EMULATION is not set")
+
+
+@needs_emu
+def test_planted_defects_are_caught():
+    """Kernels with a defect each (csrc/emu/operators_emu.cpp): the emulation reports or
+    exposes every one."""
+    r = _emu().self_test()
+    # static shared memory is poisoned before every block: a read of a value no thread
+    # of this launch wrote is NaN (0xFFFFFFFF), not the previous launch's 7
+    assert r["static_smem_read_before_write"] == 0xFFFFFFFF
+    assert r["static_smem_read_before_write_2"] == 0xFFFFFFFF
+    assert r["shared_variables"] >= 1
+    assert r["dynamic_smem_in_bounds"] == ""
+    assert "written out of bounds (after its 256 bytes)" in r["dynamic_smem_past_end"]
+    assert "dynamic_smem_kernel (operators_emu.cpp:" in r["dynamic_smem_past_end"]
+    assert "divergent barrier" in r["divergent_barrier"]
+    assert "warp of 16 threads" in r["partial_warp"]
+    assert "invalid configuration" in r["too_many_threads"]
+    assert "cudaFuncSetAttribute" in r["smem_without_opt_in"]
+    assert r["block_sum_with_barrier"] == [256.0] * 6
+    # a missing __syncthreads: wrong (NaN from the poison) under some schedules
+    assert any(not v == 256.0 for v in r["block_sum_without_barrier"])
+
+
+@needs_emu
+def test_build_info_and_device():
+    assert cbn_ext.build_info()["cuda_emulation"] is True
+    dev = _emu().device()
+    assert dev["multi_processor_count"] == 132
+    assert dev["shared_memory_per_block_optin"] == 227 * 1024
+
+
+def _all_paths():
+    """(shape, K, dtype, channels_last, mode): every kernel and branch of csrc/cuda/."""
+    out = []
+    for shape, cl in (((3, 13, 5, 7), False), ((3, 13, 5, 7), True), ((40, 70), False)):
+        for K in (1, 2, 5, 9):
+            for mode in ("train", "eval", "split-train", "split-eval"):
+                if mode.startswith("split") and K == 1:
+                    continue
+                out.append((shape, K, cl, mode))
+    return out
+
+
+@needs_emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,K,channels_last,mode", _all_paths())
+def test_agrees_with_cpu_kernels(shape, K, channels_last, mode, dtype):
+    training = mode.endswith("train")
+    split = mode.startswith("split")
+    cpu = make_stable_case(shape, K, dtype, channels_last=channels_last, seed=K, groups=split)
+    emu = make_stable_case(shape, K, dtype, channels_last=channels_last, seed=K, groups=split,
+                           device="emu")
+    a = run(Fc.compound_batch_norm, cpu, training)
+    b = run(Fc.compound_batch_norm, emu, training)
+    compare(b, a, 2 * TOL[dtype], RESULTS)
+
+
+@needs_emu
+@pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_schedule_does_not_change_results(channels_last, mode):
+    """Threads resume in a different order after every barrier and warp operation under
+    each seed (seed 0: thread order): a race would change the bits."""
+    emu = _emu()
+    case = make_case((5, 37, 6, 7), 4, torch.float32, channels_last=channels_last, seed=3,
+                     device="emu", groups=mode.startswith("split"))
+    training = mode != "eval"
+    results = []
+    old = emu.set_seed(0)
+    try:
+        for seed in (0, 1, 12345, 2 ** 40 + 7):
+            emu.set_seed(seed)
+            results.append(run(Fc.compound_batch_norm, case, training))
+    finally:
+        emu.set_seed(old)
+    for other in results[1:]:
+        for name in RESULTS:
+            assert torch.equal(getattr(results[0], name), getattr(other, name)), name
+
+
+@needs_emu
+@pytest.mark.parametrize("K", [16, 24])
+def test_large_dynamic_shared_memory(K):
+    """float64 with many components: the planar soft backward needs more than 48 KiB of
+    shared memory per block, which the launch must opt into (the emulation refuses it
+    otherwise, as the hardware does)."""
+    case = make_stable_case((4, 10, 9, 8), K, torch.float64, seed=K, device="emu")
+    ours = run(Fc.compound_batch_norm, case, True)
+    ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
+    compare(ours, ref, TOL[torch.float64])
+
+
+@needs_emu
+def test_too_many_components_is_a_clear_error():
+    """More shared memory than the device has: an error naming the need, not a crash."""
+    case = make_case((2, 4, 3, 3), 64, torch.float64, seed=1, device="emu")
+    with pytest.raises(RuntimeError, match="bytes of shared memory needed per block"):
+        run(Fc.compound_batch_norm, case, True)
+
+
+@needs_emu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_tile_boundaries(delta, layout):
+    """Inputs whose positions end just before, at and just after a tile boundary of the
+    CUDA tile plan (interleaved tiles of 16 positions and more; planar tiles of whole
+    samples or 32-position chunks)."""
+    if layout == "channels_last":
+        shape = (4, 9, 8, 33 + delta)   # M = 4 * 8 * (33 + delta) positions
+    else:
+        shape = (3, 9, 1, 64 + delta)   # S around two 32-position chunks
+    case = make_stable_case(shape, 3, torch.float32, channels_last=(layout == "channels_last"),
+                            seed=11 + delta, device="emu")
+    for training in (True, False):
+        ours = run(Fc.compound_batch_norm, case, training)
+        ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
+        compare(ours, ref, TOL[torch.float32])
+
+
+@needs_emu
+def test_building_block_operators():
+    """The synced layer's building blocks (batch_stats, normalize, grad_sums, grad_input)
+    on the emulated backend equal the fused operators' results."""
+    case = make_stable_case((4, 11, 5, 6), 3, torch.float32, seed=4, device="emu")
+    x, w, b = case.x, case.weight, case.bias
+    rm, rv, rp = case.running_mean, case.running_var, case.running_prior
+    out, tau, mean, var, count, mm, mv, mp = emu_ops.forward_train(x, w, b, rm, rv, rp, None,
+                                                                   None, 3, 1e-5)
+    tau2, mean2, var2, count2, *_ = emu_ops.batch_stats(x, rm, rv, rp, None, None, 3, 1e-5)
+    assert torch.equal(tau, tau2) and torch.equal(count, count2)
+    active = count > 1
+    assert torch.equal(mean[active], mean2[active]) and torch.equal(var[active], var2[active])
+    y = emu_ops.normalize(x, w, b, tau, mean, var, None, 1e-5)
+    assert rel_err(y, out) <= 1e-6
+    g = case.grad
+    sg, sgx = emu_ops.grad_sums(g, x, tau, mean)
+    gi = emu_ops.grad_input(g, x, w, b, tau, mean, var, count, mm, mv, sg, sgx, True, True, 1e-5)
+    gi2, gw, gb = emu_ops.backward_train(g, x, w, b, tau, mean, var, count, mm, mv, True, 1e-5,
+                                         [True, True, True])
+    assert rel_err(gi, gi2) <= 1e-6
+    assert rel_err(gb, sg) <= 1e-6
+
+
+@needs_emu
+def test_backend_errors_reach_python():
+    """The shared checks raise the same errors on the emulated backend."""
+    with backend("emu"):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            Fc.compound_batch_norm(torch.randn(1, 3), torch.zeros(2, 3), torch.ones(2, 3),
+                                   torch.full((2,), 0.5), training=True)
