@@ -3,8 +3,12 @@ sizes: they run, and write their JSON, Markdown table and PNG plot."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,14 +39,45 @@ def test_benchmark_report_quick(tmp_path):
 def test_longtail_demo_smoke(tmp_path):
     stdout = run(["examples/longtail_digits.py", "--ratios", "10", "--seeds", "2", "--epochs",
                   "1", "--out", str(tmp_path), "--device", "cpu"])
-    assert "| 10 | cbn+dual |" in stdout
+    assert "| 10 | cbn+dual+LA |" in stdout and "| 10 | cbn+dual+LA − bn+LA |" in stdout
     data = json.loads((tmp_path / "longtail_digits.json").read_text())
     summary = data["summary"]["10"]
-    assert set(summary) == {"bn", "cbn", "cbn+dual"}
+    assert set(summary) == {"bn", "cbn", "cbn+dual", "bn+LA", "cbn+LA", "cbn+dual+LA"}
     for method in summary.values():
         for group in ("overall", "head", "medium", "tail"):
             assert 0 <= method[group]["mean"] <= 100 and method[group]["std"] >= 0
     counts = data["train_counts"]["10"]
     assert counts[0] > counts[-1] and round(counts[0] / counts[-1]) in (9, 10, 11)
-    assert len(data["runs"]["10"]["bn"]) == 2
+    runs = data["runs"]["10"]
+    assert all(len(r) == 2 for r in runs.values())
+    # paired differences: per seed, method minus BatchNorm with the same loss, and a t interval
+    diffs = data["paired_differences"]["10"]
+    assert set(diffs) == {"cbn − bn", "cbn+dual − bn", "cbn+LA − bn+LA",
+                          "cbn+dual+LA − bn+LA", "bn+LA − bn"}
+    d = diffs["cbn+LA − bn+LA"]["tail"]
+    expected = [100 * (a["tail"] - b["tail"]) for a, b in zip(runs["cbn+LA"], runs["bn+LA"])]
+    assert d["per_seed"] == pytest.approx(expected)
+    half = 12.706 * statistics.stdev(expected) / 2 ** 0.5  # t quantile, df = 1
+    assert d["ci_low"] == pytest.approx(d["mean"] - half)
+    assert d["ci_high"] == pytest.approx(d["mean"] + half)
     assert (tmp_path / "longtail_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_longtail_demo_pairing():
+    """Every method of a seed starts from the same convolution and linear weights, and the
+    t quantiles match the table."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import longtail_digits as demo
+    finally:
+        sys.path.pop(0)
+    bn = demo.make_model("bn", 2, seed=3)
+    for norm in ("cbn", "cbn+dual"):
+        cbn = demo.make_model(norm, 2, seed=3)
+        assert type(cbn[1]).__name__ == "CompoundBatchNorm2d"
+        shared = [k for k, v in bn.named_parameters() if not k.startswith(("1.", "4.", "8."))]
+        assert shared and all(torch.equal(bn.state_dict()[k], cbn.state_dict()[k])
+                              for k in shared)
+    assert demo.t_quantile_975(9) == 2.262
+    assert demo.t_quantile_975(40) == pytest.approx(2.0211, abs=1e-3)
+    assert demo.t_quantile_975(200) == pytest.approx(1.9719, abs=1e-3)
