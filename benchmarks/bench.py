@@ -18,6 +18,10 @@ input to exceed the L2 cache.
     python benchmarks/bench.py                      # CPU, (16, 64, 32, 32), K = 1, 2, 4
     python benchmarks/bench.py --device cuda --shapes 64x256x14x14 --dtypes float32,bfloat16
     python benchmarks/bench.py --json results.json  # also write the records as JSON
+
+The JSON file is rewritten (atomically) after every configuration, so a run stopped by a
+time limit keeps what it measured; --time-budget stops starting new configurations after
+that many seconds, and --ref-shapes runs the slow reference on some shapes only.
 """
 
 from __future__ import annotations
@@ -250,8 +254,22 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
-    p.add_argument("--json", help="write the records and the machines to this file")
+    p.add_argument("--ref-shapes", default=None,
+                   help="NxCxHxW,...: run the reference on these shapes only (default: all; "
+                        "'none': on none)")
+    p.add_argument("--ref-repeats", type=int, default=None,
+                   help="repeats of the reference comparison (default: --repeats)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: start no new configuration after this (the JSON says so)")
+    p.add_argument("--json", help="write the records and the machines to this file, rewritten "
+                                  "after every configuration")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    ref_shapes = None  # None: every shape
+    if args.no_reference or args.ref_shapes == "none":
+        ref_shapes = set()
+    elif args.ref_shapes:
+        ref_shapes = set(parse_shapes(args.ref_shapes))
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -261,6 +279,14 @@ def main(argv=None):
     if "cuda" in devices and not cbn_ext.build_info()["cuda"]:
         sys.exit("error: a CUDA device is there, but cbn_ext was built without CUDA kernels")
     records, machines = [], {}
+    state = {"complete": False, "skipped": 0}
+
+    def save():
+        if args.json:
+            write_json(args.json, {"machines": machines, "records": records,
+                                   "complete": state["complete"], "skipped": state["skipped"],
+                                   "argv": sys.argv[1:] if argv is None else list(argv)})
+
     for device in devices:
         machines[device] = info = machine_info(device)
         info["copy_GBps"] = copy_bandwidth(device, args.repeats, args.warmup) / 1e9
@@ -275,21 +301,41 @@ def main(argv=None):
               flush=True)
         print(f"{'':<50}| {'train':^47} | {'eval':^47}", flush=True)
         print(HEADER, flush=True)
+        save()
         for shape in parse_shapes(shapes):
             for dt in args.dtypes.split(","):
                 for layout in args.layouts.split(","):
                     for K in (int(k) for k in args.K.split(",")):
+                        if (args.time_budget is not None
+                                and time.perf_counter() - t_start > args.time_budget):
+                            state["skipped"] += 1
+                            continue
+                        with_ref = ref_shapes is None or tuple(shape) in ref_shapes
                         rec = bench_config(shape, K, DTYPES[dt], LAYOUTS[layout], device,
-                                           args.repeats, args.warmup, not args.no_reference,
-                                           info["copy_GBps"] * 1e9)
+                                           args.repeats, args.warmup, with_ref,
+                                           info["copy_GBps"] * 1e9, args.ref_repeats)
                         print(format_row(rec), flush=True)
                         records.append(rec)
+                        save()
+    state["complete"] = state["skipped"] == 0
+    save()
+    if state["skipped"]:
+        print(f"# time budget of {args.time_budget:g} s spent: {state['skipped']} "
+              "configurations skipped", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machines": machines, "records": records}, f, indent=1)
         print(f"# wrote {args.json}")
     return records
+
+
+def write_json(path, data):
+    """Write data to path through a temporary file and a rename: a reader (or a time
+    limit) never sees half a file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

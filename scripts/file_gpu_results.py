@@ -1,0 +1,246 @@
+"""File a GPU check's results (benchmarks/gpu_check.sh's $OUT) into the repository, and
+update the README's table of GPU runs from every run filed so far.
+
+    python scripts/file_gpu_results.py RUN_DIR            # the folder the device brought back
+    python scripts/file_gpu_results.py --readme-only      # just regenerate the README table
+
+The run goes to benchmarks/results/gpu/<date>_<device>/: its files (a log over --max-kib
+keeps its head and tail), and meta.json completed with the device, driver, torch and CUDA
+versions, the date and the commit the run was made from. The device's copy of the working
+tree may come without .git: the commit is then found here, as the one whose csrc/ tree has
+the id the preflight computed from the files (benchmarks/gpu_check_report.py), or given
+with --commit. The README's table sits between the markers
+`<!-- gpu-results:begin -->` and `<!-- gpu-results:end -->`.
+
+A rehearsal's output (CBN_CHECK_DEVICE=cpu) is refused unless --allow-rehearsal (the test
+of this script uses it, on temporary folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
+NO_RUN = "No GPU run yet: `bash benchmarks/gpu_check.sh` on a GPU machine, then this script."
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def git(*args, cwd=ROOT):
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def commit_from_tree(csrc_tree: str, depth: int = 500):
+    """The newest commit (of the last `depth`) whose csrc/ has this tree id."""
+    if not csrc_tree:
+        return None
+    revs = git("rev-list", f"--max-count={depth}", "--all")
+    if not revs:
+        return None
+    revs = revs.split()
+    try:
+        out = subprocess.run(["git", "cat-file", "--batch-check"], cwd=ROOT, text=True,
+                             input="".join(f"{r}:csrc\n" for r in revs), capture_output=True,
+                             timeout=60).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for rev, line in zip(revs, out):
+        if line.split()[:1] == [csrc_tree]:
+            return rev
+    return None
+
+
+def copy_capped(src: str, dst: str, max_bytes: int) -> str:
+    """Copies src to dst; a log (*.log) larger than max_bytes keeps its first and last
+    max_bytes / 2 (data files are copied whole)."""
+    size = os.path.getsize(src)
+    if size <= max_bytes or not src.endswith(".log"):
+        shutil.copyfile(src, dst)
+        return f"{size} bytes"
+    half = max_bytes // 2
+    with open(src, "rb") as f:
+        head = f.read(half)
+        f.seek(size - half)
+        tail = f.read()
+    with open(dst, "wb") as f:
+        f.write(head)
+        gap = size - 2 * half
+        f.write(f"\n\n[... {gap} bytes left out by file_gpu_results.py ...]\n\n".encode())
+        f.write(tail)
+    return f"{size} bytes, truncated to {max_bytes}"
+
+
+def file_run(run_dir, results_dir, commit=None, allow_rehearsal=False, max_kib=1024, force=False):
+    """Files one run; returns the folder it went to."""
+    meta_path = os.path.join(run_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"error: {meta_path} not found (is {run_dir} a gpu_check.sh output?)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("rehearsal") and not allow_rehearsal:
+        raise SystemExit("error: this is a rehearsal's output (CBN_CHECK_DEVICE=cpu), not a GPU "
+                         "run; --allow-rehearsal files it anyway")
+    m = meta.get("machine", {})
+    device = m.get("gpu") or ("rehearsal-cpu" if meta.get("rehearsal") else "unknown-device")
+    date = (m.get("date") or datetime.date.today().isoformat())[:10]
+    ident = m.get("identity", {})
+    resolved, source = commit, "--commit" if commit else None
+    if not resolved and ident.get("commit"):
+        resolved, source = ident["commit"], ident.get("source") or "run"
+    if not resolved:
+        resolved = commit_from_tree(ident.get("csrc_tree"))
+        source = "csrc tree id" if resolved else None
+    dest = os.path.join(results_dir, f"{date}_{slug(device)}")
+    if os.path.exists(dest) and not force:
+        n = 2
+        while os.path.exists(f"{dest}_{n}"):
+            n += 1
+        dest = f"{dest}_{n}"
+    os.makedirs(dest, exist_ok=True)
+    files = {}
+    for name in sorted(os.listdir(run_dir)):
+        src = os.path.join(run_dir, name)
+        if not os.path.isfile(src) or name == "meta.json":
+            continue
+        files[name] = copy_capped(src, os.path.join(dest, name), max_kib * 1024)
+    meta["filed"] = {
+        "date": date, "device": device, "driver": m.get("driver"), "torch": m.get("torch"),
+        "cuda": m.get("torch_cuda"), "nvcc": (m.get("tools", {}).get("nvcc") or {}).get("version"),
+        "commit": resolved, "commit_source": source, "csrc_tree": ident.get("csrc_tree"),
+        "dirty_files": ident.get("dirty_files"), "files": files,
+        "filed_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    with open(os.path.join(dest, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return dest
+
+
+def run_row(folder: str, meta: dict, readme_dir: str) -> str:
+    fm = meta.get("filed", {})
+    m = meta.get("machine", {})
+    san = meta.get("sanitizer", {})
+
+    canned = meta.get("canned", [])
+
+    def san_cell(tool):
+        r = san.get(tool)
+        if "sanitizer" in canned:
+            return "(sample)"
+        if not r or r.get("skipped"):
+            return "-"
+        if r.get("timeout"):
+            return "timeout"
+        n = r.get("errors")
+        if n is None and r.get("hazards"):
+            n = r["hazards"].get("errors")
+        return "?" if n is None else str(n)
+
+    tests = meta.get("tests", {})
+    passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
+    failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
+    timeouts = sum(1 for r in tests.values() if r.get("timeout"))
+    tcell = f"{passed} / {failed}" + (f" ({timeouts} chunks timed out)" if timeouts else "") \
+        if tests else "-"
+    bench_cell = "-"
+    bench_path = os.path.join(folder, "bench.json")
+    if os.path.isfile(bench_path):
+        try:
+            with open(bench_path) as f:
+                recs = json.load(f).get("records", [])
+        except ValueError:
+            recs = []
+        k2 = [r["train"]["ext_over_bn"] for r in recs if r.get("K") == 2]
+        cp = [r["train"]["ext_copy_fraction"] for r in recs if r.get("K") == 2]
+        if k2:
+            bench_cell = f"{min(k2):.2f}-{max(k2):.2f} ({100 * min(cp):.0f}-{100 * max(cp):.0f}%)"
+    ncu = meta.get("ncu") or {}
+    ncu_cell = "; ".join(f"{t['read_x']:.1f}/{t['design_read_x']:.1f}" for t in ncu.values()) or "-"
+    if "ncu" in canned:
+        ncu_cell = "(sample)"
+    smoke = (meta.get("smoke") or {}).get("result") or "-"
+    commit = (fm.get("commit") or "?")[:10]
+    rel = os.path.relpath(folder, readme_dir)
+    torch_v = f"{fm.get('torch') or m.get('torch')} / {fm.get('cuda') or m.get('torch_cuda')}"
+    return (f"| {fm.get('date', '?')} | {fm.get('device', '?')} | {fm.get('driver') or '-'} "
+            f"| {torch_v} "
+            f"| `{commit}` | {smoke} | {san_cell('memcheck')} / {san_cell('initcheck')} / "
+            f"{san_cell('racecheck')} / {san_cell('synccheck')} | {tcell} | {bench_cell} | "
+            f"{ncu_cell} | [{os.path.basename(folder)}]({rel}) |")
+
+
+def readme_table(results_dir: str, readme_path: str) -> str:
+    runs = []
+    if os.path.isdir(results_dir):
+        for name in os.listdir(results_dir):
+            p = os.path.join(results_dir, name, "meta.json")
+            if os.path.isfile(p):
+                with open(p) as f:
+                    runs.append((os.path.join(results_dir, name), json.load(f)))
+    if not runs:
+        return NO_RUN
+    runs.sort(key=lambda r: (r[1].get("filed", {}).get("date", ""), r[0]), reverse=True)
+    head = ("| date | device | driver | torch / CUDA | commit | smoke | sanitizer errors: mem / "
+            "init / race / sync | tests passed / failed | train ext/BN, K = 2 (% of copy) | "
+            "ncu: x read per step / design | files |")
+    rows = [head, "|" + " --- |" * 11]
+    rows += [run_row(folder, meta, os.path.dirname(os.path.abspath(readme_path)))
+             for folder, meta in runs]
+    return ("Runs of `bash benchmarks/gpu_check.sh` (filed with `scripts/file_gpu_results.py`; "
+            "newest first; each folder holds the run's summary and logs):\n\n" + "\n".join(rows))
+
+
+def update_readme(readme_path: str, results_dir: str) -> bool:
+    with open(readme_path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {readme_path} lacks the markers {BEGIN} ... {END}")
+    start = text.index(BEGIN) + len(BEGIN)
+    end = text.index(END)
+    new = text[:start] + "\n" + readme_table(results_dir, readme_path) + "\n" + text[end:]
+    if new != text:
+        with open(readme_path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="the folder of a gpu_check.sh run ($OUT)")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--commit", help="the commit the run was made from (default: from the run)")
+    p.add_argument("--max-kib", type=int, default=1024, help="a larger log keeps head and tail")
+    p.add_argument("--allow-rehearsal", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace a run filed in the same folder")
+    p.add_argument("--readme-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.readme_only:
+        if not args.run_dir:
+            p.error("RUN_DIR is required (or --readme-only)")
+        dest = file_run(args.run_dir, args.results, args.commit, args.allow_rehearsal,
+                        args.max_kib, args.force)
+        with open(os.path.join(dest, "meta.json")) as f:
+            filed = json.load(f)["filed"]
+        print(f"filed {args.run_dir} -> {os.path.relpath(dest, ROOT)} ({filed['device']}, driver "
+              f"{filed['driver']}, torch {filed['torch']}, commit {filed['commit']} "
+              f"[{filed['commit_source']}])")
+    changed = update_readme(args.readme, args.results)
+    print(f"README table {'updated' if changed else 'unchanged'}: {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The prepared GPU check (benchmarks/gpu_check.sh) rehearsed on the CPU, end to end, and
+its parts: the parsers of compute-sanitizer's, pytest's and Nsight Compute's output, the
+stage budget, the sanitizer's case list, the parallel build without ninja, and the filing
+of a run's results (scripts/file_gpu_results.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import file_gpu_results  # noqa: E402
+import gpu_check_report  # noqa: E402
+import ncu_check  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+OUT_FILES = {"summary.txt", "meta.json", "build.log", "sanitizer.log", "tests.log", "bench.json",
+             "perf.log", "ncu.csv"}
+STAGES = ["preflight", "build", "smoke", "sanitizer", "tests", "bench", "ncu"]
+
+
+FAKES = os.path.join(ROOT, "tests", "fakes")
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """One rehearsal (CBN_CHECK_DEVICE=cpu) into a temporary $OUT: (out folder, stdout).
+    compute-sanitizer and ncu are stand-ins (tests/fakes) that check the options the
+    script passes, run its programs on the CPU and answer with canned reports."""
+    out = tmp_path_factory.mktemp("gpu_check_out")
+    env = dict(os.environ, OUT=str(out), CBN_CHECK_DEVICE="cpu", PYTHON=sys.executable,
+               CBN_SANITIZER=os.path.join(FAKES, "compute-sanitizer"),
+               CBN_NCU=os.path.join(FAKES, "ncu"))
+    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_rehearsal_writes_every_file_within_the_device_limits(rehearsal):
+    out, stdout = rehearsal
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    assert len(files) <= 8 and all(f.count(os.sep) <= 1 for f in files), files
+    assert set(files) == OUT_FILES, files
+    for name in files:
+        assert os.path.getsize(out / name) < 16 << 20
+
+
+def test_rehearsal_summary_and_meta(rehearsal):
+    out, stdout = rehearsal
+    summary = (out / "summary.txt").read_text()
+    assert summary in stdout  # printed at the end too
+    assert len(summary.splitlines()) <= 70  # one screen
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["rehearsal"] is True and meta["schema"] == gpu_check_report.SCHEMA
+    stages = {s["stage"]: s for s in meta["stages"]}
+    assert list(stages) == STAGES
+    for name in ("preflight", "build", "smoke", "tests", "bench", "ncu"):
+        assert stages[name]["status"] == "ok", stages[name]
+        assert re.search(rf"^{name} +ok ", summary, flags=re.M)
+    assert stages["sanitizer"]["status"] == "skipped"
+    assert meta["smoke"]["result"] == "12/12"
+    assert meta["machine"]["identity"]["csrc_tree"]
+    # every test lane ran and passed
+    for chunk in ("kernels", "misc", "autograd", "compile"):
+        r = meta["tests"][chunk]
+        assert r["rc"] == 0 and r["counts"].get("passed", 0) >= 1 and not r["failed"], (chunk, r)
+    # the sanitizer lanes ran the smoke under each (stand-in) tool
+    assert set(meta["canned"]) == {"sanitizer", "ncu"} and "CANNED SAMPLE" in summary
+    assert set(meta["sanitizer"]) == {"memcheck", "racecheck"}  # two of the four here
+    for tool in ("memcheck", "racecheck"):
+        r = meta["sanitizer"][tool]
+        assert r["rc"] == 0 and r["smoke"] == "1/1", (tool, r)
+        assert (r["errors"] if tool != "racecheck" else r["hazards"]["errors"]) == 0
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in (out / "sanitizer.log").read_text()
+    # the ncu stage ran its two configurations' workloads, and parsed the (canned) CSV
+    assert set(meta["ncu"]) == set(ncu_check.DEFAULT_CONFIGS)
+    assert (out / "ncu.csv").read_text().count("# config: ") == 2
+    assert (out / "perf.log").read_text().count("profiled one step") == 2
+    assert meta["elapsed_s"] <= 480
+
+
+def test_rehearsal_benchmark_is_complete(rehearsal):
+    out, _ = rehearsal
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["complete"] and bench["skipped"] == 0
+    assert len(bench["records"]) == 8  # 2 shapes x 2 dtypes x 2 layouts, K = 2
+    with_ref = {tuple(r["shape"]) for r in bench["records"] if "ref_ms" in r["train"]}
+    assert with_ref == {(2, 8, 4, 4)}  # --ref-shapes
+    for rec in bench["records"]:
+        assert rec["train"]["ext_ms"] > 0 and rec["eval"]["ext_ms"] > 0
+
+
+def test_filing_a_run(rehearsal, tmp_path):
+    out, _ = rehearsal
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n### GPU\n\n" + file_gpu_results.BEGIN + "\n" + file_gpu_results.NO_RUN
+                      + "\n" + file_gpu_results.END + "\n\nafter\n")
+    results = tmp_path / "results" / "gpu"
+    args = [str(out), "--results", str(results), "--readme", str(readme)]
+    with pytest.raises(SystemExit, match="rehearsal"):
+        file_gpu_results.main(args)
+    assert file_gpu_results.main(args + ["--allow-rehearsal", "--max-kib", "2"]) == 0
+    (folder,) = results.iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_rehearsal-cpu", folder.name)
+    meta = json.loads((folder / "meta.json").read_text())
+    filed = meta["filed"]
+    assert filed["torch"] and filed["date"] and filed["device"] == "rehearsal-cpu"
+    assert filed["csrc_tree"] == gpu_check_report.git_tree_id(os.path.join(ROOT, "csrc"))
+    if filed["commit_source"] == "git":
+        assert re.fullmatch(r"[0-9a-f]{40}", filed["commit"])
+    assert {"summary.txt", "bench.json", "tests.log"} <= {p.name for p in folder.iterdir()}
+    assert "left out by file_gpu_results.py" in (folder / "tests.log").read_text()  # 2 KiB cap
+    text = readme.read_text()
+    assert file_gpu_results.NO_RUN not in text and text.endswith("after\n")
+    row = [line for line in text.splitlines() if "rehearsal-cpu" in line]
+    assert len(row) == 1 and "(sample)" in row[0] and "| 12/12 |" in row[0]
+    assert re.search(r"\| [\d.]+-[\d.]+ \(\d+-\d+%\) \|", row[0])  # the benchmark's cell
+    # a second run of the same day gets its own folder; the table lists both
+    assert file_gpu_results.main(args + ["--allow-rehearsal"]) == 0
+    assert len(list(results.iterdir())) == 2
+    assert sum("rehearsal-cpu" in line for line in readme.read_text().splitlines()) == 2
+
+
+def test_readme_has_the_gpu_table_markers():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert text.count(file_gpu_results.BEGIN) == 1 and text.count(file_gpu_results.END) == 1
+    assert text.index(file_gpu_results.BEGIN) > text.index("## Results")
+
+
+def test_git_tree_id_matches_git():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD:csrc"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "csrc"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        pytest.skip("no git")
+    if out.returncode != 0 or dirty:
+        pytest.skip("not a git checkout, or csrc/ has changes")
+    assert gpu_check_report.git_tree_id(os.path.join(ROOT, "csrc")) == out.stdout.strip()
+
+
+# ---- the stage budget ------------------------------------------------------------------
+
+def script_limits():
+    text = open(SCRIPT).read()
+    line = re.search(r'if \[ "\$DEV" = cuda \]; then\n(.*?)\nelse', text, flags=re.S).group(1)
+    return {k: int(v) for k, v in re.findall(r"L_([A-Z]+)=(\d+)", line)}
+
+
+def test_stage_limits_add_up_to_at_most_8_minutes():
+    L = script_limits()
+    total = L["PREFLIGHT"] + L["BUILD"] + L["SMOKE"] + L["PHASE"] + L["BENCH"] + 2 * L["NCU"] + 5
+    assert total <= 480, total
+    # the parallel lanes each fit in the correctness phase
+    for lane in ("SAN", "KERNELS", "AUTOGRAD", "COMPILE"):
+        assert L[lane] <= L["PHASE"], lane
+    assert L["MISC"] + L["SLOW"] <= L["PHASE"]
+    # and the header's table says the same
+    m = re.search(r"total limits: ([\d +]+) = (\d+) s <= 480 s", open(SCRIPT).read())
+    assert m and eval(m.group(1)) == int(m.group(2)) == total
+
+
+def test_gpu_run_uses_every_sanitizer_tool():
+    text = open(SCRIPT).read()
+    assert 'SAN_TOOLS="memcheck initcheck racecheck synccheck"' in text
+    assert "memcheck|initcheck) envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)" in text
+
+
+def test_two_ncu_configs_by_default():
+    text = open(SCRIPT).read()
+    default = re.search(r"CBN_NCU_CONFIGS:-([^}]*)}", text).group(1).split()
+    assert default == ncu_check.DEFAULT_CONFIGS
+    assert all(c in ncu_check.CONFIGS for c in default)
+
+
+# ---- the sanitizer's cases --------------------------------------------------------------
+
+def test_quick_smoke_covers_every_kernel_path():
+    import torch
+
+    import gpu_smoke
+    cases = gpu_smoke.QUICK_CASES
+    assert {K for _, _, _, K, _, _ in cases} >= {1, 2, 5, 9}
+    assert {mode for *_, mode, _ in cases} == {"train", "eval", "split-train", "split-eval"}
+    assert {cl for _, cl, *_ in cases} == {False, True}
+    assert {dt for _, _, dt, *_ in cases} >= {torch.float32, torch.bfloat16}
+    assert any(len(shape) == 2 for shape, *_ in cases)
+    # soft responsibilities, training, both layouts, and more than 4 components (KB = 8)
+    for cl in (False, True):
+        assert any(c[1] == cl and c[3] > 4 and c[4] == "train" for c in cases)
+    # a case above the default 48 KiB of dynamic shared memory (csrc/cuda/backward.cu:
+    # the planar soft grad_input kernel takes acc * (K + 2 K 256) bytes)
+    big = [c for c in cases if c[2] == torch.float64]
+    assert big and any(8 * (K + 2 * K * 256) > 48 * 1024 for _, cl, _, K, mode, _ in big
+                       if not cl and mode == "train")
+
+
+# ---- parsers ----------------------------------------------------------------------------
+
+def test_sanitizer_parser_on_the_sample():
+    text = open(os.path.join(ROOT, "benchmarks", "samples", "sanitizer_sample.log")).read()
+    res = gpu_check_report.parse_sanitizer(text)
+    assert list(res) == ["memcheck", "initcheck", "racecheck", "synccheck"]
+    assert res["memcheck"]["errors"] == 0 and res["memcheck"]["smoke"] == "12/12"
+    assert res["initcheck"]["errors"] == 2 and res["initcheck"]["rc"] == 3
+    assert res["initcheck"]["kinds"] == {
+        "Uninitialized __global__ memory read of size 4 bytes @ merge_moments_kernel": 2}
+    assert res["racecheck"]["hazards"] == {"displayed": 1, "errors": 1, "warnings": 0}
+    assert list(res["racecheck"]["kinds"]) == [
+        "Error: Race reported between Write access @ collect_grad_stats_kernel"]
+    status, note = gpu_check_report.stage_status("sanitizer", text)
+    assert status == "FAIL" and "initcheck 2" in note and "racecheck 1" in note
+
+
+def test_sanitizer_parser_timeout_and_memcheck_error():
+    text = """### tool memcheck (limit 120 s): compute-sanitizer ...
+========= Invalid __global__ read of size 16 bytes
+=========     at void cbn_ext::cuda::normalize_mixture_kernel<float, float>(const T1 *, T1 *)+0x90 in forward.cu:360
+=========     by thread (1,0,0) in block (7,0,0)
+=========     Address 0x7f00 is out of bounds
+========= ERROR SUMMARY: 1 error
+### tool memcheck: rc=3, 50.2 s
+### tool racecheck (limit 120 s): compute-sanitizer ...
+### tool racecheck: rc=124, 120.0 s
+"""
+    res = gpu_check_report.parse_sanitizer(text)
+    assert res["memcheck"]["kinds"] == {
+        "Invalid __global__ read of size 16 bytes @ normalize_mixture_kernel": 1}
+    assert res["racecheck"]["timeout"] and res["racecheck"]["errors"] is None
+    assert gpu_check_report.stage_status("sanitizer", text)[0] == "TIMEOUT"
+
+
+def test_pytest_log_parser():
+    text = """### chunk kernels (limit 120 s): pytest tests/test_kernels.py -k cuda
+tests/test_kernels.py::test_matches_reference[a-cuda] PASSED                [ 50%]
+tests/test_kernels.py::test_matches_reference[b-cuda] FAILED                [100%]
+=========================== short test summary info ============================
+FAILED tests/test_kernels.py::test_matches_reference[b-cuda] - AssertionError: relative errors
+FAILED tests/test_kernels.py::test_tiny[c-cuda] - AssertionError
+ERROR tests/test_kernels.py::test_fixture[cuda] - RuntimeError
+============ 2 failed, 1 passed, 5 skipped, 1 error in 12.34s ============
+### chunk kernels: rc=1, 13.0 s
+### chunk compile (limit 150 s): pytest tests -k "compile and cuda"
+tests/test_autograd_ops.py::test_compile_fullgraph[True-cuda] PASSED        [ 50%]
+tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]
+### chunk compile: rc=124, 150.0 s
+### chunk slow (limit 30 s): pytest tests -m slow
+============ 3 deselected in 0.5s ============
+### chunk slow: rc=5, 1.0 s
+"""
+    res = gpu_check_report.parse_pytest(text)
+    k = res["kernels"]
+    assert k["counts"] == {"failed": 2, "passed": 1, "skipped": 5, "error": 1}
+    assert k["failed"] == ["tests/test_kernels.py::test_matches_reference[b-cuda]",
+                           "tests/test_kernels.py::test_tiny[c-cuda]"]
+    assert k["errors"] == ["tests/test_kernels.py::test_fixture[cuda]"]
+    assert gpu_check_report.group_failures(k["failed"]) == {
+        "tests/test_kernels.py::test_matches_reference": 1, "tests/test_kernels.py::test_tiny": 1}
+    c = res["compile"]
+    assert c["timeout"] and c["last_test"] == "tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]"
+    assert res["slow"]["rc"] == 5
+    status, note = gpu_check_report.stage_status("tests", text)
+    assert status == "TIMEOUT" and "kernels 1/3" in note
+
+
+def test_ncu_parser_on_the_sample():
+    (name, rows), = ncu_check.parse_file(
+        os.path.join(ROOT, "benchmarks", "samples", "ncu_sample.csv"), sms=132)
+    assert name == "train-64x256x14x14-bf16-cl-K2"
+    by = {r["kernel"]: r for r in rows}
+    stats = by["collect_mixture_stats_kernel"]
+    assert stats["ours"] and stats["calls"] == 1
+    assert stats["read_x"] == pytest.approx(6500352 / ncu_check.x_bytes(name))
+    assert stats["design_read_x"] == pytest.approx(1.0)
+    assert by["normalize_mixture_kernel"]["design_write_x"] == pytest.approx(1.0)
+    assert by["sum_tiles_kernel"]["calls"] == 2
+    assert not by["vectorized_elementwise_kernel"]["ours"]
+    assert stats["regs"] == {40} and stats["smem"] == {4616}
+    assert stats["time_s"] == pytest.approx(4650e-9)
+    t = ncu_check.totals(rows)
+    assert t["design_read_x"] == pytest.approx(6.38, abs=0.01)  # x read 4 times, g twice, tau...
+    assert t["other_kernels"] == 1
+    table = ncu_check.fmt_table(name, rows, 132)
+    assert "collect_grad_stats_kernel" in table and "design" in table
+
+
+def test_ncu_parser_long_layout_and_units():
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+            '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"')
+    k = '"0","1","python","h","void cbn_ext::cuda::normalize_mixture_kernel<float, float>(P)","1","7",' \
+        '"(256, 1, 1)","(10, 1, 1)","0","9.0"'
+    text = "\n".join([
+        "==PROF== Connected to process 1", head,
+        f'{k},"","gpu__time_duration.sum","usecond","12.5"',
+        f'{k},"","dram__bytes_read.sum","Mbyte","25.69"',
+        f'{k},"","dram__bytes_write.sum","Kbyte","1,024"',
+        f'{k},"Occupancy","Achieved Occupancy","%","80.5"'])
+    (launch,) = ncu_check.parse_ncu_csv(text)
+    assert launch["gpu__time_duration.sum"] == pytest.approx(12.5e-6)
+    assert launch["dram__bytes_read.sum"] == pytest.approx(25.69e6)
+    assert launch["dram__bytes_write.sum"] == pytest.approx(1.024e6)
+    assert ncu_check.short_name(launch["kernel"]) == "normalize_mixture_kernel"
+    assert ncu_check.to_number("1500", "", "gpu__time_duration.sum") == pytest.approx(1.5e-6)
+
+
+def test_plan_tiles_mirror():
+    # interleaved 64x256x14x14: M = 12544 positions, 2 x 132 target tiles -> 48 per tile
+    assert ncu_check.plan_tiles((64, 256, 14, 14), True, 2, 132) == 262
+    # planar: one chunk per sample when N >= 2 x SMs
+    assert ncu_check.plan_tiles((300, 4, 10, 10), False, 2, 132) == 300
+
+
+# ---- the build without ninja ------------------------------------------------------------
+
+def test_parallel_compile_patch(monkeypatch, tmp_path):
+    import threading
+
+    import setuptools  # noqa: F401  (first: `distutils` is then setuptools' own)
+    from distutils import ccompiler
+
+    import build_inplace
+
+    monkeypatch.setattr(ccompiler.CCompiler, "compile", ccompiler.CCompiler.compile)
+    build_inplace.patch_parallel_compile(4)
+    seen, lock = [], threading.Lock()
+    barrier = threading.Barrier(3, timeout=10)  # the 3 sources compile at the same time
+
+    class Fake(ccompiler.CCompiler):
+        compiler_type = "fake"
+        executables = {}
+        src_extensions = [".c"]
+        obj_extension = ".o"
+
+        def _compile(self, obj, src, ext, cc_args, extra_postargs, pp_opts):
+            barrier.wait()
+            with lock:
+                seen.append(src)
+
+    objs = Fake().compile(["a.c", "b.c", "c.c"], output_dir=str(tmp_path))
+    assert sorted(seen) == ["a.c", "b.c", "c.c"] and len(objs) == 3
+
+
+def test_sanitizer_filter_leaves_our_kernels_in():
+    """The sanitizers leave out kernels whose name holds the filter's substring (PyTorch's
+    at::native ones): none of ours may hold it, whatever they are renamed to."""
+    text = open(SCRIPT).read()
+    value = re.search(r"CBN_SAN_FILTER:-kns=([^}]+)}", text).group(1)
+    names = []
+    for name in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
+        if name.endswith((".cu", ".cuh", ".h")):
+            src = open(os.path.join(ROOT, "csrc", "cuda", name)).read()
+            names += re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", src)
+            names += re.findall(r"^namespace (\w+)", src, flags=re.M)
+    assert names and not [n for n in names if value in n], (value, names)
+
+
+def test_summary_and_filing_of_a_gpu_like_run(tmp_path):
+    """The summary of a run with findings (made-up logs in the layouts of a GPU run), and
+    its filing with the commit found from the csrc/ tree id (no .git on the device)."""
+    out, scr = tmp_path / "out", tmp_path / "scr"
+    out.mkdir()
+    scr.mkdir()
+    tree = gpu_check_report.git_tree_id(os.path.join(ROOT, "csrc"))
+    (scr / "preflight.json").write_text(json.dumps({
+        "date": "2026-12-01T10:00:00+00:00", "device_mode": "cuda", "gpu": "NVIDIA H200",
+        "driver": "580.65", "torch": "2.11.0", "torch_cuda": "13.0", "python": "3.12.3",
+        "cores": 16, "sms": 132, "identity": {"commit": None, "csrc_tree": tree}}))
+    (scr / "stages.tsv").write_text("".join(
+        f"{name}\t{st}\t0\t{secs}\t{lim}\tnote\t{at}\n" for name, st, secs, lim, at in [
+            ("preflight", "ok", 5, 15, 5), ("build", "ok", 88, 150, 93), ("smoke", "FAIL", 14, 30, 107),
+            ("sanitizer", "FAIL", 100, 140, 207), ("tests", "TIMEOUT", 100, 140, 207),
+            ("bench", "ok", 33, 65, 240), ("ncu", "ok", 41, 70, 281)]))
+    kernels = gpu_check_report.cuda_kernel_names()
+    (out / "build.log").write_text(
+        "MISMATCH 3x13x5x7 contiguous float32 K=5 eval: {'dx': 0.3}\n"
+        "gpu_smoke: 11/12 cases agree with the CPU kernels (9.1 s)\n"
+        f"gpu_smoke: kernels of cbn_ext launched ({len(kernels) - 1}): "
+        + ", ".join(kernels[1:]) + "\n")
+    sample = open(os.path.join(ROOT, "benchmarks", "samples", "sanitizer_sample.log")).read()
+    (out / "sanitizer.log").write_text(
+        "\n".join(line for line in sample.splitlines() if not line.startswith("# ")) + "\n")
+    (out / "tests.log").write_text(
+        "### chunk kernels (limit 120 s): pytest\n"
+        "FAILED tests/test_kernels.py::test_matches_reference[b-cuda] - AssertionError\n"
+        "FAILED tests/test_kernels.py::test_matches_reference[c-cuda] - AssertionError\n"
+        "===== 2 failed, 1190 passed in 41.0s =====\n### chunk kernels: rc=1, 44.0 s\n"
+        "### chunk compile (limit 140 s): pytest\n"
+        "tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]\n"
+        "### chunk compile: rc=124, 140.0 s\n")
+
+    def rec(K, ratio):
+        part = {"bn_ms": 1.0, "ext_ms": ratio, "ext_over_bn": ratio, "ext_copy_fraction": 0.5}
+        return {"device": "cuda", "shape": [64, 256, 14, 14], "K": K, "dtype": "bfloat16",
+                "layout": "channels_last", "train": dict(part), "eval": dict(part)}
+    (out / "bench.json").write_text(json.dumps({
+        "machines": {"cuda": {"copy_GBps": 4100.0}}, "records": [rec(1, 1.1), rec(2, 1.6), rec(4, 2.3)],
+        "complete": False, "skipped": 45}))
+    ncu_check.main(["parse", os.path.join(ROOT, "benchmarks", "samples", "ncu_sample.csv"),
+                    "--json", str(scr / "ncu.json")])
+    (out / "perf.log").write_text("measured\n")
+
+    text = gpu_check_report.summarize(str(out), str(scr), 480)
+    assert len(text.splitlines()) <= 70
+    assert "GPU check" in text and "NVIDIA H200" in text and "CANNED" not in text
+    assert f"NOT {kernels[0]}" in text  # the kernel the smoke never launched
+    assert "MISMATCH 3x13x5x7" in text
+    assert "2 x Uninitialized __global__ memory read of size 4 bytes @ merge_moments_kernel" in text
+    assert "2 x tests/test_kernels.py::test_matches_reference" in text
+    assert "last test tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]" in text
+    assert "incomplete: 45 skipped" in text and "1.10 / 1.60 / 2.30" in text
+    assert "read 6.41 (6.38)" in text
+    assert re.search(r"^\(in all\) +281 +480", text, flags=re.M)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["rehearsal"] is False and "canned" not in meta
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{file_gpu_results.BEGIN}\n{file_gpu_results.END}\n")
+    results = tmp_path / "gpu"
+    file_gpu_results.main([str(out), "--results", str(results), "--readme", str(readme)])
+    (folder,) = results.iterdir()
+    assert folder.name == "2026-12-01_nvidia-h200"
+    filed = json.loads((folder / "meta.json").read_text())["filed"]
+    assert (filed["driver"], filed["torch"], filed["cuda"]) == ("580.65", "2.11.0", "13.0")
+    if filed["commit"]:  # found from the csrc/ tree id (git available here)
+        assert filed["commit_source"] == "csrc tree id"
+        got = subprocess.run(["git", "rev-parse", f"{filed['commit']}:csrc"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        assert got == tree
+    row = [line for line in readme.read_text().splitlines() if "NVIDIA H200" in line][0]
+    assert "| 11/12 | 0 / 2 / 1 / 0 | 1190 / 2 (1 chunks timed out) |" in row
+    assert "| 1.60-1.60 (50-50%) | 6.4/6.4 |" in row
