@@ -6,7 +6,8 @@ update the README's table of GPU runs from every run filed so far.
 
 The run goes to benchmarks/results/gpu/<date>_<device>/: its files (a log over --max-kib
 keeps its head and tail), and meta.json completed with the device, driver, torch and CUDA
-versions, the date and the commit the run was made from. The device's copy of the working
+versions, the date and the commit the run was made from. The README's GPU table and the
+GPU line of its status paragraph are regenerated from every run filed. The device's copy of the working
 tree may come without .git: the commit is then found here, as the one whose csrc/ tree has
 the id the preflight computed from the files (benchmarks/gpu_check_report.py), or given
 with --commit. The README's table sits between the markers
@@ -30,6 +31,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 NO_RUN = "No GPU run yet: `bash benchmarks/gpu_check.sh` on a GPU machine, then this script."
+# the GPU line of the README's status paragraph
+STATUS_BEGIN, STATUS_END = "<!-- gpu-status:begin -->", "<!-- gpu-status:end -->"
+NO_RUN_STATUS = (
+    "- **On a GPU: nothing yet.** No lent GPU machine has run `benchmarks/gpu_check.sh`; the\n"
+    "  GPU speed figures and the GPU tests (compute-sanitizer, CUDA graphs, no host\n"
+    "  synchronisation) are still to come. Treat the CUDA path as untested on hardware.")
 
 
 def slug(text: str) -> str:
@@ -202,14 +209,45 @@ def readme_table(results_dir: str, readme_path: str) -> str:
             "newest first; each folder holds the run's summary and logs):\n\n" + "\n".join(rows))
 
 
+def status_line(results_dir: str) -> str:
+    """The status paragraph's GPU line, from the newest run filed."""
+    newest = None
+    if os.path.isdir(results_dir):
+        for name in sorted(os.listdir(results_dir)):
+            p = os.path.join(results_dir, name, "meta.json")
+            if os.path.isfile(p):
+                with open(p) as f:
+                    meta = json.load(f)
+                key = (meta.get("filed", {}).get("date", ""), name)
+                if newest is None or key > newest[0]:
+                    newest = (key, meta)
+    if newest is None:
+        return NO_RUN_STATUS
+    meta = newest[1]
+    fm = meta.get("filed", {})
+    tests = meta.get("tests", {})
+    passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
+    failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
+    verdict = "all CUDA tests passed" if tests and failed == 0 else (
+        f"{failed} CUDA test(s) failed, {passed} passed" if tests else "no test results")
+    return (f"- **On a GPU: last run {fm.get('date', '?')}** on {fm.get('device', '?')} (commit "
+            f"`{(fm.get('commit') or '?')[:10]}`): {verdict}; sanitizer, benchmark and Nsight\n"
+            f"  Compute figures in [the GPU table](#gpu). Later commits are checked by CI and the "
+            f"emulated backend only.")
+
+
+def replace_between(text: str, begin: str, end: str, body: str, path: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {path} lacks the markers {begin} ... {end}")
+    start = text.index(begin) + len(begin)
+    return text[:start] + "\n" + body + "\n" + text[text.index(end):]
+
+
 def update_readme(readme_path: str, results_dir: str) -> bool:
     with open(readme_path) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {readme_path} lacks the markers {BEGIN} ... {END}")
-    start = text.index(BEGIN) + len(BEGIN)
-    end = text.index(END)
-    new = text[:start] + "\n" + readme_table(results_dir, readme_path) + "\n" + text[end:]
+    new = replace_between(text, BEGIN, END, readme_table(results_dir, readme_path), readme_path)
+    new = replace_between(new, STATUS_BEGIN, STATUS_END, status_line(results_dir), readme_path)
     if new != text:
         with open(readme_path, "w") as f:
             f.write(new)

@@ -100,7 +100,9 @@ def test_rehearsal_benchmark_is_complete(rehearsal):
 def test_filing_a_run(rehearsal, tmp_path):
     out, _ = rehearsal
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n### GPU\n\n" + file_gpu_results.BEGIN + "\n" + file_gpu_results.NO_RUN
+    readme.write_text("# x\n\n" + file_gpu_results.STATUS_BEGIN + "\n"
+                      + file_gpu_results.NO_RUN_STATUS + "\n" + file_gpu_results.STATUS_END
+                      + "\n\n### GPU\n\n" + file_gpu_results.BEGIN + "\n" + file_gpu_results.NO_RUN
                       + "\n" + file_gpu_results.END + "\n\nafter\n")
     results = tmp_path / "results" / "gpu"
     args = [str(out), "--results", str(results), "--readme", str(readme)]
@@ -119,13 +121,17 @@ def test_filing_a_run(rehearsal, tmp_path):
     assert "left out by file_gpu_results.py" in (folder / "tests.log").read_text()  # 2 KiB cap
     text = readme.read_text()
     assert file_gpu_results.NO_RUN not in text and text.endswith("after\n")
-    row = [line for line in text.splitlines() if "rehearsal-cpu" in line]
+    # the status paragraph's GPU line follows the newest run
+    assert file_gpu_results.NO_RUN_STATUS not in text
+    assert re.search(r"\*\*On a GPU: last run \d{4}-\d\d-\d\d\*\* on rehearsal-cpu", text)
+    row = [line for line in text.splitlines() if "rehearsal-cpu" in line and line.startswith("|")]
     assert len(row) == 1 and "(sample)" in row[0] and "| 12/12 |" in row[0]
     assert re.search(r"\| [\d.]+-[\d.]+ \(\d+-\d+%\) \|", row[0])  # the benchmark's cell
     # a second run of the same day gets its own folder; the table lists both
     assert file_gpu_results.main(args + ["--allow-rehearsal"]) == 0
     assert len(list(results.iterdir())) == 2
-    assert sum("rehearsal-cpu" in line for line in readme.read_text().splitlines()) == 2
+    assert sum("rehearsal-cpu" in line and line.startswith("|")
+               for line in readme.read_text().splitlines()) == 2
 
 
 def test_readme_has_the_gpu_table_markers():
@@ -423,7 +429,8 @@ def test_summary_and_filing_of_a_gpu_like_run(tmp_path):
     assert meta["rehearsal"] is False and "canned" not in meta
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"{file_gpu_results.BEGIN}\n{file_gpu_results.END}\n")
+    readme.write_text(f"{file_gpu_results.STATUS_BEGIN}\n{file_gpu_results.STATUS_END}\n"
+                      f"{file_gpu_results.BEGIN}\n{file_gpu_results.END}\n")
     results = tmp_path / "gpu"
     file_gpu_results.main([str(out), "--results", str(results), "--readme", str(readme)])
     (folder,) = results.iterdir()
@@ -435,6 +442,7 @@ def test_summary_and_filing_of_a_gpu_like_run(tmp_path):
         got = subprocess.run(["git", "rev-parse", f"{filed['commit']}:csrc"], cwd=ROOT,
                              capture_output=True, text=True).stdout.strip()
         assert got == tree
-    row = [line for line in readme.read_text().splitlines() if "NVIDIA H200" in line][0]
+    row = [line for line in readme.read_text().splitlines()
+           if "NVIDIA H200" in line and line.startswith("|")][0]
     assert "| 11/12 | 0 / 2 / 1 / 0 | 1190 / 2 (1 chunks timed out) |" in row
     assert "| 1.60-1.60 (50-50%) | 6.4/6.4 |" in row
