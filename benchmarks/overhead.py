@@ -52,8 +52,10 @@ def _eval_step(layer, x):
 
 
 def _median_us(fns, calls, repeats, warmup, sync):
-    """Median microseconds per call, each function timed over `calls` calls per repeat,
-    the functions interleaved repeat by repeat."""
+    """Median microseconds per call of each function (timed over `calls` calls per
+    repeat, the functions interleaved repeat by repeat), and the median over repeats of
+    the ratio ext/bn within a repeat: this machine's speed drifts by up to 2x from second
+    to second, and a ratio of neighbouring measurements is steadier than one of medians."""
     times = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
@@ -64,7 +66,9 @@ def _median_us(fns, calls, repeats, warmup, sync):
             sync()
             if r >= warmup:
                 times[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    out["ratio"] = statistics.median(e / b for e, b in zip(times["ext"], times["bn"]))
+    return out
 
 
 def count_ops(fn, device):
@@ -88,7 +92,7 @@ def count_ops(fn, device):
     return {"aten_ops": aten, "cbn_ext_ops": ext, "gpu_kernels": kernels if device == "cuda" else None}
 
 
-def measure(device="cpu", Ks=(1, 2), calls=200, repeats=15, warmup=3):
+def measure(device="cpu", Ks=(1, 2), calls=100, repeats=41, warmup=3):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -105,8 +109,7 @@ def measure(device="cpu", Ks=(1, 2), calls=200, repeats=15, warmup=3):
                 fns = {name: (_train_step(layer, x, g) if phase == "train" else
                               _eval_step(layer, x)) for name, layer in layers.items()}
                 us = _median_us(fns, calls, repeats, warmup, sync)
-                rec[phase] = {"bn_us": us["bn"], "ext_us": us["ext"],
-                              "ext_over_bn": us["ext"] / us["bn"],
+                rec[phase] = {"bn_us": us["bn"], "ext_us": us["ext"], "ext_over_bn": us["ratio"],
                               "bn_ops": count_ops(fns["bn"], device),
                               "ext_ops": count_ops(fns["ext"], device)}
             records.append(rec)
@@ -116,8 +119,8 @@ def measure(device="cpu", Ks=(1, 2), calls=200, repeats=15, warmup=3):
 
 
 def table(records):
-    rows = ["| device | K | phase | BN us | ext us | ext/BN | ATen ops BN / ext | "
-            "GPU kernels BN / ext |", "|" + " --- |" * 8]
+    rows = ["| device | K | phase | BN us | ext us | ext/BN (median of paired ratios) | "
+            "ATen ops BN / ext | GPU kernels BN / ext |", "|" + " --- |" * 8]
     for r in records:
         for phase in ("train", "eval"):
             p = r[phase]
@@ -132,8 +135,8 @@ def table(records):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=41)
+    p.add_argument("--calls", type=int, default=100)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     records = measure(args.device, calls=args.calls, repeats=args.repeats)

@@ -148,8 +148,10 @@ class _SyncCompoundBatchNormFunction(torch.autograd.Function):
         input, weight, bias, tau, mean, var, count, mix_mean, mix_var = ctx.saved_tensors
         sum_g, sum_gx = ops._ops.grad_sums(grad_out, input, tau, mean)
         # this process's share of the parameter gradients (SPEC): dbeta = Sg, dgamma = Sgx r
-        grad_weight = sum_gx * torch.rsqrt(var + ctx.eps) if ctx.needs_input_grad[1] else None
-        grad_bias = sum_g.clone() if ctx.needs_input_grad[2] else None
+        # (in the parameters' dtype: float32, or theirs after model.half())
+        grad_weight = ((sum_gx * torch.rsqrt(var + ctx.eps)).to(weight.dtype)
+                       if ctx.needs_input_grad[1] else None)
+        grad_bias = sum_g.to(bias.dtype, copy=True) if ctx.needs_input_grad[2] else None
         sums = torch.cat([sum_g, sum_gx])
         dist.all_reduce(sums, group=ctx.group)
         grad_input = None

@@ -110,24 +110,27 @@ def _forward_eval_fake(input, weight, bias, running_mean, running_var, running_p
     return _empty_like_canonical(x), _empty_tau(x, inter, num_components)
 
 
-def _backward_fake(grad_out, input, weight, K, output_mask):
+def _backward_fake(grad_out, input, weight, bias, K, output_mask):
     x, _ = _canonical(input)
     acc = _acc(x.dtype)
     C = x.shape[1]
+
+    def grad(param, wanted):  # in the parameter's dtype (model.half()), else acc
+        dtype = param.dtype if param is not None else acc
+        return x.new_empty((K, C) if wanted else (0,), dtype=dtype if wanted else acc)
+
     gi = _empty_like_canonical(x) if output_mask[0] else x.new_empty((0,))
-    gw = x.new_empty((K, C), dtype=acc) if output_mask[1] else x.new_empty((0,), dtype=acc)
-    gb = x.new_empty((K, C), dtype=acc) if output_mask[2] else x.new_empty((0,), dtype=acc)
-    return gi, gw, gb
+    return gi, grad(weight, output_mask[1]), grad(bias, output_mask[2])
 
 
 def _backward_train_fake(grad_out, input, weight, bias, tau, mean, var, count, mix_mean,
                          mix_var, soft, eps, output_mask):
-    return _backward_fake(grad_out, input, weight, mean.shape[0], output_mask)
+    return _backward_fake(grad_out, input, weight, bias, mean.shape[0], output_mask)
 
 
 def _backward_eval_fake(grad_out, input, weight, bias, tau, running_mean, running_var, soft,
                         eps, output_mask):
-    return _backward_fake(grad_out, input, weight, running_mean.shape[0], output_mask)
+    return _backward_fake(grad_out, input, weight, bias, running_mean.shape[0], output_mask)
 
 
 def _batch_stats_fake(input, running_mean, running_var, running_prior, num_batches_tracked,

@@ -72,18 +72,25 @@ struct EvalArgs {
 inline Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 inline OptTensor as_optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// The autograd edges of (input, weight, bias): only defined tensors have one.
-inline void save_edges(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias) {
+// What the backward needs besides tensors, in one saved value: whether the
+// responsibilities are soft, and the autograd edges of weight and bias (only defined
+// tensors have one; the input's is 0).
+inline void save_flags(AutogradContext* ctx, bool soft, double eps, const OptTensor& weight,
+                       const OptTensor& bias) {
   const bool w = weight.has_value() && weight->defined();
   const bool b = bias.has_value() && bias->defined();
-  ctx->saved_data["w_edge"] = static_cast<int64_t>(w ? 1 : -1);
-  ctx->saved_data["b_edge"] = static_cast<int64_t>(b ? (w ? 2 : 1) : -1);
+  const int64_t w_edge = w ? 1 : 0, b_edge = b ? (w ? 2 : 1) : 0;  // 0: none
+  ctx->saved_data["flags"] = static_cast<int64_t>(soft) | (w_edge << 1) | (b_edge << 3);
+  ctx->saved_data["eps"] = eps;
 }
 
+inline bool saved_soft(AutogradContext* ctx) { return ctx->saved_data["flags"].toInt() & 1; }
+
 inline std::array<bool, 3> output_mask(AutogradContext* ctx) {
-  const int64_t w = ctx->saved_data["w_edge"].toInt(), b = ctx->saved_data["b_edge"].toInt();
-  return {ctx->needs_input_grad(0), w >= 0 && ctx->needs_input_grad(static_cast<size_t>(w)),
-          b >= 0 && ctx->needs_input_grad(static_cast<size_t>(b))};
+  const int64_t f = ctx->saved_data["flags"].toInt();
+  const int64_t w = (f >> 1) & 3, b = (f >> 3) & 3;
+  return {ctx->needs_input_grad(0), w > 0 && ctx->needs_input_grad(static_cast<size_t>(w)),
+          b > 0 && ctx->needs_input_grad(static_cast<size_t>(b))};
 }
 
 // Whether a call must be recorded for autograd; otherwise it goes straight to the kernel.
@@ -112,9 +119,8 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain<kNs>> {
     ctx->mark_non_differentiable({tau, mean, var, count, mix_mean, mix_var, mix_prior});
     ctx->save_for_backward({input, value_or_undefined(weight), value_or_undefined(bias), tau, mean,
                             var, count, mix_mean, mix_var});
-    ctx->saved_data["soft"] = a.K > 1 && !(a.groups.has_value() && a.groups->defined());
-    ctx->saved_data["eps"] = a.eps;
-    save_edges(ctx, weight, bias);
+    save_flags(ctx, a.K > 1 && !(a.groups.has_value() && a.groups->defined()), a.eps, weight,
+               bias);
     return {out, tau, mean, var, count, mix_mean, mix_var, mix_prior};
   }
 
@@ -126,8 +132,8 @@ struct ForwardTrain : public torch::autograd::Function<ForwardTrain<kNs>> {
     const variable_list s = ctx->get_saved_variables();
     const T3 r = op<kNs, BackwardTrainSig>("backward_train")
                      .call(g, s[0], as_optional(s[1]), as_optional(s[2]), s[3], s[4], s[5], s[6],
-                           s[7], s[8], ctx->saved_data["soft"].toBool(),
-                           ctx->saved_data["eps"].toDouble(), mask);
+                           s[7], s[8], saved_soft(ctx), ctx->saved_data["eps"].toDouble(),
+                           mask);
     return grads(mask, r);
   }
 };
@@ -144,9 +150,8 @@ struct ForwardEval : public torch::autograd::Function<ForwardEval<kNs>> {
     ctx->mark_non_differentiable({tau});
     ctx->save_for_backward({input, value_or_undefined(weight), value_or_undefined(bias), tau,
                             a.running_mean, a.running_var});
-    ctx->saved_data["soft"] = a.K > 1 && !(a.groups.has_value() && a.groups->defined());
-    ctx->saved_data["eps"] = a.eps;
-    save_edges(ctx, weight, bias);
+    save_flags(ctx, a.K > 1 && !(a.groups.has_value() && a.groups->defined()), a.eps, weight,
+               bias);
     return {out, tau};
   }
 
@@ -158,8 +163,7 @@ struct ForwardEval : public torch::autograd::Function<ForwardEval<kNs>> {
     const variable_list s = ctx->get_saved_variables();
     const T3 r = op<kNs, BackwardEvalSig>("backward_eval")
                      .call(g, s[0], as_optional(s[1]), as_optional(s[2]), s[3], s[4], s[5],
-                           ctx->saved_data["soft"].toBool(), ctx->saved_data["eps"].toDouble(),
-                           mask);
+                           saved_soft(ctx), ctx->saved_data["eps"].toDouble(), mask);
     return grads(mask, r);
   }
 };

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <vector>
 
 namespace cbn_ext {
@@ -33,6 +34,15 @@ const char* dtype_name(at::ScalarType t) {
 
 at::ScalarType acc_type_of(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor to_acc(const Tensor& t, at::ScalarType acc) {
+  return !t.defined() || t.scalar_type() == acc ? t : t.to(acc);
+}
+
+OptTensor to_acc(const OptTensor& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined() || t->scalar_type() == acc) return t;
+  return t->to(acc);
 }
 
 Tensor canonical_input(const Tensor& input, Shape& shape) {
@@ -91,11 +101,18 @@ void check_param(const OptTensor& t, const char* name, const Tensor& input, int6
   const Tensor& p = *t;
   TORCH_CHECK(p.device() == input.device(), "expected ", name, " on ", input.device(),
               " (the input's device), got ", p.device());
-  const auto acc = acc_type_of(input.scalar_type());
-  TORCH_CHECK_TYPE(p.scalar_type() == acc, "expected ", name, " of dtype ", dtype_name(acc),
-                   " for ", dtype_name(input.scalar_type()), " input, got ",
-                   dtype_name(p.scalar_type()),
-                   " (parameters and buffers are float64 for float64 input, else float32)");
+  const auto in = input.scalar_type();
+  const auto acc = acc_type_of(in);
+  // SPEC: float16 / bfloat16 input may come with parameters and buffers in its own dtype
+  // (model.half()); otherwise they are float32 (float64 for float64 input)
+  const bool reduced = in == at::kHalf || in == at::kBFloat16;
+  TORCH_CHECK_TYPE(p.scalar_type() == acc || (reduced && p.scalar_type() == in), "expected ",
+                   name, " of dtype ", dtype_name(acc),
+                   reduced ? (std::string(" or ") + dtype_name(in)).c_str() : "", " for ",
+                   dtype_name(in), " input, got ", dtype_name(p.scalar_type()),
+                   " (parameters and buffers are float64 for float64 input, float32 for "
+                   "float32 input, and float32 or the input's dtype for float16 and bfloat16 "
+                   "input)");
   if (per_channel) {
     TORCH_CHECK_VALUE(p.dim() == 2 && p.size(0) == K && p.size(1) == C, "expected ", name,
                       " of shape (", K, ", ", C, ") for ", K, " components and an input with ",
@@ -188,15 +205,18 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
   // where the backward needs them), or at the first batch (num_batches_tracked == 0, soft
   // E-step) its initialisation from the batch.
   if (have_running) {
-    st.mix_mean = running_mean->contiguous();
-    st.mix_var = running_var->contiguous();
+    // reduced-precision buffers (model.half()): a float32 copy, which the op may return
+    st.mix_mean = to_acc(*running_mean, st.acc).contiguous();
+    st.mix_var = to_acc(*running_var, st.acc).contiguous();
+    st.mix_owned = running_mean->scalar_type() != st.acc;
   } else {  // K = 1 without running statistics: never used, as the component is active
     st.mix_mean = at::zeros({K, C}, aopt);
     st.mix_var = at::ones({K, C}, aopt);
     st.mix_owned = true;
   }
-  st.mix_prior = defined(running_prior) ? running_prior->contiguous()
+  st.mix_prior = defined(running_prior) ? to_acc(*running_prior, st.acc).contiguous()
                                         : at::full({K}, 1.0 / static_cast<double>(K), aopt);
+  if (defined(running_prior) && running_prior->scalar_type() != st.acc) st.mix_owned = true;
   if (st.resp == Resp::kSoft && defined(num_batches_tracked) && st.shape.M() > 0) {
     if (st.x.is_cpu()) {
       // a free read on the CPU
@@ -335,16 +355,23 @@ void check_update_args(const Tensor& running_mean, const Tensor& running_var,
   TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == mean.sizes(),
               "running statistics of shape ", running_mean.sizes(), " do not match ",
               mean.sizes());
-  TORCH_CHECK(running_mean.scalar_type() == mean.scalar_type() &&
-                  running_var.scalar_type() == mean.scalar_type(),
-              "running statistics must have dtype ", mean.scalar_type());
+  // float32 statistics may update float16 / bfloat16 buffers (model.half())
+  const auto ok_dtype = [&](at::ScalarType t) {
+    return t == mean.scalar_type() ||
+           (mean.scalar_type() == at::kFloat && (t == at::kHalf || t == at::kBFloat16));
+  };
+  TORCH_CHECK_TYPE(ok_dtype(running_mean.scalar_type()) && ok_dtype(running_var.scalar_type()),
+                   "running statistics must have dtype ", dtype_name(mean.scalar_type()),
+                   " (or, for float32 statistics, float16 or bfloat16), got ",
+                   dtype_name(running_mean.scalar_type()), " and ",
+                   dtype_name(running_var.scalar_type()));
   TORCH_CHECK(running_mean.device() == mean.device() && running_var.device() == mean.device(),
               "running statistics must be on ", mean.device());
   TORCH_CHECK_VALUE(momentum.has_value() || defined(num_batches_tracked),
                     "momentum=None (a cumulative average) needs num_batches_tracked");
   if (defined(running_prior)) {
     TORCH_CHECK(running_prior->is_contiguous() && running_prior->numel() == K &&
-                    running_prior->scalar_type() == mean.scalar_type() &&
+                    ok_dtype(running_prior->scalar_type()) &&
                     running_prior->device() == mean.device(),
                 "running_prior must be a contiguous (", K, ",) tensor of dtype ",
                 mean.scalar_type(), " on ", mean.device());

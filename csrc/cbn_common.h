@@ -39,6 +39,11 @@ Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType 
 
 at::ScalarType acc_type_of(at::ScalarType input);
 
+// t in the accumulation dtype: itself, or a converted copy (reduced-precision parameters
+// and buffers, model.half()); undefined stays undefined.
+Tensor to_acc(const Tensor& t, at::ScalarType acc);
+OptTensor to_acc(const OptTensor& t, at::ScalarType acc);
+
 // A device guard for backends that need none.
 struct NoGuard {
   explicit NoGuard(const c10::Device&) {}

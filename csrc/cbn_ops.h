@@ -20,7 +20,10 @@
 //                                    mean, var, count, num_positions, momentum);
 //   static constexpr bool kHostChecksGroupIds;  // else the kernels check them
 //
-// and registers them with register_operators<B>(m) in its TORCH_LIBRARY_IMPL block.
+// and registers them with register_operators<B>(m) in its TORCH_LIBRARY_IMPL block. The
+// backends see parameters and statistics in the accumulation dtype only: reduced-precision
+// ones (model.half()) are converted here, gradients go back in the parameters' dtype and
+// running buffers are updated in float32 and stored in their own dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,10 +51,10 @@ struct Operators {
                                       running_prior, num_batches_tracked, groups, K, eps,
                                       /*require_positions=*/true);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
-    const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/true, weight,
-                                         bias);
-    const Tensor out = B::normalize(ApplySetup::from(st, K), groups, weight, bias, bs.tau,
-                                    bs.mean, bs.var, eps, bs.alpha, bs.delta);
+    const OptTensor w = to_acc(weight, st.acc), b = to_acc(bias, st.acc);
+    const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/true, w, b);
+    const Tensor out = B::normalize(ApplySetup::from(st, K), groups, w, b, bs.tau, bs.mean,
+                                    bs.var, eps, bs.alpha, bs.delta);
     return {out, bs.tau, bs.mean, bs.var, bs.count, bs.mix_mean, bs.mix_var, bs.mix_prior};
   }
 
@@ -75,7 +78,8 @@ struct Operators {
     typename B::Guard guard(input.device());
     const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, st.K);
-    return B::normalize(st, groups, weight, bias, tau, mean, var, eps, Tensor(), Tensor());
+    return B::normalize(st, groups, to_acc(weight, st.acc), to_acc(bias, st.acc), tau,
+                        to_acc(mean, st.acc), to_acc(var, st.acc), eps, Tensor(), Tensor());
   }
 
   static std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const OptTensor& weight,
@@ -89,8 +93,9 @@ struct Operators {
     const EvalSetup st = setup_eval(input, weight, bias, running_mean, running_var,
                                     running_prior, groups, K, eps);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
-    return B::forward_eval(st, weight, bias, running_mean, running_var, running_prior, groups,
-                           K, eps);
+    return B::forward_eval(st, to_acc(weight, st.acc), to_acc(bias, st.acc),
+                           to_acc(running_mean, st.acc), to_acc(running_var, st.acc),
+                           to_acc(running_prior, st.acc), groups, K, eps);
   }
 
   // batch_stats: the forward normalized with batch statistics (training), so gradients
@@ -102,15 +107,22 @@ struct Operators {
                      std::array<bool, 3> output_mask, bool batch_stats) {
     typename B::Guard guard(input.device());
     const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+    const at::ScalarType acc = st.acc;
+    const Tensor m = to_acc(mean, acc), v = to_acc(var, acc);
     Tensor sum_g, sum_gx;
     if (batch_stats || output_mask[1] || output_mask[2])
-      std::tie(sum_g, sum_gx) = B::grad_sums(st, tau, mean);
-    const GradCoefs cf = B::grad_coefs(st, weight, bias, mean, var, count, mix_mean, mix_var,
-                                       sum_g, sum_gx, eps, batch_stats);
-    const auto aopt = st.x.options().dtype(st.acc);
-    return {output_mask[0] ? B::grad_input(st, tau, mean, cf) : at::empty({0}, st.x.options()),
-            output_mask[1] ? cf.dgamma : at::empty({0}, aopt),
-            output_mask[2] ? cf.dbeta : at::empty({0}, aopt)};
+      std::tie(sum_g, sum_gx) = B::grad_sums(st, tau, m);
+    const GradCoefs cf =
+        B::grad_coefs(st, to_acc(weight, acc), to_acc(bias, acc), m, v, count,
+                      to_acc(mix_mean, acc), to_acc(mix_var, acc), sum_g, sum_gx, eps, batch_stats);
+    // gradients in the parameters' dtype (float32, or theirs: model.half())
+    const auto grad_of = [&](const Tensor& g, const OptTensor& p) {
+      return p.has_value() && p->defined() ? g.to(p->scalar_type()) : g;
+    };
+    const auto aopt = st.x.options().dtype(acc);
+    return {output_mask[0] ? B::grad_input(st, tau, m, cf) : at::empty({0}, st.x.options()),
+            output_mask[1] ? grad_of(cf.dgamma, weight) : at::empty({0}, aopt),
+            output_mask[2] ? grad_of(cf.dbeta, bias) : at::empty({0}, aopt)};
   }
 
   static T3 backward_train(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
@@ -135,7 +147,7 @@ struct Operators {
     typename B::Guard guard(input.device());
     const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau,
                                             mean, /*soft=*/true);
-    return B::grad_sums(st, tau, mean);
+    return B::grad_sums(st, tau, to_acc(mean, st.acc));
   }
 
   static Tensor grad_input(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
@@ -145,10 +157,13 @@ struct Operators {
                            bool soft, bool batch_stats, double eps) {
     typename B::Guard guard(input.device());
     const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
-    check_sums(sum_g, sum_gx, mean);
-    const GradCoefs cf = B::grad_coefs(st, weight, bias, mean, var, count, mix_mean, mix_var,
-                                       sum_g, sum_gx, eps, batch_stats);
-    return B::grad_input(st, tau, mean, cf);
+    const at::ScalarType acc = st.acc;
+    const Tensor m = to_acc(mean, acc);
+    check_sums(sum_g, sum_gx, m);
+    const GradCoefs cf =
+        B::grad_coefs(st, to_acc(weight, acc), to_acc(bias, acc), m, to_acc(var, acc), count,
+                      to_acc(mix_mean, acc), to_acc(mix_var, acc), sum_g, sum_gx, eps, batch_stats);
+    return B::grad_input(st, tau, m, cf);
   }
 
   static void update_running_stats(Tensor& running_mean, Tensor& running_var,
@@ -160,9 +175,22 @@ struct Operators {
     typename B::Guard guard(mean.device());
     check_update_args(running_mean, running_var, running_prior, num_batches_tracked, mean,
                       momentum);
-    B::update_running_stats(running_mean, running_var, running_prior, num_batches_tracked,
-                            mix_mean, mix_var, mix_prior, mean, var, count, num_positions,
-                            momentum);
+    const at::ScalarType acc = mean.scalar_type();
+    if (running_mean.scalar_type() == acc && running_var.scalar_type() == acc &&
+        (!running_prior.has_value() || running_prior->scalar_type() == acc)) {
+      B::update_running_stats(running_mean, running_var, running_prior, num_batches_tracked,
+                              mix_mean, mix_var, mix_prior, mean, var, count, num_positions,
+                              momentum);
+      return;
+    }
+    // reduced-precision buffers (model.half()): updated in float32, stored in their dtype
+    Tensor rm = running_mean.to(acc), rv = running_var.to(acc);
+    OptTensor rp = to_acc(running_prior, acc);
+    B::update_running_stats(rm, rv, rp, num_batches_tracked, mix_mean, mix_var, mix_prior, mean,
+                            var, count, num_positions, momentum);
+    running_mean.copy_(rm);
+    running_var.copy_(rv);
+    if (running_prior.has_value() && running_prior->defined()) running_prior->copy_(*rp);
   }
 };
 
