@@ -179,17 +179,17 @@ class _CompoundBatchNorm(nn.Module):
                                         eps, self.momentum, None)
         nbt = b["num_batches_tracked"]
         init = None  # the mixture is known to be initialised: no first-batch question
-        if K > 1 and groups is None:
+        poll = False
+        if K > 1 and groups is None and not self._mixture_ready:
             if torch.compiler.is_compiling():
                 init = nbt  # the operator decides (graph-safe)
             else:
-                if not self._mixture_ready:
-                    self._poll_mixture_ready()
-                if not self._mixture_ready:
-                    init = nbt
+                self._poll_mixture_ready()
+                poll = not self._mixture_ready
+                init = nbt if poll else None
         out = F_cbn._forward_train(input, weight, bias, running_mean, b["running_var"],
                                    b["running_prior"], nbt, groups, K, eps, self.momentum, init)
-        if init is not None and not torch.compiler.is_compiling():
+        if poll:
             self._start_readback()
         return out
 
