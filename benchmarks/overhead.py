@@ -15,6 +15,7 @@ on the CPU; kernel launches when a GPU is present).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -71,13 +72,28 @@ def _median_us(fns, calls, repeats, warmup, sync):
     return out
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's library prints a line at each start and stop: keep them out of the
+    report."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def count_ops(fn, device):
     """(ATen operators, cbn_ext operators, GPU kernels) of one call of fn."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     fn()
-    with torch.profiler.profile(activities=activities) as prof:
+    with _quiet_stderr(), torch.profiler.profile(activities=activities) as prof:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -4,7 +4,9 @@ Runs the kernel benchmark (benchmarks/bench.py) on every device present -- the C
 always, CUDA when a GPU and the CUDA kernels are there -- over ResNet-stage shapes,
 K = 1, 2, 4, float32 and bfloat16, contiguous and channels_last. Shows progress while it
 runs, prints a table (times, ratio to nn.BatchNorm2d, speed-up over the reference,
-achieved bandwidth), and writes JSON, a Markdown table and a PNG plot:
+achieved bandwidth), the per-call overhead on a tiny input (benchmarks/overhead.py: CPU
+time per layer call and the operators per step, against BatchNorm), and writes JSON, a
+Markdown table and a PNG plot:
 
     python benchmarks/report.py            # benchmarks/results/report.{json,md,png}
     python benchmarks/report.py --quick    # small shapes, few repeats: under a minute on 2 cores
@@ -24,6 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
+import overhead  # noqa: E402
 
 import cbn_ext  # noqa: E402
 
@@ -144,12 +147,20 @@ def main(argv=None):
         print(f"{bench.format_row(rec)}   [{i}/{len(grid)}, {time.perf_counter() - t0:.0f} s]",
               flush=True)
 
+    # the per-call overhead (one thread, a tiny input): what a layer costs the CPU
+    over = []
+    for device in devices:
+        over += overhead.measure(device, repeats=11 if args.quick else 41,
+                                 calls=50 if args.quick else 100)
+    over_rows = overhead.table(over)
+    print("\n".join(over_rows), flush=True)
+
     stem = args.name or ("report-quick" if args.quick else "report")
     os.makedirs(args.out, exist_ok=True)
     command = "python benchmarks/report.py" + (" --quick" if args.quick else "")
     meta = {"command": command, "machines": machines, "seconds": time.perf_counter() - t0}
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({**meta, "records": records}, f, indent=1)
+        json.dump({**meta, "records": records, "overhead": over}, f, indent=1)
     rows = table_rows(records)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"Command: `{command}`, {datetime.date.today().isoformat()}.\n\n")
@@ -160,6 +171,10 @@ def main(argv=None):
                 "nn.BatchNorm2d (lower is better); ref/ext: speed-up over the reference; "
                 "%copy: ext's bandwidth on the minimum bytes over a copy's.\n\n")
         f.write("\n".join(rows) + "\n")
+        f.write(f"\nPer-call overhead ({overhead.__doc__.splitlines()[0].rstrip('.:')}; "
+                f"one thread, a {'x'.join(map(str, overhead.SHAPE))} float32 input, medians of "
+                "paired ratios):\n\n")
+        f.write("\n".join(over_rows) + "\n")
     plot(records, machines, os.path.join(args.out, stem + ".png"))
     print()
     print("\n".join(rows))

@@ -13,7 +13,8 @@ from .distributed import SyncCompoundBatchNorm
 from .functional import compound_batch_norm
 from .modules import CompoundBatchNorm1d, CompoundBatchNorm2d, CompoundBatchNorm3d
 from .ops import build_info
-from .training import DualPathLoss, class_groups, convert_batchnorm, dual_path_loss, split_by
+from .training import (DualPathLoss, class_groups, convert_batchnorm, dual_path_loss,
+                       read_mixture_state, split_by)
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "convert_batchnorm",
     "dual_path_loss",
     "functional",
+    "read_mixture_state",
     "reference",
     "split_by",
 ]

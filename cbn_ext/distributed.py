@@ -111,7 +111,8 @@ class _SyncCompoundBatchNormFunction(torch.autograd.Function):
             input, running_mean, running_var, running_prior, None, groups, K, eps)
         C = input.shape[1]
         M_l = input.shape[0] * math.prod(input.shape[2:])
-        packed = torch.cat([mean_l.new_tensor([M_l]), count_l, mean_l.flatten(),
+        # (new_full, not new_tensor: no blocking host-to-device copy)
+        packed = torch.cat([mean_l.new_full((1,), M_l), count_l, mean_l.flatten(),
                             var_l.flatten()]).double()
         gathered = _gather(packed, group)
         if M_l <= 1:  # only then can the whole group hold one position or none
@@ -216,19 +217,21 @@ class SyncCompoundBatchNorm(_CompoundBatchNorm):
             ops._ops.update_running_stats(self.running_mean, self.running_var, self.running_prior,
                                       self.num_batches_tracked, mix_mean, mix_var, mix_prior,
                                       mean, var, count, 0, self.momentum)
-            if not self._mixture_ready:
-                self._start_readback()
         return out
 
     def _needs_initial_mixture(self) -> bool:
-        """Whether num_batches_tracked is 0. Every rank must answer alike before the
-        collectives of the initialisation, so this reads the counter on the host until it
-        is known to be positive (one read on a GPU, where a non-blocking copy has not
-        answered yet)."""
+        """Whether num_batches_tracked is 0. Every rank must answer alike, at the same step,
+        before the collectives of the initialisation, so this reads the counter on the host
+        (a sync on a GPU) until it is known to be positive, and again only when another
+        tensor takes its place, reset_running_stats or load_state_dict (not for in-place
+        writes from outside, such as DistributedDataParallel's broadcast of the buffers:
+        reset the counter with reset_running_stats)."""
+        nbt = self.num_batches_tracked
+        if self._mixture_ready and (self._nbt_seen is None or self._nbt_seen[0] != id(nbt)):
+            self._mixture_ready = False
         if not self._mixture_ready:
-            self._poll_mixture_ready()
-        if not self._mixture_ready:
-            self._mixture_ready = int(self.num_batches_tracked) > 0
+            self._mixture_ready = int(nbt) > 0
+            self._nbt_seen = (id(nbt), nbt._version)
         return not self._mixture_ready
 
     def extra_repr(self) -> str:

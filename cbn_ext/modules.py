@@ -81,33 +81,45 @@ class _CompoundBatchNorm(nn.Module):
         self._forget_mixture_state()
         self.reset_parameters()
 
-    # The first-batch initialisation (SPEC) happens while num_batches_tracked == 0. Reading
-    # that buffer on every step would stop the CPU until a GPU catches up, so the layer
-    # remembers once it has seen num_batches_tracked > 0 (_mixture_ready) and then skips
-    # the question. Until then the operator decides, on the device (no sync), and the
-    # layer learns the counter's value from a non-blocking copy. load_state_dict and
-    # reset_running_stats start over.
+    # The first-batch initialisation (SPEC) happens while num_batches_tracked == 0. On the
+    # CPU the operator reads the counter (free). On a GPU a read would stop the CPU until
+    # the device catches up, so the layer remembers once it has seen the counter > 0
+    # (_mixture_ready) and then skips the question; until then the operator decides on the
+    # device (no sync), and the layer learns the counter's value from non-blocking copies
+    # (_nbt_readback). load_state_dict and reset_running_stats start over at once; a
+    # counter written in place from outside (zero_(), copy_(), a broadcast) is noticed by
+    # its version and read back without waiting, so a reset by hand takes effect when that
+    # copy arrives (a step or so later); another tensor put in its place is asked about
+    # on the device at once.
     def _forget_mixture_state(self) -> None:
         self._mixture_ready = False
-        self._nbt_readback = None  # (pinned host copy, CUDA event) of num_batches_tracked
+        self._nbt_seen = None      # (id, _version) of the counter when known > 0
+        self._nbt_readback = None  # (pinned host copy, CUDA event, (id, _version))
 
-    def _poll_mixture_ready(self) -> None:
-        nbt = self.num_batches_tracked
-        if nbt.device.type != "cuda":
-            self._mixture_ready = bool(nbt.item() > 0)  # a free read
-        elif (self._nbt_readback is not None and not torch.cuda.is_current_stream_capturing()
-              and self._nbt_readback[1].query()):
-            self._mixture_ready = bool(self._nbt_readback[0].item() > 0)
+    def _first_batch_question(self, nbt: Tensor) -> Optional[Tensor]:
+        """The num_batches_tracked the operator should read for the first-batch question,
+        or None when the mixture is known to be initialised (CUDA tensors only)."""
+        key = (id(nbt), nbt._version)
+        pending = self._nbt_readback
+        if pending is not None and pending[1].query():
             self._nbt_readback = None
+            ready = bool(pending[0].item() > 0)  # a pinned host copy: no sync
+            self._mixture_ready = ready
+            self._nbt_seen = pending[2] if ready else None
+        if self._mixture_ready and key != self._nbt_seen:
+            if self._nbt_seen is None or self._nbt_seen[0] != key[0]:
+                self._mixture_ready = False  # another tensor: ask on the device
+            elif self._nbt_readback is None:
+                self._start_readback(nbt)  # written in place: read it back, no wait
+        return None if self._mixture_ready else nbt
 
-    def _start_readback(self) -> None:
-        if (self._nbt_readback is None and self.num_batches_tracked.device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
+    def _start_readback(self, nbt: Tensor) -> None:
+        if self._nbt_readback is None and not torch.cuda.is_current_stream_capturing():
             host = torch.empty((), dtype=torch.long, pin_memory=True)
-            host.copy_(self.num_batches_tracked, non_blocking=True)
+            host.copy_(nbt, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._nbt_readback = (host, event)
+            self._nbt_readback = (host, event, (id(nbt), nbt._version))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -165,7 +177,9 @@ class _CompoundBatchNorm(nn.Module):
         # parameters and buffers straight from their dicts: nn.Module.__getattr__ costs
         # microseconds per access, a good part of a layer's CPU time on small inputs
         p, b = self._parameters, self._buffers
-        weight, bias = p["weight"], p["bias"]
+        # (torch.nn.utils.parametrize and prune move a parameter out of _parameters)
+        weight = p["weight"] if "weight" in p else self.weight
+        bias = p["bias"] if "bias" in p else self.bias
         running_mean = b["running_mean"]
         K, eps = self.num_components, self.eps
         if not self.training and running_mean is not None:
@@ -178,19 +192,18 @@ class _CompoundBatchNorm(nn.Module):
             return F_cbn._forward_train(input, weight, bias, None, None, None, None, groups, K,
                                         eps, self.momentum, None)
         nbt = b["num_batches_tracked"]
-        init = None  # the mixture is known to be initialised: no first-batch question
-        poll = False
-        if K > 1 and groups is None and not self._mixture_ready:
-            if torch.compiler.is_compiling():
-                init = nbt  # the operator decides (graph-safe)
+        init = None  # no first-batch question: the mixture is known to be initialised
+        if K > 1 and groups is None:
+            if not input.is_cuda:
+                init = nbt  # the operator reads it (free on the CPU)
+            elif torch.compiler.is_compiling():
+                init = None if self._mixture_ready else nbt  # graph-safe: no readback
             else:
-                self._poll_mixture_ready()
-                poll = not self._mixture_ready
-                init = nbt if poll else None
+                init = self._first_batch_question(nbt)
         out = F_cbn._forward_train(input, weight, bias, running_mean, b["running_var"],
                                    b["running_prior"], nbt, groups, K, eps, self.momentum, init)
-        if poll:
-            self._start_readback()
+        if init is not None and input.is_cuda and not torch.compiler.is_compiling():
+            self._start_readback(nbt)  # after this step's update
         return out
 
     def extra_repr(self) -> str:
@@ -215,8 +228,8 @@ class _CompoundBatchNorm(nn.Module):
         self._forget_mixture_state()
         if from_bn:
             for k in per_channel:
-                if is_bn_shaped(k):
-                    state_dict[k] = state_dict[k].unsqueeze(0).expand(K, C)
+                if is_bn_shaped(k):  # a copy: with assign=True it becomes the tensor itself
+                    state_dict[k] = state_dict[k].unsqueeze(0).expand(K, C).clone()
             if self.running_prior is not None:
                 state_dict.setdefault(prefix + "running_prior",
                                       torch.full((K,), 1.0 / K, dtype=self.running_prior.dtype))

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from .modules import (CompoundBatchNorm1d, CompoundBatchNorm2d, CompoundBatchNorm3d,
                       _CompoundBatchNorm)
 
-__all__ = ["convert_batchnorm", "class_groups", "split_by", "dual_path_loss", "DualPathLoss"]
+__all__ = ["convert_batchnorm", "class_groups", "split_by", "dual_path_loss", "DualPathLoss",
+           "read_mixture_state"]
 
 _MATCHING = ((nn.BatchNorm1d, CompoundBatchNorm1d), (nn.BatchNorm2d, CompoundBatchNorm2d),
              (nn.BatchNorm3d, CompoundBatchNorm3d))
@@ -150,6 +151,24 @@ def split_by(model: nn.Module, groups: Tensor):
         for m, g, n in previous:
             m._split_groups = g
             m._split_name = n
+
+
+def read_mixture_state(model: nn.Module) -> nn.Module:
+    """Reads every compound layer's ``num_batches_tracked`` (one host-device
+    synchronisation on a GPU), so that the layers past their first training batch skip the
+    first-batch question from the next step on. On a GPU the layers otherwise learn it from
+    a non-blocking copy after their first steps; inside ``torch.compile`` they cannot, and
+    answer the question on the device at every step (an extra pass over the batch): call
+    this before compiling a model that has trained, or after its first eager step.
+    Returns ``model``."""
+    for _, m in _compound_layers(model):
+        nbt = m.num_batches_tracked
+        if nbt is None:
+            continue
+        m._nbt_readback = None
+        m._mixture_ready = bool(int(nbt) > 0)
+        m._nbt_seen = (id(nbt), nbt._version) if m._mixture_ready else None
+    return model
 
 
 class DualPathLoss(NamedTuple):

@@ -168,7 +168,8 @@ void check_group_values(const OptTensor& groups, int64_t K) {
 TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& running_prior, const OptTensor& num_batches_tracked,
-                       const OptTensor& groups, int64_t K, double eps, bool require_positions) {
+                       const OptTensor& groups, int64_t K, double eps, bool require_positions,
+                       bool decide_on_device) {
   check_input(input, "compound_batch_norm");
   check_num_components(K);
   // as F.batch_norm
@@ -208,21 +209,26 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
     // reduced-precision buffers (model.half()): a float32 copy, which the op may return
     st.mix_mean = to_acc(*running_mean, st.acc).contiguous();
     st.mix_var = to_acc(*running_var, st.acc).contiguous();
-    st.mix_owned = running_mean->scalar_type() != st.acc;
+    st.owned_mean = !st.mix_mean.is_same(*running_mean);
+    st.owned_var = !st.mix_var.is_same(*running_var);
   } else {  // K = 1 without running statistics: never used, as the component is active
     st.mix_mean = at::zeros({K, C}, aopt);
     st.mix_var = at::ones({K, C}, aopt);
-    st.mix_owned = true;
+    st.owned_mean = st.owned_var = true;
   }
-  st.mix_prior = defined(running_prior) ? to_acc(*running_prior, st.acc).contiguous()
-                                        : at::full({K}, 1.0 / static_cast<double>(K), aopt);
-  if (defined(running_prior) && running_prior->scalar_type() != st.acc) st.mix_owned = true;
+  if (defined(running_prior)) {
+    st.mix_prior = to_acc(*running_prior, st.acc).contiguous();
+    st.owned_prior = !st.mix_prior.is_same(*running_prior);
+  } else {
+    st.mix_prior = at::full({K}, 1.0 / static_cast<double>(K), aopt);
+    st.owned_prior = true;
+  }
   if (st.resp == Resp::kSoft && defined(num_batches_tracked) && st.shape.M() > 0) {
-    if (st.x.is_cpu()) {
+    if (!decide_on_device) {
       // a free read on the CPU
       if (num_batches_tracked->item<int64_t>() == 0) {
         std::tie(st.mix_mean, st.mix_var, st.mix_prior) = initial_mixture(st.x, K, eps);
-        st.mix_owned = true;
+        st.owned_mean = st.owned_var = st.owned_prior = true;
       }
     } else {
       // decided on the device, without a host-device sync: the initialisation where
@@ -234,7 +240,7 @@ TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTe
       st.mix_mean = at::where(first, im, st.mix_mean);
       st.mix_var = at::where(first, iv, st.mix_var);
       st.mix_prior = at::where(first, ip, st.mix_prior);
-      st.mix_owned = true;
+      st.owned_mean = st.owned_var = st.owned_prior = true;
     }
   }
   return st;
@@ -257,15 +263,12 @@ void mix_outputs(const TrainSetup& st, BatchStats& out, Tensor copy_mean, Tensor
     out.mix_mean = at::empty({0}, aopt);  // three tensors: outputs must not alias
     out.mix_var = at::empty({0}, aopt);
     out.mix_prior = at::empty({0}, aopt);
-  } else if (st.mix_owned) {
-    out.mix_mean = st.mix_mean;
-    out.mix_var = st.mix_var;
-    out.mix_prior = st.mix_prior;
-  } else {
-    out.mix_mean = std::move(copy_mean);
-    out.mix_var = std::move(copy_var);
-    out.mix_prior = std::move(copy_prior);
+    return;
   }
+  // each its own: a buffer is returned as the backend's copy, never as itself
+  out.mix_mean = st.owned_mean ? st.mix_mean : std::move(copy_mean);
+  out.mix_var = st.owned_var ? st.mix_var : std::move(copy_var);
+  out.mix_prior = st.owned_prior ? st.mix_prior : std::move(copy_prior);
 }
 
 EvalSetup setup_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,

@@ -69,17 +69,22 @@ struct TrainSetup {
   Resp resp;
   at::ScalarType acc;
   // The mixture of the E-step (contiguous): the running buffers themselves (read only), or
-  // (mix_owned) tensors of this call, such as the first batch's initialisation.
+  // tensors of this call (owned: the first batch's initialisation, a float32 copy of a
+  // reduced-precision buffer), each on its own.
   Tensor mix_mean, mix_var, mix_prior;
-  bool mix_owned = false;
+  bool owned_mean = false, owned_var = false, owned_prior = false;
+  bool all_owned() const { return owned_mean && owned_var && owned_prior; }
 };
 // require_positions: training needs more than one position (forward_train); the
 // building block batch_stats leaves that check to its caller (synced layers check the
 // whole process group's batch).
+// decide_on_device: the first-batch question (num_batches_tracked == 0) answered on the
+// device, without a host read (the CUDA backend, emulated or not); else read on the host.
 TrainSetup setup_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                        const OptTensor& running_mean, const OptTensor& running_var,
                        const OptTensor& running_prior, const OptTensor& num_batches_tracked,
-                       const OptTensor& groups, int64_t K, double eps, bool require_positions);
+                       const OptTensor& groups, int64_t K, double eps, bool require_positions,
+                       bool decide_on_device);
 
 // The outputs of the E-step and M-step; alpha, delta: the affine coefficients when the
 // backend computes them with the statistics (else undefined). mix_*: the mixture of the

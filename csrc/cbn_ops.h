@@ -19,6 +19,7 @@
 //                                    num_batches_tracked, mix_mean, mix_var, mix_prior,
 //                                    mean, var, count, num_positions, momentum);
 //   static constexpr bool kHostChecksGroupIds;  // else the kernels check them
+//   static constexpr bool kDecidesFirstBatchOnDevice;  // else the host reads the counter
 //
 // and registers them with register_operators<B>(m) in its TORCH_LIBRARY_IMPL block. The
 // backends see parameters and statistics in the accumulation dtype only: reduced-precision
@@ -49,7 +50,8 @@ struct Operators {
     typename B::Guard guard(input.device());
     const TrainSetup st = setup_train(input, weight, bias, running_mean, running_var,
                                       running_prior, num_batches_tracked, groups, K, eps,
-                                      /*require_positions=*/true);
+                                      /*require_positions=*/true,
+                                      B::kDecidesFirstBatchOnDevice);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
     const OptTensor w = to_acc(weight, st.acc), b = to_acc(bias, st.acc);
     const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/true, w, b);
@@ -65,7 +67,8 @@ struct Operators {
     typename B::Guard guard(input.device());
     const TrainSetup st = setup_train(input, std::nullopt, std::nullopt, running_mean,
                                       running_var, running_prior, num_batches_tracked, groups,
-                                      K, eps, /*require_positions=*/false);
+                                      K, eps, /*require_positions=*/false,
+                                      B::kDecidesFirstBatchOnDevice);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, K);
     const BatchStats bs = B::batch_stats(st, groups, K, eps, /*replace_inactive=*/false,
                                          std::nullopt, std::nullopt);

@@ -116,23 +116,15 @@ def test_schedule_does_not_change_results(channels_last, mode):
 
 
 @needs_emu
-@pytest.mark.parametrize("K", [16, 24])
-def test_large_dynamic_shared_memory(K):
-    """float64 with many components: the planar soft backward needs more than 48 KiB of
-    shared memory per block, which the launch must opt into (the emulation refuses it
-    otherwise, as the hardware does)."""
-    case = make_stable_case((4, 10, 9, 8), K, torch.float64, seed=K, device="emu")
+def test_large_dynamic_shared_memory():
+    """float64 with 16 components and long tiles: the soft backward's tile needs more than
+    48 KiB of shared memory per block (2 x 128 positions x 16 components of tau and its
+    gradient, and the reduction buffer), which the launch must opt into (the emulation
+    refuses it otherwise, as the hardware does)."""
+    case = make_stable_case((34000, 4), 16, torch.float64, seed=16, device="emu")
     ours = run(Fc.compound_batch_norm, case, True)
     ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
     compare(ours, ref, TOL[torch.float64])
-
-
-@needs_emu
-def test_too_many_components_is_a_clear_error():
-    """More shared memory than the device has: an error naming the need, not a crash."""
-    case = make_case((2, 4, 3, 3), 64, torch.float64, seed=1, device="emu")
-    with pytest.raises(RuntimeError, match="bytes of shared memory needed per block"):
-        run(Fc.compound_batch_norm, case, True)
 
 
 @needs_emu

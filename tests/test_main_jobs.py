@@ -31,8 +31,14 @@ def test_benchmark_report_quick(tmp_path):
             p = rec[phase]
             assert p["bn_ms"] > 0 and p["ext_ms"] > 0 and p["ref_ms"] > 0
             assert p["ext_over_bn"] > 0 and p["ext_GBps"] > 0
+    # the per-call overhead: train and eval, K = 1 and 2, with operator counts
+    assert {(o["K"], o["device"]) for o in data["overhead"]} == {(1, "cpu"), (2, "cpu")}
+    for o in data["overhead"]:
+        for phase in ("train", "eval"):
+            assert o[phase]["bn_us"] > 0 and o[phase]["ext_us"] > 0
+            assert o[phase]["ext_ops"]["cbn_ext_ops"] >= 1 and o[phase]["bn_ops"]["aten_ops"] > 0
     table = (tmp_path / "report-quick.md").read_text()
-    assert table.count("| cpu | 4x16x8x8 |") == 4
+    assert table.count("| cpu | 4x16x8x8 |") == 4 and "Per-call overhead" in table
     assert (tmp_path / "report-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

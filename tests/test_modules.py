@@ -259,6 +259,11 @@ def test_bad_group_ids(device):
             with pytest.raises(TypeError, match="int64"):
                 cbn_ext.compound_batch_norm(x, *args, training=training,
                                             groups=torch.tensor([0., 1., 1., 0.], device=dev))
+        # K = 1 reads no group ids, yet checks them as well
+        for training in (True, False):
+            with pytest.raises(bad_ids[0], match=bad_ids[1].replace("2", "1")):
+                cbn_ext.compound_batch_norm(x, args[0][:1], args[1][:1], training=training,
+                                            groups=torch.tensor([0, 1, 0, 0], device=dev))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels")
@@ -395,3 +400,63 @@ def test_load_mismatched_checkpoint_raises():
     other_k = _small_net(lambda C: CompoundBatchNorm2d(C, num_components=3)).state_dict()
     with pytest.raises(RuntimeError, match="size mismatch"):
         model.load_state_dict(other_k)
+
+
+def test_counter_reset_by_hand_initialises_again():
+    """A num_batches_tracked set to 0 from outside (zero_(), copying a fresh layer's
+    buffers) makes the next training batch initialise the mixture, as the SPEC says."""
+    torch.manual_seed(8)
+    m = CompoundBatchNorm2d(3, 2, momentum=1.0)
+    fresh = CompoundBatchNorm2d(3, 2, momentum=1.0)
+    for _ in range(2):
+        m(torch.randn(8, 3, 4, 4))
+    with torch.no_grad():
+        for name, buf in fresh.named_buffers():
+            getattr(m, name).copy_(buf)
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    m(x)
+    fresh(x)
+    assert torch.equal(m.running_mean, fresh.running_mean)  # both initialised from x
+    assert not torch.equal(m.running_mean[0], m.running_mean[1])
+
+
+def test_read_mixture_state():
+    torch.manual_seed(9)
+    model = nn.Sequential(CompoundBatchNorm2d(3, 2), nn.ReLU(), CompoundBatchNorm2d(3, 2))
+    assert cbn_ext.read_mixture_state(model) is model
+    assert not model[0]._mixture_ready
+    model(torch.randn(4, 3, 5, 5))
+    cbn_ext.read_mixture_state(model)
+    assert model[0]._mixture_ready and model[2]._mixture_ready
+    model[0].reset_running_stats()
+    assert not model[0]._mixture_ready
+
+
+def test_parametrized_and_pruned_weight():
+    """torch.nn.utils.parametrize and prune move the weight out of _parameters; the layer
+    still finds it, as BatchNorm does."""
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(10)
+    x = torch.randn(4, 3, 5, 5)
+    m = CompoundBatchNorm2d(3, 2).eval()
+    ref = m(x)
+    parametrize.register_parametrization(m, "weight", Double())
+    y = m(x)
+    assert not torch.equal(y, ref) and torch.isfinite(y).all()
+    p = CompoundBatchNorm2d(3, 2).eval()
+    prune.l1_unstructured(p, "bias", amount=0.5)
+    assert torch.isfinite(p(x)).all()
+
+
+def test_load_batchnorm_checkpoint_with_assign():
+    bn = nn.BatchNorm2d(4)
+    m = CompoundBatchNorm2d(4, 2)
+    m.load_state_dict(bn.state_dict(), assign=True)
+    assert m.running_mean.is_contiguous() and m.weight.is_contiguous()
+    m(torch.randn(6, 4, 3, 3)).sum().backward()  # trains
+    assert m.weight.grad is not None

@@ -271,7 +271,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   const Tensor parts = at::empty({tiles * (K + 2 * K * C)}, aopt);  // n | mean | M2
   EstepCoefs ec;
   if (st.resp == Resp::kSoft)
-    ec = estep_coefs(st.mix_mean, st.mix_var, st.mix_prior, eps, /*copy=*/!st.mix_owned);
+    ec = estep_coefs(st.mix_mean, st.mix_var, st.mix_prior, eps, /*copy=*/!st.all_owned());
   mix_outputs(st, out, ec.mean_copy, ec.var_copy, ec.prior_copy);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   StatsArgs sa{};
@@ -557,6 +557,7 @@ void update_running_stats_impl(Tensor& running_mean, Tensor& running_var,
 struct CpuBackend {
   using Guard = NoGuard;
   static constexpr bool kHostChecksGroupIds = true;  // a free read
+  static constexpr bool kDecidesFirstBatchOnDevice = false;  // a free read
   static constexpr auto batch_stats = &batch_stats_impl;
   static constexpr auto normalize = &normalize_impl;
   static constexpr auto forward_eval = &forward_eval_impl;

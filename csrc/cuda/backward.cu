@@ -1,10 +1,17 @@
-// CUDA backward operators of cbn_ext: backward_train and backward_eval.
+// CUDA backward operators of cbn_ext: backward_train and backward_eval (and the building
+// blocks grad_sums and grad_input).
 //
-// One reduction pass: per tile, Sg = sum g tau and Sgx = sum g tau (x - m) per (k, c),
-// merged in tile order by the kernel that forms the per-(k, c) gradient coefficients
-// (cbn_math.h). One element-wise pass: for soft responsibilities, dtau per position
-// (a reduction over channels), dl = tau (dtau - sum tau dtau), then
-// dx = g A + x B + E with A, B, E summed over components.
+//   collect_grad_stats_kernel  per tile of positions: Sg = sum g tau and Sgx = sum g tau
+//     (x - m) per (k, c);
+//   reduce_tile_sums_kernel    both sums over the tiles, by many blocks (each a chunk of
+//     the tiles), in a fixed-order tree (finish_sums_kernel adds the chunks in order when
+//     there are several);
+//   grad_coefs_kernel          the per-(k, c) gradient coefficients (cbn_math.h);
+//   grad_input_soft_kernel     per tile, soft responsibilities: dtau per position (a
+//     reduction over channels), dl = tau (dtau - sum tau dtau), then dx = g A + x B + E
+//     with A, B, E summed over components, while the tile is in cache;
+//   grad_input_given_kernel    given or single responsibilities: dx element-wise.
+// x and g are read twice from DRAM (the sums, the input gradient), dx written once.
 #include "cuda_backend.h"
 #include "cuda_utils.cuh"
 
@@ -31,126 +38,152 @@ struct GradStatsParams {
   TileParams geo;
 };
 
-// Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB).
+// Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB). A block per tile.
 template <typename scalar_t, typename acc_t, int KB>
-__global__ void __launch_bounds__(kThreads) collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
+    collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
   CBN_DYNAMIC_SMEM(acc_t, ts);
   acc_t* red = ts + p.geo.len * p.geo.K;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
   const int64_t C = p.geo.C, S = p.geo.S;
-  const int64_t t = blockIdx.x;
   const bool one = p.tau == nullptr;
-  const TileGeo tg = tile_geo(p.geo.interleaved, t, p.geo.len, p.geo.chunks, p.geo.N * p.geo.S, S);
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
-  if (!one) {
-    if (p.geo.interleaved) {
-      const acc_t* in = p.tau + tg.p0 * K;
-      for (int i = threadIdx.x; i < tg.P * K; i += kThreads) ts[i] = in[i];
-    } else {
-      for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
-        const int k = i / tg.P, j = i % tg.P;
-        ts[k * len + j] = p.tau[(tg.n * K + k) * S + tg.s0 + j];
-      }
-    }
-  }
-  __syncthreads();
+  for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
+    const TileGeo tg = tile_geo(p.geo, t);
+    if (!one) load_tile_tau(p.tau, p.geo, tg, ts);
+    __syncthreads();
 
-  if (p.geo.interleaved) {
-    const ChannelGroups cg = channel_groups(C);
-    const int G = cg.G, g = cg.g;
-    for (int64_t c0 = 0; c0 < C; c0 += cg.cc) {
-      const int64_t c = c0 + cg.ci;
-      const bool active = g < G && c < C;
-      for (int k0 = 0; k0 < K; k0 += KB) {
-        acc_t sg[KB], sgx[KB], m[KB];
+    if (p.geo.interleaved) {
+      const ChannelGroups cg = channel_groups(C);
+      const int G = cg.G, g = cg.g;
+      for (int64_t c0 = 0; c0 < C; c0 += cg.cc) {
+        const int64_t c = c0 + cg.ci;
+        const bool active = g < G && c < C;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+          acc_t sg[KB], sgx[KB], m[KB];
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          sg[kk] = sgx[kk] = acc_t(0);
-          m[kk] = active && k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
-        }
-        if (active) {
-          for (int j = g; j < tg.P; j += G) {
-            const int64_t o = (tg.p0 + j) * C + c;
-            const acc_t gv = static_cast<acc_t>(gr[o]);
-            const acc_t xv = static_cast<acc_t>(x[o]);
+          for (int kk = 0; kk < KB; ++kk) {
+            sg[kk] = sgx[kk] = acc_t(0);
+            m[kk] = active && k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
+          }
+          if (active) {
+            for (int j = g; j < tg.P; j += G) {
+              const int64_t o = (tg.p0 + j) * C + c;
+              const acc_t gv = static_cast<acc_t>(gr[o]);
+              const acc_t xv = static_cast<acc_t>(x[o]);
+#pragma unroll
+              for (int kk = 0; kk < KB; ++kk) {
+                if (k0 + kk < K) {
+                  const acc_t gt = one ? gv : ts[j * K + k0 + kk] * gv;
+                  sg[kk] += gt;
+                  sgx[kk] += gt * (xv - m[kk]);
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            red[kk * kThreads + threadIdx.x] = sg[kk];
+            red[(KB + kk) * kThreads + threadIdx.x] = sgx[kk];
+          }
+          __syncthreads();
+          if (g == 0 && c < C) {
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) {
               if (k0 + kk < K) {
-                const acc_t gt = one ? gv : ts[j * K + k0 + kk] * gv;
+                const int64_t o = (t * K + k0 + kk) * C + c;
+                p.part_sg[o] = sum_groups(red, cg, kk);
+                p.part_sgx[o] = sum_groups(red, cg, KB + kk);
+              }
+            }
+          }
+          __syncthreads();
+        }
+      }
+    } else {
+      // a warp per channel, lanes over the tile's positions
+      for (int64_t c = warp; c < C; c += kWarps) {
+        const int64_t base = (tg.n * C + c) * S + tg.s0;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+          acc_t sg[KB], sgx[KB], m[KB];
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            sg[kk] = sgx[kk] = acc_t(0);
+            m[kk] = k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
+          }
+          for (int j = lane; j < tg.P; j += 32) {
+            const acc_t gv = static_cast<acc_t>(gr[base + j]);
+            const acc_t xv = static_cast<acc_t>(x[base + j]);
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+              if (k0 + kk < K) {
+                const acc_t gt = one ? gv : ts[(k0 + kk) * len + j] * gv;
                 sg[kk] += gt;
                 sgx[kk] += gt * (xv - m[kk]);
               }
             }
           }
-        }
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          red[threadIdx.x * 2 * KB + kk] = sg[kk];
-          red[threadIdx.x * 2 * KB + KB + kk] = sgx[kk];
-        }
-        __syncthreads();
-        if (g == 0 && c < C) {
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
             if (k0 + kk < K) {
-              const int64_t o = (t * K + k0 + kk) * C + c;
-              p.part_sg[o] = sum_groups(red, cg, 2 * KB, kk);
-              p.part_sgx[o] = sum_groups(red, cg, 2 * KB, KB + kk);
-            }
-          }
-        }
-        __syncthreads();
-      }
-    }
-  } else {
-    for (int64_t c = warp; c < C; c += kWarps) {
-      const int64_t base = (tg.n * C + c) * S + tg.s0;
-      for (int k0 = 0; k0 < K; k0 += KB) {
-        acc_t sg[KB], sgx[KB], m[KB];
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          sg[kk] = sgx[kk] = acc_t(0);
-          m[kk] = k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
-        }
-        for (int j = lane; j < tg.P; j += 32) {
-          const acc_t gv = static_cast<acc_t>(gr[base + j]);
-          const acc_t xv = static_cast<acc_t>(x[base + j]);
-#pragma unroll
-          for (int kk = 0; kk < KB; ++kk) {
-            if (k0 + kk < K) {
-              const acc_t gt = one ? gv : ts[(k0 + kk) * len + j] * gv;
-              sg[kk] += gt;
-              sgx[kk] += gt * (xv - m[kk]);
-            }
-          }
-        }
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          if (k0 + kk < K) {
-            const acc_t a = warp_sum(sg[kk]), b = warp_sum(sgx[kk]);
-            if (lane == 0) {
-              const int64_t o = (t * K + k0 + kk) * C + c;
-              p.part_sg[o] = a;
-              p.part_sgx[o] = b;
+              const acc_t a = warp_sum(sg[kk]), b = warp_sum(sgx[kk]);
+              if (lane == 0) {
+                const int64_t o = (t * K + k0 + kk) * C + c;
+                p.part_sg[o] = a;
+                p.part_sgx[o] = b;
+              }
             }
           }
         }
       }
     }
+    __syncthreads();  // ts is reused by the next tile
   }
 }
 
-// The tile partials summed in tile order: out[i] = sum_t part[t, i].
+// Sums over the tiles of parts[z] (z = blockIdx.z: Sg, Sgx), (tiles, n) each: a block sums
+// the tiles of chunk g = blockIdx.y for kReduceCols entries, its kReduceRows rows walking
+// the tiles and then added pairwise; out[z] is (G, n), the chunks' sums.
 template <typename acc_t>
-__global__ void sum_tiles_kernel(const acc_t* __restrict__ part, int64_t tiles, int64_t n,
-                                 acc_t* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+__global__ void __launch_bounds__(kReduceCols * kReduceRows) reduce_tile_sums_kernel(
+    const acc_t* __restrict__ part0, const acc_t* __restrict__ part1, int64_t tiles, int64_t n,
+    acc_t* __restrict__ out0, acc_t* __restrict__ out1) {
+  CBN_STATIC_SMEM(acc_t[kReduceRows][kReduceCols], sm);
+  const acc_t* part = blockIdx.z == 0 ? part0 : part1;
+  acc_t* out = blockIdx.z == 0 ? out0 : out1;
+  const int64_t G = gridDim.y, g = blockIdx.y;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
+  const int row = threadIdx.y;
   acc_t s = 0;
-  for (int64_t t = 0; t < tiles; ++t) s += part[t * n + i];
-  out[i] = s;
+  if (e < n) {
+    const int64_t t0 = tiles * g / G, t1 = tiles * (g + 1) / G;
+    for (int64_t t = t0 + row; t < t1; t += kReduceRows) s += part[t * n + e];
+  }
+  sm[row][threadIdx.x] = s;
+  for (int half = kReduceRows / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (row < half) sm[row][threadIdx.x] += sm[row + half][threadIdx.x];
+  }
+  if (row == 0 && e < n) out[g * n + e] = sm[0][threadIdx.x];
+}
+
+// The G chunks' sums added in chunk order (for grad_sums, when there are several).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) finish_sums_kernel(
+    const acc_t* __restrict__ g0, const acc_t* __restrict__ g1, int64_t G, int64_t n,
+    acc_t* __restrict__ out0, acc_t* __restrict__ out1) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    acc_t a = 0, b = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      a += g0[g * n + i];
+      b += g1[g * n + i];
+    }
+    out0[i] = a;
+    out1[i] = b;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -224,187 +257,227 @@ struct GradInputParams {
   int64_t ev_blocks;
   // dx = g A + x B + E: alpha, p, q (and a, amu for soft)
   const acc_t *pc, *qc, *a, *amu;
-  int64_t N, C, S, K;
+  int64_t C, S, K;
+  TileParams geo;  // soft: the tiles
 };
 
-// ev_k = sum of the per-block parts, in order.
-template <typename acc_t>
-__device__ __forceinline__ void load_ev(const GradInputParams<acc_t>& p, acc_t* ev) {
-  for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
+// sum_c dtau_term over channels [c0, c1) (every `step`-th) of one position, components
+// [k0, k0 + KB), blocked; x[c], g[c] at xp[c * stride], gp[c * stride].
+template <typename scalar_t, typename acc_t, int KB>
+__device__ __forceinline__ void dtau_sums(const GradInputParams<acc_t>& p, const scalar_t* xp,
+                                          const scalar_t* gp, int64_t stride, int64_t c0,
+                                          int64_t c1, int64_t step, int k0, acc_t* tot) {
+  const int K = static_cast<int>(p.K);
+  const int64_t C = p.C;
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
+  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
+    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
+    acc_t acc[KB];
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+    for (int64_t c = cb; c < ce; c += step) {
+      const acc_t xv = static_cast<acc_t>(xp[c * stride]);
+      const acc_t gv = static_cast<acc_t>(gp[c * stride]);
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        if (k0 + kk < K) {
+          const int64_t o = (k0 + kk) * C + c;
+          acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
+        }
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
+  }
+}
+
+// dx for V consecutive elements of one row from element e: channels c.. of one position
+// (interleaved) or positions of one (sample, channel c) row (planar); tau(k, v), dl(k, v):
+// the component's responsibility and its gradient at the v-th element's position.
+template <typename scalar_t, typename acc_t, int V, bool kSoft, typename Tau, typename Dl>
+__device__ __forceinline__ void grad_input_vector(const GradInputParams<acc_t>& p,
+                                                  const scalar_t* x, const scalar_t* gr,
+                                                  scalar_t* dx, int64_t e, int64_t c,
+                                                  bool per_channel_row, Tau tau, Dl dl) {
+  const Pack<scalar_t, V> xv = load_pack<V>(x + e), gv = load_pack<V>(gr + e);
+  acc_t A[V], B[V], E[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) A[v] = B[v] = E[v] = acc_t(0);
+  const int K = static_cast<int>(p.K);
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = k * p.C + c + (per_channel_row ? 0 : v);
+      if constexpr (kSoft) {
+        math::dx_accumulate(tau(k, v), dl(k, v), p.alpha[o], p.pc[o], p.qc[o], p.a[o], p.amu[o],
+                            A[v], B[v], E[v]);
+      } else {
+        math::dx_accumulate(tau(k, v), p.alpha[o], p.pc[o], p.qc[o], A[v], B[v], E[v]);
+      }
+    }
+  }
+  Pack<scalar_t, V> out;
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    out.v[v] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gv.v[v]),
+                                                      static_cast<acc_t>(xv.v[v]), A[v], B[v],
+                                                      E[v]));
+  store_pack<V>(dx + e, out);
+}
+
+// Soft responsibilities, a block per tile. Dynamic shared memory: ts (len x K) | dl
+// (len x K) | red (kThreads x KB) | ev (K).
+template <typename scalar_t, typename acc_t, int KB, int V>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
+    grad_input_soft_kernel(GradInputParams<acc_t> p) {
+  CBN_DYNAMIC_SMEM(acc_t, ts);
+  const int K = static_cast<int>(p.K), len = static_cast<int>(p.geo.len);
+  acc_t* dl = ts + len * K;
+  acc_t* red = dl + len * K;
+  acc_t* ev = red + kThreads * KB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t C = p.C, S = p.S;
+  const bool inter = p.geo.interleaved;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  scalar_t* dx = static_cast<scalar_t*>(p.dx);
+  // ev_k = sum of the per-block parts, in order
+  for (int k = threadIdx.x; k < K; k += kThreads) {
     acc_t s = 0;
     for (int64_t i = 0; i < p.ev_blocks; ++i) s += p.ev_part[k * p.ev_blocks + i];
     ev[k] = s;
   }
-  __syncthreads();
-}
-
-// Soft, interleaved: a warp per position. Shared memory: ev (K) | per warp dtau/dl (K)
-// and tau (K).
-template <typename scalar_t, typename acc_t, int KB>
-__global__ void __launch_bounds__(kThreads) grad_input_soft_interleaved_kernel(
-    GradInputParams<acc_t> p) {
-  CBN_DYNAMIC_SMEM(acc_t, ev);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int K = static_cast<int>(p.K);
-  acc_t* dl = ev + K + warp * 2 * K;
-  acc_t* tw = dl + K;
-  const int64_t C = p.C, M = p.N * p.S;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
-  scalar_t* dx = static_cast<scalar_t*>(p.dx);
-  load_ev(p, ev);
-  for (int64_t pos = static_cast<int64_t>(blockIdx.x) * kWarps + warp; pos < M;
-       pos += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const scalar_t* xr = x + pos * C;
-    const scalar_t* grr = gr + pos * C;
-    for (int k0 = 0; k0 < K; k0 += KB) {
-      acc_t acc[KB];
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-      for (int64_t c = lane; c < C; c += 32) {
-        const acc_t xv = static_cast<acc_t>(xr[c]), gv = static_cast<acc_t>(grr[c]);
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) {
-          if (k0 + kk < K) {
-            const int64_t o = (k0 + kk) * C + c;
-            acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
-          }
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        const acc_t total = warp_sum(acc[kk]);
-        if (lane == 0 && k0 + kk < K) dl[k0 + kk] = total - ev[k0 + kk];
-      }
-    }
-    __syncwarp();
-    if (lane == 0) {
-      acc_t dot = 0;
-      for (int k = 0; k < K; ++k) {
-        tw[k] = p.tau[pos * K + k];
-        dot += tw[k] * dl[k];
-      }
-      for (int k = 0; k < K; ++k) dl[k] = tw[k] * (dl[k] - dot);
-    }
-    __syncwarp();
-    for (int64_t c = lane; c < C; c += 32) {
-      acc_t A = 0, B = 0, E = 0;
-      for (int k = 0; k < K; ++k) {
-        const int64_t o = k * C + c;
-        math::dx_accumulate(tw[k], dl[k], p.alpha[o], p.pc[o], p.qc[o], p.a[o], p.amu[o], A, B, E);
-      }
-      dx[pos * C + c] = static_cast<scalar_t>(
-          math::dx_combine(static_cast<acc_t>(grr[c]), static_cast<acc_t>(xr[c]), A, B, E));
-    }
-    __syncwarp();
-  }
-}
-
-// Soft, planar: a thread per position, channels in sequence (coalesced across the warp).
-// Shared memory: ev (K) | dtau/dl (K x kThreads) | tau (K x kThreads).
-template <typename scalar_t, typename acc_t, int KB>
-__global__ void __launch_bounds__(kThreads) grad_input_soft_planar_kernel(GradInputParams<acc_t> p) {
-  CBN_DYNAMIC_SMEM(acc_t, ev);
-  const int K = static_cast<int>(p.K);
-  acc_t* dl = ev + K;
-  acc_t* tw = dl + K * kThreads;
-  const int tid = threadIdx.x;
-  const int64_t C = p.C, S = p.S, M = p.N * p.S;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
-  scalar_t* dx = static_cast<scalar_t*>(p.dx);
-  load_ev(p, ev);
-  for (int64_t pos = static_cast<int64_t>(blockIdx.x) * kThreads + tid; pos < M;
-       pos += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t n = pos / S, s = pos % S;
-    const int64_t base = n * C * S + s;
-    for (int k0 = 0; k0 < K; k0 += KB) {
-      acc_t tot[KB];
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
-      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {  // blocked over channels
-        const int64_t c1 = c0 + kChannelBlock < C ? c0 + kChannelBlock : C;
-        acc_t acc[KB];
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-        for (int64_t c = c0; c < c1; ++c) {
-          const acc_t xv = static_cast<acc_t>(x[base + c * S]);
-          const acc_t gv = static_cast<acc_t>(gr[base + c * S]);
+  for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
+    const TileGeo tg = tile_geo(p.geo, t);
+    load_tile_tau(p.tau, p.geo, tg, ts);
+    __syncthreads();
+    // dtau per position and component, into dl
+    if (inter) {
+      for (int j = warp; j < tg.P; j += kWarps) {
+        const scalar_t* xr = x + (tg.p0 + j) * C;
+        const scalar_t* grr = gr + (tg.p0 + j) * C;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+          acc_t acc[KB];
+          dtau_sums<scalar_t, acc_t, KB>(p, xr, grr, 1, lane, C, 32, k0, acc);
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
-            if (k0 + kk < K) {
-              const int64_t o = (k0 + kk) * C + c;
-              acc[kk] +=
-                  math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
-            }
+            const acc_t total = warp_sum(acc[kk]);
+            if (lane == 0 && k0 + kk < K) dl[j * K + k0 + kk] = total - ev[k0 + kk];
           }
         }
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
       }
+    } else {
+      const PositionLanes pl = position_lanes(tg.P, C);
+      for (int j0 = 0; j0 < tg.P; j0 += pl.L) {
+        const int j = j0 + pl.j;
+        const int64_t base = tg.n * C * S + tg.s0 + j;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+          acc_t acc[KB];
+          if (j < tg.P) {
+            dtau_sums<scalar_t, acc_t, KB>(p, x + base, gr + base, S, pl.c0, pl.c1, 1, k0, acc);
+          } else {
 #pragma unroll
-      for (int kk = 0; kk < KB; ++kk)
-        if (k0 + kk < K) dl[(k0 + kk) * kThreads + tid] = tot[kk] - ev[k0 + kk];
+            for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+          }
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = acc[kk];
+          __syncthreads();
+          if (pl.q == 0 && j < tg.P) {
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+              if (k0 + kk < K) {
+                acc_t total = 0;
+                for (int q = 0; q < pl.G; ++q) total += red[kk * kThreads + q * pl.L + pl.j];
+                dl[(k0 + kk) * len + j] = total - ev[k0 + kk];
+              }
+            }
+          }
+          __syncthreads();
+        }
+      }
     }
-    acc_t dot = 0;
-    for (int k = 0; k < K; ++k) {
-      const acc_t tk = p.tau[(n * K + k) * S + s];
-      tw[k * kThreads + tid] = tk;
-      dot += tk * dl[k * kThreads + tid];
-    }
-    for (int k = 0; k < K; ++k)
-      dl[k * kThreads + tid] = tw[k * kThreads + tid] * (dl[k * kThreads + tid] - dot);
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t A = 0, B = 0, E = 0;
+    __syncthreads();
+    // dl = tau (dtau - sum_j tau_j dtau_j), a thread per position
+    for (int j = threadIdx.x; j < tg.P; j += kThreads) {
+      acc_t dot = 0;
+      for (int k = 0; k < K; ++k)
+        dot += ts[tau_index(inter, j, k, K, len)] * dl[tau_index(inter, j, k, K, len)];
       for (int k = 0; k < K; ++k) {
-        const int64_t o = k * C + c;
-        math::dx_accumulate(tw[k * kThreads + tid], dl[k * kThreads + tid], p.alpha[o], p.pc[o],
-                            p.qc[o], p.a[o], p.amu[o], A, B, E);
+        const int i = tau_index(inter, j, k, K, len);
+        dl[i] = ts[i] * (dl[i] - dot);
       }
-      const int64_t e = base + c * S;
-      dx[e] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gr[e]),
-                                                     static_cast<acc_t>(x[e]), A, B, E));
     }
+    __syncthreads();
+    // dx over the tile, V values at a time along its rows
+    if (inter) {
+      const int64_t base = tg.p0 * C;
+      for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
+        const int64_t e = i * V;
+        const int j = static_cast<int>(e / C);
+        grad_input_vector<scalar_t, acc_t, V, true>(
+            p, x, gr, dx, base + e, e % C, false, [&](int k, int) { return ts[j * K + k]; },
+            [&](int k, int) { return dl[j * K + k]; });
+      }
+    } else {
+      const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
+      for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
+        const int64_t c = i / per_row;
+        const int j = static_cast<int>(i % per_row) * V;
+        grad_input_vector<scalar_t, acc_t, V, true>(
+            p, x, gr, dx, (tg.n * C + c) * S + tg.s0 + j, c, true,
+            [&](int k, int v) { return ts[k * len + j + v]; },
+            [&](int k, int v) { return dl[k * len + j + v]; });
+      }
+    }
+    __syncthreads();  // ts and dl are reused by the next tile
   }
 }
 
-// Given (one-hot) or single responsibilities: element-wise, row by row (Rows).
-template <typename scalar_t, typename acc_t>
+// Given (one-hot) or single responsibilities: element-wise over the whole tensor, V values
+// at a time (grid-stride: every thread busy whatever the row length). tau: null for K = 1.
+template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads) grad_input_given_kernel(GradInputParams<acc_t> p,
-                                                                    bool interleaved, Rows rows) {
-  const int tx = threadIdx.x % rows.width, ty = threadIdx.x / rows.width;
+                                                                    bool interleaved,
+                                                                    int64_t total) {
   const int64_t C = p.C, S = p.S, K = p.K;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
   scalar_t* dx = static_cast<scalar_t*>(p.dx);
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows.per_block + ty; r < rows.count;
-       r += static_cast<int64_t>(gridDim.x) * rows.per_block) {
-    const int64_t base = r * rows.length;
-    for (int64_t e = tx; e < rows.length; e += rows.width) {
-      const int64_t c = interleaved ? e : r % C;
-      acc_t A = 0, B = 0, E = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t tk = 1;
-        if (p.tau != nullptr)
-          tk = interleaved ? p.tau[r * K + k] : p.tau[((r / C) * K + k) * S + e];
-        const int64_t o = k * C + c;
-        math::dx_accumulate(tk, p.alpha[o], p.pc[o], p.qc[o], A, B, E);
-      }
-      dx[base + e] = static_cast<scalar_t>(math::dx_combine(
-          static_cast<acc_t>(gr[base + e]), static_cast<acc_t>(x[base + e]), A, B, E));
+  const acc_t* tau = p.tau;
+  const auto none = [](int, int) { return acc_t(0); };
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i * V < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t e = i * V;
+    if (interleaved) {
+      const int64_t pos = e / C;
+      grad_input_vector<scalar_t, acc_t, V, false>(
+          p, x, gr, dx, e, e % C, false,
+          [&](int k, int) { return tau ? tau[pos * K + k] : acc_t(1); }, none);
+    } else {
+      const int64_t s = e % S, row = e / S, c = row % C, n = row / C;
+      grad_input_vector<scalar_t, acc_t, V, false>(
+          p, x, gr, dx, e, c, true,
+          [&](int k, int v) { return tau ? tau[(n * K + k) * S + s + v] : acc_t(1); }, none);
     }
   }
 }
 
+template <typename scalar_t>
+bool vectorizable(const void* a, const void* b, const void* c, int64_t row) {
+  return row % kVec<scalar_t> == 0 && aligned16(a) && aligned16(b) && aligned16(c);
+}
+
 }  // namespace
 
-// Sg, Sgx over this input's positions: per-tile partials, summed in tile order.
+// Sg, Sgx over this input's positions: per-tile partials, summed over the tiles in a
+// fixed-order tree.
 std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const Tensor& tau,
                                                   const Tensor& mean) {
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
-  const int64_t K = st.K, C = shape.C;
+  const int64_t K = st.K, C = shape.C, n = K * C;
   Tensor sum_g = at::empty({K, C}, aopt), sum_gx = at::empty({K, C}, aopt);
   const Tensor m = mean.contiguous();
   CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_grad_sums_cuda", [&] {
@@ -414,15 +487,18 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
       sum_gx.zero_();
       return;
     }
-    Tensor part_sg = at::empty({tiles.num, K, C}, aopt);
-    Tensor part_sgx = at::empty({tiles.num, K, C}, aopt);
+    const int64_t G = reduce_groups(tiles.num, n);
+    // tile partials (Sg | Sgx), then, with several chunks, their sums (Sg | Sgx)
+    const Tensor parts = at::empty({2 * tiles.num * n + (G > 1 ? 2 * G * n : 0)}, aopt);
+    acc_t* part_sg = parts.data_ptr<acc_t>();
+    acc_t* part_sgx = part_sg + tiles.num * n;
     GradStatsParams<acc_t> gp{};
     gp.grad = st.grad.data_ptr();
     gp.x = x.data_ptr();
     gp.tau = st.resp == Resp::kOne ? nullptr : tau.data_ptr<acc_t>();
     gp.mean = m.data_ptr<acc_t>();
-    gp.part_sg = part_sg.data_ptr<acc_t>();
-    gp.part_sgx = part_sgx.data_ptr<acc_t>();
+    gp.part_sg = part_sg;
+    gp.part_sgx = part_sgx;
     gp.geo = tile_params(shape, K, tiles);
     dispatch_kb(K, [&](auto kb) {
       constexpr int KB = decltype(kb)::value;
@@ -431,12 +507,16 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
       CBN_LAUNCH_KERNEL(collect_grad_stats_kernel<scalar_t, acc_t, KB>, grid_1d(tiles.num),
                         kThreads, smem, gp);
     });
-    const int64_t n = K * C;
-    for (auto pair : {std::make_pair(&part_sg, &sum_g), std::make_pair(&part_sgx, &sum_gx)}) {
-      CBN_LAUNCH_KERNEL(sum_tiles_kernel<acc_t>, grid_1d((n + kThreads - 1) / kThreads),
-                        kThreads, 0, pair.first->data_ptr<acc_t>(), tiles.num, n,
-                        pair.second->data_ptr<acc_t>());
-    }
+    acc_t* out0 = G > 1 ? part_sgx + tiles.num * n : sum_g.data_ptr<acc_t>();
+    acc_t* out1 = G > 1 ? out0 + G * n : sum_gx.data_ptr<acc_t>();
+    CBN_LAUNCH_KERNEL(reduce_tile_sums_kernel<acc_t>,
+                      dim3(static_cast<unsigned>((n + kReduceCols - 1) / kReduceCols),
+                           static_cast<unsigned>(G), 2u),
+                      dim3(kReduceCols, kReduceRows), 0, part_sg, part_sgx, tiles.num, n, out0,
+                      out1);
+    if (G > 1)
+      CBN_LAUNCH_KERNEL(finish_sums_kernel<acc_t>, grid_for(n), kThreads, 0, out0, out1, G, n,
+                        sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>());
   });
   return {sum_g, sum_gx};
 }
@@ -519,32 +599,41 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     ip.qc = cf.row<acc_t>(GradCoefs::kQ);
     ip.a = cf.row<acc_t>(GradCoefs::kA);
     ip.amu = cf.row<acc_t>(GradCoefs::kAmu);
-    ip.N = shape.N;
     ip.C = C;
     ip.S = shape.S;
     ip.K = K;
-    const int sms = num_sms();
+    const int64_t row = shape.interleaved ? C : shape.S;
+    const bool vec = vectorizable<scalar_t>(x.data_ptr(), st.grad.data_ptr(),
+                                            grad_input.data_ptr(), row);
     if (st.resp == Resp::kSoft) {
+      const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+      ip.geo = tile_params(shape, K, tiles);
+      const bool tile_vec = vec && (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
       dispatch_kb(K, [&](auto kb) {
         constexpr int KB = decltype(kb)::value;
-        if (shape.interleaved) {
-          const size_t smem = sizeof(acc_t) * (K + kWarps * 2 * K);
-          allow_smem(grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>, smem);
-          const int64_t blocks = std::min<int64_t>((shape.M() + kWarps - 1) / kWarps, 32 * sms);
-          CBN_LAUNCH_KERNEL(grad_input_soft_interleaved_kernel<scalar_t, acc_t, KB>,
-                            grid_1d(blocks), kThreads, smem, ip);
-        } else {
-          const size_t smem = sizeof(acc_t) * (K + 2 * K * kThreads);
-          allow_smem(grad_input_soft_planar_kernel<scalar_t, acc_t, KB>, smem);
-          const int64_t blocks = std::min<int64_t>((shape.M() + kThreads - 1) / kThreads, 32 * sms);
-          CBN_LAUNCH_KERNEL(grad_input_soft_planar_kernel<scalar_t, acc_t, KB>, grid_1d(blocks),
+        const size_t smem = sizeof(acc_t) * (2 * tiles.len * K + kThreads * KB + K);
+        const auto run = [&](auto vv) {
+          constexpr int V = decltype(vv)::value;
+          allow_smem(grad_input_soft_kernel<scalar_t, acc_t, KB, V>, smem);
+          CBN_LAUNCH_KERNEL(grad_input_soft_kernel<scalar_t, acc_t, KB, V>, grid_1d(tiles.num),
                             kThreads, smem, ip);
-        }
+        };
+        if (tile_vec)
+          run(std::integral_constant<int, kVec<scalar_t>>{});
+        else
+          run(std::integral_constant<int, 1>{});
       });
     } else {
-      const Rows rows = plan_rows(shape);
-      CBN_LAUNCH_KERNEL(grad_input_given_kernel<scalar_t, acc_t>, grid_1d(rows_grid(rows)),
-                        kThreads, 0, ip, shape.interleaved, rows);
+      const int64_t total = shape.M() * C;
+      const auto run = [&](auto vv) {
+        constexpr int V = decltype(vv)::value;
+        CBN_LAUNCH_KERNEL(grad_input_given_kernel<scalar_t, acc_t, V>, grid_for(total / V),
+                          kThreads, 0, ip, shape.interleaved, total);
+      };
+      if (vec)
+        run(std::integral_constant<int, kVec<scalar_t>>{});
+      else
+        run(std::integral_constant<int, 1>{});
     }
   });
   return grad_input;

@@ -23,6 +23,8 @@ struct CudaBackend {
 #endif
   // the kernels check group ids (a device-side assert): the host never reads device memory
   static constexpr bool kHostChecksGroupIds = false;
+  // the first-batch question answered on the device (no host read), emulated or not
+  static constexpr bool kDecidesFirstBatchOnDevice = true;
 
   // With replace_inactive (the forward's own statistics), the affine coefficients come
   // out of the merge too (alpha, delta).

@@ -87,6 +87,11 @@ inline size_t max_smem_optin() {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// The fused tile kernels for K <= 4 in float32 accumulation: at least 4 blocks of kThreads
+// per multiprocessor, i.e. at most 64 registers a thread (occupancy 50 %); other
+// instantiations keep the compiler's choice.
+template <typename acc_t, int KB>
+constexpr int kMinBlocks = sizeof(acc_t) == 4 && KB <= 4 ? 4 : 1;
 // Blocked sums (SPEC "Accuracy"): a thread summing over channels adds kChannelBlock terms
 // at a time into a partial sum, then the partial sums, so that the rounding error grows
 // with the block plus the number of blocks, not with C.
@@ -120,10 +125,39 @@ struct DevExp {
   }
 };
 
-// Tiles of positions, each handled by one block and giving one partial result per
-// (k, c). Interleaved (channels innermost): tile t holds positions [t len, (t+1) len).
-// Planar (NCHW): tile t holds positions [s0, s0 + len) of sample n = t / chunks, with
-// s0 = (t % chunks) len. Sized for at least two blocks per multiprocessor.
+// ---------------------------------------------------------------------------------------
+// 16-byte vectors: V values of T, loaded and stored in one instruction where the layout
+// allows (the row length a multiple of V, the pointers 16-byte aligned), else V = 1.
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ---------------------------------------------------------------------------------------
+// Tiles of positions, each handled by one block (grid-stride: a grid of at most 2^30
+// blocks walks more tiles) and giving one partial result per (k, c). Interleaved
+// (channels innermost): tile t holds positions [t len, (t+1) len). Planar (NCHW): tile t
+// holds positions [s0, s0 + len) of sample n = t / chunks, with s0 = (t % chunks) len.
+// Sized for at least two blocks per multiprocessor.
+// ---------------------------------------------------------------------------------------
+
 struct Tiles {
   int64_t num;
   int64_t len;
@@ -135,8 +169,10 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
   const int64_t M = s.M();
   if (M == 0) return t;
   const int64_t target = 2 * num_sms();
-  // the tile's responsibilities (len x K) stay in 32 KiB of shared memory
-  const int64_t max_len = std::max<int64_t>(1, std::min<int64_t>(512, 32768 / (K * acc_size)));
+  // the tile's responsibilities and their gradients (2 x len x K) stay in 32 KiB of shared
+  // memory
+  const int64_t max_len =
+      std::max<int64_t>(1, std::min<int64_t>(512, 16384 / (K * acc_size)));
   if (s.interleaved) {
     int64_t len = (M + target - 1) / target;
     len = std::max<int64_t>(16, std::min<int64_t>(len, 256));
@@ -158,12 +194,12 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
 // What a tiled kernel needs of the input's geometry and the tile plan.
 struct TileParams {
   int64_t N, C, S, K;
-  int64_t len, chunks;
+  int64_t len, chunks, num;
   bool interleaved;
 };
 
 inline TileParams tile_params(const Shape& s, int64_t K, const Tiles& t) {
-  return TileParams{s.N, s.C, s.S, K, t.len, t.chunks, s.interleaved};
+  return TileParams{s.N, s.C, s.S, K, t.len, t.chunks, t.num, s.interleaved};
 }
 
 // Geometry of one tile, on the device.
@@ -174,32 +210,75 @@ struct TileGeo {
   int P;       // positions in the tile
 };
 
-__device__ __forceinline__ TileGeo tile_geo(bool interleaved, int64_t t, int64_t len,
-                                            int64_t chunks, int64_t M, int64_t S) {
-  TileGeo g;
-  if (interleaved) {
-    g.p0 = t * len;
-    g.n = 0;
-    g.s0 = 0;
-    g.P = static_cast<int>(len < M - g.p0 ? len : M - g.p0);
+__device__ __forceinline__ TileGeo tile_geo(const TileParams& g, int64_t t) {
+  TileGeo r;
+  if (g.interleaved) {
+    const int64_t M = g.N * g.S;
+    r.p0 = t * g.len;
+    r.n = 0;
+    r.s0 = 0;
+    r.P = static_cast<int>(g.len < M - r.p0 ? g.len : M - r.p0);
   } else {
-    g.p0 = 0;
-    g.n = t / chunks;
-    g.s0 = (t % chunks) * len;
-    g.P = static_cast<int>(len < S - g.s0 ? len : S - g.s0);
+    r.p0 = 0;
+    r.n = t / g.chunks;
+    r.s0 = (t % g.chunks) * g.len;
+    r.P = static_cast<int>(g.len < g.S - r.s0 ? g.len : g.S - r.s0);
   }
-  return g;
+  return r;
 }
 
-// The tile's responsibilities in shared memory: [j][k] for interleaved tiles (a warp
-// handles a position), [k][j] for planar ones (lanes handle consecutive positions).
+// The tile's responsibilities (and gradients) in shared memory: [j][k] for interleaved
+// tiles (a warp handles a position), [k][j] for planar ones (lanes take consecutive
+// positions).
 __device__ __forceinline__ int tau_index(bool interleaved, int j, int k, int K, int len) {
   return interleaved ? j * K + k : k * len + j;
 }
 
+// The tile's responsibilities from tau (global, the layout of x with C -> K) into
+// shared memory, coalesced.
+template <typename acc_t>
+__device__ __forceinline__ void load_tile_tau(const acc_t* tau, const TileParams& g,
+                                              const TileGeo& tg, acc_t* ts) {
+  const int K = static_cast<int>(g.K), len = static_cast<int>(g.len);
+  if (g.interleaved) {
+    const acc_t* in = tau + tg.p0 * K;
+    for (int i = threadIdx.x; i < tg.P * K; i += kThreads) ts[i] = in[i];
+  } else {
+    for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
+      const int k = i / tg.P, j = i % tg.P;
+      ts[k * len + j] = tau[(tg.n * K + k) * g.S + tg.s0 + j];
+    }
+  }
+}
+
+// Planar tiles: the block's threads as L position lanes (a multiple of 32, enough for the
+// tile's positions when it can) times G channel groups: thread (j, q) = (threadIdx.x % L,
+// threadIdx.x / L) takes positions j, j + L, ... and the channels [q C / G, (q+1) C / G),
+// so that a short tile (7x7 feature maps) still keeps every thread busy on its sums over
+// channels.
+struct PositionLanes {
+  int L, G, j, q;
+  int64_t c0, c1;
+};
+
+__device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
+  PositionLanes r;
+  int L = (P + 31) / 32 * 32;
+  L = L < 32 ? 32 : (L > kThreads ? kThreads : L);
+  while (kThreads % L != 0) L += 32;  // 96, 160, 192, 224: the next divisor of kThreads
+  r.L = L;
+  r.G = kThreads / L;
+  r.j = threadIdx.x % L;
+  r.q = threadIdx.x / L;
+  r.c0 = C * r.q / r.G;
+  r.c1 = C * (r.q + 1) / r.G;
+  return r;
+}
+
 // Interleaved tiles, reduced per channel: the block's threads as cc channels (a chunk
 // of the C channels) times G groups that split the tile's positions; thread
-// (ci, g) = threadIdx.x % cc, threadIdx.x / cc (threads past G * cc idle).
+// (ci, g) = threadIdx.x % cc, threadIdx.x / cc (threads past G * cc idle: at most a
+// third of the block, for C in (85, 128) or (128, 256)).
 struct ChannelGroups {
   int cc, G, ci, g;
 };
@@ -213,12 +292,12 @@ __device__ __forceinline__ ChannelGroups channel_groups(int64_t C) {
   return r;
 }
 
-// Sum over the G groups, in group order, of value `slot` of channel ci, with `stride`
-// values per thread in red.
+// Sum over the G groups, in group order, of value `slot` of channel ci; red holds slot s
+// of thread t at red[s * kThreads + t] (consecutive threads, consecutive banks).
 template <typename T>
-__device__ __forceinline__ T sum_groups(const T* red, const ChannelGroups& cg, int stride, int slot) {
+__device__ __forceinline__ T sum_groups(const T* red, const ChannelGroups& cg, int slot) {
   T s = 0;
-  for (int gg = 0; gg < cg.G; ++gg) s += red[(gg * cg.cc + cg.ci) * stride + slot];
+  for (int gg = 0; gg < cg.G; ++gg) s += red[slot * kThreads + gg * cg.cc + cg.ci];
   return s;
 }
 
@@ -226,29 +305,25 @@ inline dim3 grid_1d(int64_t blocks) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 30))));
 }
 
-// Rows of a tensor for element-wise kernels: interleaved rows are positions (C long),
-// planar rows are (sample, channel) pairs (S long). A block takes kThreads / width rows
-// at a time, `width` threads (a multiple of 32) to a row.
-struct Rows {
-  int64_t count;
-  int64_t length;
-  int width;
-  int per_block;
-};
-
-inline Rows plan_rows(const Shape& s) {
-  Rows r;
-  r.count = s.interleaved ? s.M() : s.N * s.C;
-  r.length = s.interleaved ? s.C : s.S;
-  const int64_t w = std::min<int64_t>(kThreads, (r.length + 31) / 32 * 32);
-  r.width = static_cast<int>(std::max<int64_t>(32, w));
-  r.per_block = kThreads / r.width;
-  return r;
+// Blocks for a grid-stride loop over n work items, kThreads per block: enough to fill the
+// device several times over, not more.
+inline dim3 grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return grid_1d(std::min<int64_t>(blocks, 32 * static_cast<int64_t>(num_sms())));
 }
 
-inline int64_t rows_grid(const Rows& r) {
-  const int64_t blocks = (r.count + r.per_block - 1) / r.per_block;
-  return std::min<int64_t>(blocks, 8 * num_sms() * 8);
+// Tile partials reduced over the tiles in a fixed-order tree: kReduceRows rows of a block
+// walk the tiles of one of `groups` chunks, the rows are combined pairwise in shared
+// memory, and the consumer combines the groups' results pairwise, in order.
+constexpr int kReduceCols = 32;
+constexpr int kReduceRows = 8;
+
+inline int64_t reduce_groups(int64_t tiles, int64_t entries) {
+  // about 64 tiles per block, and no more groups than needed to fill the device
+  const int64_t cols = (entries + kReduceCols - 1) / kReduceCols;
+  int64_t g = std::max<int64_t>(1, std::min<int64_t>(32, (tiles + 63) / 64));
+  while (g > 1 && cols * (g / 2) >= 4 * static_cast<int64_t>(num_sms())) g /= 2;
+  return g;
 }
 
 inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }

@@ -1,12 +1,20 @@
 // CUDA forward operators of cbn_ext: forward_train, forward_eval, update_running_stats.
 //
-// forward_train: one kernel reads each tile of x to compute the responsibilities (E-step,
-// or the given groups) and the tile's per-(k, c) weighted count, mean and M2 (M-step),
-// the tile re-read from L2 for its second pass; a second kernel merges the tile
-// partials in tile order (Chan's count-weighted formula) into the batch statistics and
-// the affine coefficients; a third normalizes, y = sum_k tau_k (alpha_kc x + delta_kc).
-// forward_eval: the responsibilities (same kernel, no moments), then the normalization.
-// The math is that of csrc/cbn_math.h, as on the CPU.
+// forward_train, in four launches:
+//   collect_mixture_stats_kernel  per tile of positions (a block each): the
+//     responsibilities (E-step, or the given groups) into tau, and the tile's per-(k, c)
+//     weighted count, mean and M2 (M-step), by two passes over the tile (the second from
+//     L1/L2);
+//   merge_tile_moments_kernel     the tile partials merged (Chan's count-weighted formula)
+//     by many blocks, each over a chunk of the tiles, in a fixed-order tree;
+//   finish_moments_kernel         the chunks' results merged in order into the batch
+//     statistics and the affine coefficients alpha, delta;
+//   normalize_mixture_kernel      y = sum_k tau_k (alpha_kc x + delta_kc), 16-byte vectors.
+// Reads x twice from DRAM (the tile's second pass hits the cache), writes y once.
+// forward_eval: one kernel per tile: the responsibilities, then the tile's normalization
+// while it is in cache: x read once, y written once (and tau, which the backward needs).
+// The math is that of csrc/cbn_math.h, as on the CPU. Reductions have a fixed order (no
+// floating-point atomics): results are deterministic.
 #include "cuda_backend.h"
 #include "cuda_utils.cuh"
 
@@ -20,9 +28,9 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // E-step coefficients: 1/2 a = 1/2 / (var + eps) per (k, c) and
 // b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps). One block per component.
+// With copy_mean not null, also copies of the mixture (mean, var, prior), in the same pass.
 // ---------------------------------------------------------------------------------------
 
-// With copy_mean not null, also copies of the mixture (mean, var, prior), in the same pass.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     estep_coefs_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
@@ -50,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-// Responsibilities of a tile into shared memory (and tau), then optionally its moments.
+// Responsibilities of a tile into shared memory (and tau).
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -64,13 +72,51 @@ struct StatsParams {
   acc_t* part_n;           // (tiles, K)
   acc_t* part_mean;        // (tiles, K, C)
   acc_t* part_m2;          // (tiles, K, C)
+  // evaluation (estep_normalize_kernel): y and the affine coefficients
+  void* y;
+  const acc_t* alpha;      // (K, C)
+  const acc_t* delta;      // (K, C)
   TileParams geo;
   Resp resp;
 };
 
-// ts: the tile's responsibilities (tau_index layout). Writes them to p.tau too.
+// sum_c 1/2 a_kc (x[c] - mu_kc)^2 over channels [c0, c1) of one position, for components
+// [k0, k0 + KB), blocked (kChannelBlock terms at a time); x[c] at xp[c * stride].
 template <typename scalar_t, typename acc_t, int KB>
-__device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo& tg, acc_t* ts) {
+__device__ __forceinline__ void mahalanobis_sums(const StatsParams<acc_t>& p, const scalar_t* xp,
+                                                 int64_t stride, int64_t c0, int64_t c1,
+                                                 int64_t step, int k0, acc_t* tot) {
+  const int K = static_cast<int>(p.geo.K);
+  const int64_t C = p.geo.C;
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
+  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
+    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
+    acc_t acc[KB];
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+    for (int64_t c = cb; c < ce; c += step) {
+      const acc_t v = static_cast<acc_t>(xp[c * stride]);
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        if (k0 + kk < K) {
+          const int64_t o = (k0 + kk) * C + c;
+          acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
+        }
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
+  }
+}
+
+// ts: the tile's responsibilities (tau_index layout); red: kThreads x KB values. Writes
+// them to p.tau too.
+// kInter: the layout (p.geo.interleaved), a template parameter so that each instantiation
+// holds one layout's code (fewer registers).
+template <typename scalar_t, typename acc_t, int KB, bool kInter>
+__device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo& tg, acc_t* ts,
+                                      acc_t* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
   const int64_t C = p.geo.C, S = p.geo.S;
@@ -78,31 +124,20 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
   if (p.resp == Resp::kGiven) {
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
       const int j = i / K, k = i % K;
-      const int64_t n = p.geo.interleaved ? (tg.p0 + j) / S : tg.n;
+      const int64_t n = kInter ? (tg.p0 + j) / S : tg.n;
       const int64_t grp = p.groups[n];
       // the host does not read the ids (no sync): bad ones stop here, as in PyTorch's
       // index kernels
       CUDA_KERNEL_ASSERT(grp >= 0 && grp < K && "group ids must be in [0, K)");
-      ts[tau_index(p.geo.interleaved, j, k, K, len)] = grp == k ? acc_t(1) : acc_t(0);
+      ts[tau_index(kInter, j, k, K, len)] = grp == k ? acc_t(1) : acc_t(0);
     }
-  } else if (p.geo.interleaved) {
+  } else if constexpr (kInter) {
     // a warp per position, lanes over channels
     for (int j = warp; j < tg.P; j += kWarps) {
       const scalar_t* xr = x + (tg.p0 + j) * C;
       for (int k0 = 0; k0 < K; k0 += KB) {
         acc_t acc[KB];
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-        for (int64_t c = lane; c < C; c += 32) {
-          const acc_t v = static_cast<acc_t>(xr[c]);
-#pragma unroll
-          for (int kk = 0; kk < KB; ++kk) {
-            if (k0 + kk < K) {
-              const int64_t o = (k0 + kk) * C + c;
-              acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
-            }
-          }
-        }
+        mahalanobis_sums<scalar_t, acc_t, KB>(p, xr, 1, lane, C, 32, k0, acc);
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
           const acc_t total = warp_sum(acc[kk]);
@@ -113,41 +148,41 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
       if (lane == 0) math::softmax_in_place(ts + j * K, K, 1, DevExp{});
     }
   } else {
-    // a thread per position, channels in sequence (coalesced across the warp), blocked
-    for (int j = threadIdx.x; j < tg.P; j += kThreads) {
+    // position lanes times channel groups: each thread sums a chunk of the channels of
+    // its positions, the groups' sums are added in group order
+    const PositionLanes pl = position_lanes(tg.P, C);
+    for (int j0 = 0; j0 < tg.P; j0 += pl.L) {
+      const int j = j0 + pl.j;
       const scalar_t* xc = x + tg.n * C * S + tg.s0 + j;
       for (int k0 = 0; k0 < K; k0 += KB) {
-        acc_t tot[KB];
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
-        for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-          const int64_t c1 = c0 + kChannelBlock < C ? c0 + kChannelBlock : C;
-          acc_t acc[KB];
+        acc_t acc[KB];
+        if (j < tg.P) {
+          mahalanobis_sums<scalar_t, acc_t, KB>(p, xc, S, pl.c0, pl.c1, 1, k0, acc);
+        } else {
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-          for (int64_t c = c0; c < c1; ++c) {
-            const acc_t v = static_cast<acc_t>(xc[c * S]);
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk) {
-              if (k0 + kk < K) {
-                const int64_t o = (k0 + kk) * C + c;
-                acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
-              }
-            }
-          }
-#pragma unroll
-          for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
         }
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk)
-          if (k0 + kk < K) ts[(k0 + kk) * len + j] = p.b[k0 + kk] - tot[kk];
+        for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = acc[kk];
+        __syncthreads();
+        if (pl.q == 0 && j < tg.P) {
+#pragma unroll
+          for (int kk = 0; kk < KB; ++kk) {
+            if (k0 + kk < K) {
+              acc_t total = 0;
+              for (int q = 0; q < pl.G; ++q) total += red[kk * kThreads + q * pl.L + pl.j];
+              ts[(k0 + kk) * len + j] = p.b[k0 + kk] - total;
+            }
+          }
+        }
+        __syncthreads();
       }
-      math::softmax_in_place(ts + j, K, len, DevExp{});
+      if (pl.q == 0 && j < tg.P) math::softmax_in_place(ts + j, K, len, DevExp{});
     }
   }
   __syncthreads();
   // to tau, coalesced
-  if (p.geo.interleaved) {
+  if constexpr (kInter) {
     acc_t* out = p.tau + tg.p0 * K;
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) out[i] = ts[i];
   } else {
@@ -164,9 +199,12 @@ __device__ __forceinline__ acc_t tile_tau(const acc_t* ts, bool one, bool interl
   return one ? acc_t(1) : ts[tau_index(interleaved, j, k, K, len)];
 }
 
-// Count, mean and M2 of the tile per (k, c), by two passes over the tile (the second
-// from L2), so that no E[x^2] - E[x]^2 cancellation arises.
-template <typename scalar_t, typename acc_t, int KB>
+// ---------------------------------------------------------------------------------------
+// M-step partials of a tile: count, mean and M2 per (k, c), by two passes over the tile
+// (the second from the cache), so that no E[x^2] - E[x]^2 cancellation arises.
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int KB, bool kInter>
 __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, const acc_t* ts,
                              acc_t* cnt, acc_t* red, int64_t t) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -174,20 +212,25 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
   const int64_t C = p.geo.C, S = p.geo.S;
   const bool one = p.resp == Resp::kOne;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  // counts, in a fixed order
+  // counts, in a fixed order, blocked over the positions
   for (int k = threadIdx.x; k < K; k += kThreads) {
     acc_t n = 0;
     if (one) {
       n = static_cast<acc_t>(tg.P);
     } else {
-      for (int j = 0; j < tg.P; ++j) n += ts[tau_index(p.geo.interleaved, j, k, K, len)];
+      for (int j0 = 0; j0 < tg.P; j0 += 64) {
+        acc_t s = 0;
+        for (int j = j0; j < tg.P && j < j0 + 64; ++j)
+          s += ts[tau_index(kInter, j, k, K, len)];
+        n += s;
+      }
     }
     p.part_n[t * K + k] = n;
     cnt[k] = n;
   }
   __syncthreads();
 
-  if (p.geo.interleaved) {
+  if constexpr (kInter) {
     const ChannelGroups cg = channel_groups(C);
     const int G = cg.G, g = cg.g;
     for (int64_t c0 = 0; c0 < C; c0 += cg.cc) {
@@ -206,12 +249,12 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
           }
         }
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk) red[threadIdx.x * KB + kk] = s1[kk];
+        for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = s1[kk];
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
-          mt[kk] = k0 + kk < K ? math::weighted_mean(sum_groups(red, cg, KB, kk), cnt[k0 + kk])
-                               : acc_t(0);
+          mt[kk] = k0 + kk < K && active ? math::weighted_mean(sum_groups(red, cg, kk), cnt[k0 + kk])
+                                         : acc_t(0);
           s1[kk] = acc_t(0);
         }
         __syncthreads();
@@ -228,7 +271,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
           }
         }
 #pragma unroll
-        for (int kk = 0; kk < KB; ++kk) red[threadIdx.x * KB + kk] = s1[kk];
+        for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = s1[kk];
         __syncthreads();
         if (g == 0 && c < C) {
 #pragma unroll
@@ -236,7 +279,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
             if (k0 + kk < K) {
               const int64_t o = (t * K + k0 + kk) * C + c;
               p.part_mean[o] = mt[kk];
-              p.part_m2[o] = sum_groups(red, cg, KB, kk);
+              p.part_m2[o] = sum_groups(red, cg, kk);
             }
           }
         }
@@ -288,109 +331,207 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
   }
 }
 
-// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB).
-template <typename scalar_t, typename acc_t, int KB, bool kMoments>
-__global__ void __launch_bounds__(kThreads) collect_mixture_stats_kernel(StatsParams<acc_t> p) {
+// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB). A block per tile.
+template <typename scalar_t, typename acc_t, int KB, bool kInter>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
+    collect_mixture_stats_kernel(StatsParams<acc_t> p) {
   CBN_DYNAMIC_SMEM(acc_t, ts);
   acc_t* cnt = ts + p.geo.len * p.geo.K;
   acc_t* red = cnt + p.geo.K;
-  const int64_t t = blockIdx.x;
-  const TileGeo tg = tile_geo(p.geo.interleaved, t, p.geo.len, p.geo.chunks, p.geo.N * p.geo.S, p.geo.S);
-  if (p.resp != Resp::kOne) tile_responsibilities<scalar_t, acc_t, KB>(p, tg, ts);
-  if constexpr (kMoments) tile_moments<scalar_t, acc_t, KB>(p, tg, ts, cnt, red, t);
+  for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
+    const TileGeo tg = tile_geo(p.geo, t);
+    if (p.resp != Resp::kOne)
+      tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);
+    tile_moments<scalar_t, acc_t, KB, kInter>(p, tg, ts, cnt, red, t);
+    __syncthreads();  // ts, cnt and red are reused by the next tile
+  }
 }
 
 // ---------------------------------------------------------------------------------------
-// Merge of the tile partials (Chan, in tile order) into the batch statistics, with
-// (replace_inactive) the mixture's for inactive components, and (alpha not null) the
-// affine coefficients.
-// Block (32 channels, 8 groups of tiles); grid (channel blocks, K).
+// Normalization: y = sum_k tau_k (alpha_kc x + delta_kc), V values at a time.
+// ---------------------------------------------------------------------------------------
+
+// The V values of x from element e (V consecutive elements of one row: channels of one
+// position, interleaved, or positions of one (sample, channel) row, planar); tau(k, v):
+// the responsibility of component k at the v-th of them.
+template <typename scalar_t, typename acc_t, int V, typename Tau>
+__device__ __forceinline__ void normalize_vector(const scalar_t* x, scalar_t* y, int64_t e,
+                                                 int64_t c, bool per_channel_row,
+                                                 const acc_t* alpha, const acc_t* delta,
+                                                 int64_t C, int K, Tau tau) {
+  const Pack<scalar_t, V> xv = load_pack<V>(x + e);
+  acc_t out[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) out[v] = acc_t(0);
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = k * C + c + (per_channel_row ? 0 : v);
+      out[v] += tau(k, v) * math::normalize_term(static_cast<acc_t>(xv.v[v]), alpha[o], delta[o]);
+    }
+  }
+  Pack<scalar_t, V> yv;
+#pragma unroll
+  for (int v = 0; v < V; ++v) yv.v[v] = static_cast<scalar_t>(out[v]);
+  store_pack<V>(y + e, yv);
+}
+
+// The whole tensor, element-wise (grid-stride: every thread busy whatever the row length).
+// tau: null for K = 1.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads) normalize_mixture_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ tau,
+    const acc_t* __restrict__ alpha, const acc_t* __restrict__ delta, int64_t C, int64_t S,
+    int64_t K, int64_t total, bool interleaved) {
+  const int k_count = static_cast<int>(K);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i * V < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t e = i * V;
+    if (interleaved) {
+      const int64_t pos = e / C, c = e % C;
+      normalize_vector<scalar_t, acc_t, V>(x, y, e, c, false, alpha, delta, C, k_count,
+                                           [&](int k, int) {
+                                             return tau ? tau[pos * K + k] : acc_t(1);
+                                           });
+    } else {
+      const int64_t s = e % S, row = e / S, c = row % C, n = row / C;
+      normalize_vector<scalar_t, acc_t, V>(x, y, e, c, true, alpha, delta, C, k_count,
+                                           [&](int k, int v) {
+                                             return tau ? tau[(n * K + k) * S + s + v] : acc_t(1);
+                                           });
+    }
+  }
+}
+
+// Evaluation: per tile, the responsibilities, then the tile's normalization while it is in
+// cache (V values at a time along its rows). Dynamic shared memory as the stats kernel's.
+template <typename scalar_t, typename acc_t, int KB, int V, bool kInter>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
+    estep_normalize_kernel(StatsParams<acc_t> p) {
+  CBN_DYNAMIC_SMEM(acc_t, ts);
+  acc_t* red = ts + p.geo.len * p.geo.K + p.geo.K;
+  const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
+  const int64_t C = p.geo.C, S = p.geo.S;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* y = static_cast<scalar_t*>(p.y);
+  for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
+    const TileGeo tg = tile_geo(p.geo, t);
+    tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);  // ends with a barrier
+    if constexpr (kInter) {
+      const int64_t base = tg.p0 * C;
+      for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
+        const int64_t e = i * V;
+        const int j = static_cast<int>(e / C);
+        normalize_vector<scalar_t, acc_t, V>(x, y, base + e, e % C, false, p.alpha, p.delta, C,
+                                             K, [&](int k, int) { return ts[j * K + k]; });
+      }
+    } else {
+      const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
+      for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
+        const int64_t c = i / per_row;
+        const int j = static_cast<int>(i % per_row) * V;
+        normalize_vector<scalar_t, acc_t, V>(
+            x, y, (tg.n * C + c) * S + tg.s0 + j, c, true, p.alpha, p.delta, C, K,
+            [&](int k, int v) { return ts[k * len + j + v]; });
+      }
+    }
+    __syncthreads();  // ts is reused by the next tile
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Merge of the tile partials (Chan's formula) into the batch statistics: a block merges
+// the tiles of one of G chunks for kReduceCols (k, c) entries, kReduceRows rows walking
+// the tiles and then combined pairwise; finish_moments_kernel merges the G results in
+// order, replaces inactive components' statistics by the mixture's (replace_inactive), and
+// forms the affine coefficients (alpha not null).
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
-__global__ void __launch_bounds__(256) merge_moments_kernel(
+__global__ void __launch_bounds__(kReduceCols * kReduceRows) merge_tile_moments_kernel(
     const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
-    int64_t tiles, int64_t K, int64_t C, const acc_t* __restrict__ mix_mean,
+    int64_t tiles, int64_t K, int64_t C, acc_t* __restrict__ gn, acc_t* __restrict__ gmean,
+    acc_t* __restrict__ gm2) {
+  CBN_STATIC_SMEM(math::WeightedMoments<acc_t>[kReduceRows][kReduceCols], sm);
+  const int64_t KC = K * C, G = gridDim.y, g = blockIdx.y;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
+  const int row = threadIdx.y;
+  math::WeightedMoments<acc_t> acc{0, 0, 0};
+  if (e < KC) {
+    const int64_t k = e / C;
+    const int64_t t0 = tiles * g / G, t1 = tiles * (g + 1) / G;
+    for (int64_t t = t0 + row; t < t1; t += kReduceRows) {
+      const math::WeightedMoments<acc_t> part{pn[t * K + k], pmean[t * KC + e], pm2[t * KC + e]};
+      math::chan_merge(acc, part);
+    }
+  }
+  sm[row][threadIdx.x] = acc;
+  for (int half = kReduceRows / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (row < half) math::chan_merge(sm[row][threadIdx.x], sm[row + half][threadIdx.x]);
+  }
+  if (row == 0 && e < KC) {
+    gn[g * KC + e] = sm[0][threadIdx.x].n;
+    gmean[g * KC + e] = sm[0][threadIdx.x].mean;
+    gm2[g * KC + e] = sm[0][threadIdx.x].m2;
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) finish_moments_kernel(
+    const acc_t* __restrict__ gn, const acc_t* __restrict__ gmean, const acc_t* __restrict__ gm2,
+    int64_t G, int64_t K, int64_t C, const acc_t* __restrict__ mix_mean,
     const acc_t* __restrict__ mix_var, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ bias, acc_t eps, acc_t* __restrict__ mean, acc_t* __restrict__ var,
     acc_t* __restrict__ count, acc_t* __restrict__ alpha, acc_t* __restrict__ delta,
     bool replace_inactive) {
-  CBN_STATIC_SMEM(math::WeightedMoments<acc_t>[8][32], sm);
-  const int64_t k = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  const int g = threadIdx.y;
-  math::WeightedMoments<acc_t> acc{0, 0, 0};
-  if (c < C) {
-    for (int64_t t = g; t < tiles; t += 8) {
-      const int64_t o = (t * K + k) * C + c;
-      const math::WeightedMoments<acc_t> part{pn[t * K + k], pmean[o], pm2[o]};
-      math::chan_merge(acc, part);
+  const int64_t KC = K * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < KC;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    math::WeightedMoments<acc_t> r{0, 0, 0};
+    for (int64_t g = 0; g < G; ++g) {
+      const math::WeightedMoments<acc_t> part{gn[g * KC + i], gmean[g * KC + i], gm2[g * KC + i]};
+      math::chan_merge(r, part);
     }
+    const bool keep = !replace_inactive || math::is_active(r.n);
+    const acc_t m = keep ? r.mean : mix_mean[i];
+    const acc_t v = keep ? math::weighted_mean(r.m2, r.n) : mix_var[i];
+    mean[i] = m;
+    var[i] = v;
+    if (alpha != nullptr)
+      math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), m, v, eps,
+                         alpha[i], delta[i]);
+    if (i % C == 0) count[i / C] = r.n;
   }
-  sm[g][threadIdx.x] = acc;
-  __syncthreads();
-  if (g != 0 || c >= C) return;
-  math::WeightedMoments<acc_t> r = sm[0][threadIdx.x];
-  for (int gg = 1; gg < 8; ++gg) math::chan_merge(r, sm[gg][threadIdx.x]);
-  const int64_t i = k * C + c;
-  const bool keep = !replace_inactive || math::is_active(r.n);
-  const acc_t m = keep ? r.mean : mix_mean[i];
-  const acc_t v = keep ? (r.n > acc_t(0) ? r.m2 / r.n : acc_t(0)) : mix_var[i];
-  mean[i] = m;
-  var[i] = v;
-  if (alpha != nullptr)
-    math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), m, v, eps,
-                       alpha[i], delta[i]);
-  if (c == 0) count[k] = r.n;
+}
+
+// Group ids in [0, K) where no kernel reads them (K = 1 with groups): a device-side assert,
+// as the responsibility kernels do.
+__global__ void __launch_bounds__(kThreads) check_group_ids_kernel(const int64_t* __restrict__ groups,
+                                                                   int64_t n, int64_t K) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t grp = groups[i];
+    CUDA_KERNEL_ASSERT(grp >= 0 && grp < K && "group ids must be in [0, K)");
+  }
+}
+
+void check_group_ids(const Tensor& groups, Resp resp, int64_t K) {
+  if (resp != Resp::kOne || !groups.defined() || groups.numel() == 0) return;
+  CBN_LAUNCH_KERNEL(check_group_ids_kernel, grid_for(groups.numel()), kThreads, 0,
+                    groups.data_ptr<int64_t>(), groups.numel(), K);
 }
 
 // alpha, delta from given statistics (evaluation).
 template <typename acc_t>
-__global__ void affine_coefs_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                    const acc_t* __restrict__ weight,
-                                    const acc_t* __restrict__ bias, acc_t eps, int64_t n,
-                                    acc_t* __restrict__ alpha, acc_t* __restrict__ delta) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), mean[i], var[i],
-                     eps, alpha[i], delta[i]);
-}
-
-// ---------------------------------------------------------------------------------------
-// Normalization: y = sum_k tau_k (alpha_kc x + delta_kc), row by row (Rows).
-// ---------------------------------------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) normalize_mixture_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ tau,
-    const acc_t* __restrict__ alpha, const acc_t* __restrict__ delta, int64_t C, int64_t S,
-    int64_t K, bool interleaved, Rows rows) {
-  const int tx = threadIdx.x % rows.width, ty = threadIdx.x / rows.width;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows.per_block + ty; r < rows.count;
-       r += static_cast<int64_t>(gridDim.x) * rows.per_block) {
-    const scalar_t* xr = x + r * rows.length;
-    scalar_t* yr = y + r * rows.length;
-    if (interleaved) {
-      const acc_t* tr = tau + r * K;
-      for (int64_t c = tx; c < C; c += rows.width) {
-        const acc_t v = static_cast<acc_t>(xr[c]);
-        acc_t out = 0;
-        for (int64_t k = 0; k < K; ++k)
-          out += (tau ? tr[k] : acc_t(1)) * math::normalize_term(v, alpha[k * C + c], delta[k * C + c]);
-        yr[c] = static_cast<scalar_t>(out);
-      }
-    } else {
-      const int64_t n = r / C, c = r % C;
-      const acc_t* tr = tau ? tau + n * K * S : nullptr;
-      for (int64_t s = tx; s < S; s += rows.width) {
-        const acc_t v = static_cast<acc_t>(xr[s]);
-        acc_t out = 0;
-        for (int64_t k = 0; k < K; ++k)
-          out += (tr ? tr[k * S + s] : acc_t(1)) *
-                 math::normalize_term(v, alpha[k * C + c], delta[k * C + c]);
-        yr[s] = static_cast<scalar_t>(out);
-      }
-    }
+__global__ void __launch_bounds__(kThreads) affine_coefs_kernel(
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, acc_t eps, int64_t n,
+    acc_t* __restrict__ alpha, acc_t* __restrict__ delta) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), mean[i],
+                       var[i], eps, alpha[i], delta[i]);
   }
 }
 
@@ -457,8 +598,9 @@ EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tens
   const Tensor var = mix_var.contiguous(), prior = mix_prior.contiguous();
   EstepCoefs out;
   out.mu = mix_mean.contiguous();
-  out.half_a = at::empty_like(var);
-  out.b = at::empty({K}, var.options());
+  const Tensor buf = at::empty({K * C + K}, var.options());  // 1/2 a | b
+  out.half_a = buf.narrow(0, 0, K * C);
+  out.b = buf.narrow(0, K * C, K);
   if (copy) {
     out.mean_copy = at::empty_like(var);
     out.var_copy = at::empty_like(var);
@@ -472,26 +614,56 @@ EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tens
   return out;
 }
 
-template <typename scalar_t, typename acc_t, bool kMoments>
-void launch_stats(const StatsParams<acc_t>& p, const Tiles& tiles) {
+template <typename acc_t>
+size_t tile_smem(const TileParams& g, int KB) {
+  return sizeof(acc_t) * (g.len * g.K + g.K + kThreads * KB);
+}
+
+// f(integral_constant<bool, interleaved>)
+template <typename F>
+void dispatch_layout(bool interleaved, F&& f) {
+  if (interleaved)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_stats(const StatsParams<acc_t>& p) {
   dispatch_kb(p.geo.K, [&](auto kb) {
-    constexpr int KB = decltype(kb)::value;
-    const size_t smem = sizeof(acc_t) * (p.geo.len * p.geo.K + p.geo.K + kThreads * KB);
-    allow_smem(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>, smem);
-    CBN_LAUNCH_KERNEL(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kMoments>,
-                      grid_1d(tiles.num), kThreads, smem, p);
+    dispatch_layout(p.geo.interleaved, [&](auto inter) {
+      constexpr int KB = decltype(kb)::value;
+      constexpr bool kInter = decltype(inter)::value;
+      const size_t smem = tile_smem<acc_t>(p.geo, KB);
+      allow_smem(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kInter>, smem);
+      CBN_LAUNCH_KERNEL(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kInter>,
+                        grid_1d(p.geo.num), kThreads, smem, p);
+    });
   });
+}
+
+// The widest vector (16 bytes, else 1 value) for rows of `row` elements of x and y.
+template <typename scalar_t>
+bool vectorizable(const void* x, const void* y, int64_t row) {
+  return row % kVec<scalar_t> == 0 && aligned16(x) && aligned16(y);
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_normalize(const Tensor& x, Tensor& y, const Tensor& tau, const Tensor& alpha,
                       const Tensor& delta, const Shape& s, int64_t K) {
-  const Rows rows = plan_rows(s);
-  CBN_LAUNCH_KERNEL(normalize_mixture_kernel<scalar_t, acc_t>, grid_1d(rows_grid(rows)), kThreads,
-                    0, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                    tau.defined() && tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr,
-                    alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), s.C, s.S, K,
-                    s.interleaved, rows);
+  const int64_t total = s.M() * s.C;
+  const acc_t* tp = tau.defined() && tau.numel() > 0 ? tau.data_ptr<acc_t>() : nullptr;
+  const auto run = [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    CBN_LAUNCH_KERNEL(normalize_mixture_kernel<scalar_t, acc_t, V>, grid_for(total / V),
+                      kThreads, 0, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), tp,
+                      alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), s.C, s.S, K, total,
+                      s.interleaved);
+  };
+  if (vectorizable<scalar_t>(x.data_ptr(), y.data_ptr(), s.interleaved ? s.C : s.S))
+    run(std::integral_constant<int, kVec<scalar_t>>{});
+  else
+    run(std::integral_constant<int, 1>{});
 }
 
 }  // namespace
@@ -502,7 +674,7 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   const auto aopt = x.options().dtype(st.acc);
-  const int64_t C = shape.C;
+  const int64_t C = shape.C, KC = K * C;
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
   const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   BatchStats out;
@@ -515,43 +687,51 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
   out.var = at::empty({K, C}, aopt);
   out.count = at::empty({K}, aopt);
   const Tiles tiles = plan_tiles(shape, K, st.acc == at::kDouble ? 8 : 4);
-  Tensor part_n = at::empty({tiles.num, K}, aopt);
-  Tensor part_mean = at::empty({tiles.num, K, C}, aopt);
-  Tensor part_m2 = at::empty({tiles.num, K, C}, aopt);
+  const int64_t G = std::max<int64_t>(1, reduce_groups(tiles.num, KC));
+  // tile partials (n | mean | M2), then the G chunks' merged results (n | mean | M2)
+  const Tensor parts = at::empty({tiles.num * (K + 2 * KC) + 3 * G * KC}, aopt);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+  check_group_ids(grp, st.resp, K);
   const Tensor mix_mean = st.mix_mean.contiguous(), mix_var = st.mix_var.contiguous();
   CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_batch_stats_cuda", [&] {
     EstepCoefs ec;
     if (st.resp == Resp::kSoft)
-      ec = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps, /*copy=*/!st.mix_owned);
+      ec = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps, /*copy=*/!st.all_owned());
     mix_outputs(st, out, ec.mean_copy, ec.var_copy, ec.prior_copy);
-    const Tensor& mu = ec.mu;
-    const Tensor& ha = ec.half_a;
-    const Tensor& b = ec.b;
+    acc_t* pn = parts.data_ptr<acc_t>();
+    acc_t* pmean = pn + tiles.num * K;
+    acc_t* pm2 = pmean + tiles.num * KC;
+    acc_t* gn = pm2 + tiles.num * KC;
+    acc_t* gmean = gn + G * KC;
+    acc_t* gm2 = gmean + G * KC;
     if (tiles.num > 0) {
       StatsParams<acc_t> p{};
       p.x = x.data_ptr();
       p.tau = out.tau.numel() > 0 ? out.tau.data_ptr<acc_t>() : nullptr;
       p.groups = ptr_or_null<int64_t>(grp);
-      p.mu = ptr_or_null<acc_t>(mu);
-      p.half_a = ptr_or_null<acc_t>(ha);
-      p.b = ptr_or_null<acc_t>(b);
-      p.part_n = part_n.data_ptr<acc_t>();
-      p.part_mean = part_mean.data_ptr<acc_t>();
-      p.part_m2 = part_m2.data_ptr<acc_t>();
+      p.mu = ptr_or_null<acc_t>(ec.mu);
+      p.half_a = ptr_or_null<acc_t>(ec.half_a);
+      p.b = ptr_or_null<acc_t>(ec.b);
+      p.part_n = pn;
+      p.part_mean = pmean;
+      p.part_m2 = pm2;
       p.geo = tile_params(shape, K, tiles);
       p.resp = st.resp;
-      launch_stats<scalar_t, acc_t, true>(p, tiles);
+      launch_stats<scalar_t, acc_t>(p);
+      CBN_LAUNCH_KERNEL(merge_tile_moments_kernel<acc_t>,
+                        dim3(static_cast<unsigned>((KC + kReduceCols - 1) / kReduceCols),
+                             static_cast<unsigned>(G)),
+                        dim3(kReduceCols, kReduceRows), 0, pn, pmean, pm2, tiles.num, K, C, gn,
+                        gmean, gm2);
+    } else {  // no positions: empty components
+      parts.zero_();
     }
-    const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(K));
-    CBN_LAUNCH_KERNEL(merge_moments_kernel<acc_t>, grid, dim3(32, 8), 0,
-                      part_n.data_ptr<acc_t>(), part_mean.data_ptr<acc_t>(),
-                      part_m2.data_ptr<acc_t>(), tiles.num, K, C, mix_mean.data_ptr<acc_t>(),
-                      mix_var.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
-                      static_cast<acc_t>(eps), out.mean.data_ptr<acc_t>(),
-                      out.var.data_ptr<acc_t>(), out.count.data_ptr<acc_t>(),
-                      mut_ptr_or_null<acc_t>(out.alpha), mut_ptr_or_null<acc_t>(out.delta),
-                      replace_inactive);
+    CBN_LAUNCH_KERNEL(finish_moments_kernel<acc_t>, grid_for(KC), kThreads, 0, gn, gmean, gm2,
+                      G, K, C, mix_mean.data_ptr<acc_t>(), mix_var.data_ptr<acc_t>(),
+                      ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps),
+                      out.mean.data_ptr<acc_t>(), out.var.data_ptr<acc_t>(),
+                      out.count.data_ptr<acc_t>(), mut_ptr_or_null<acc_t>(out.alpha),
+                      mut_ptr_or_null<acc_t>(out.delta), replace_inactive);
   });
   return out;
 }
@@ -573,13 +753,14 @@ Tensor CudaBackend::normalize(const ApplySetup& st, const OptTensor&, const OptT
     if (!alpha.defined()) {
       const auto aopt = x.options().dtype(st.acc);
       const Tensor m = mean.contiguous(), v = var.contiguous();
-      alpha = at::empty({K, C}, aopt);
-      delta = at::empty({K, C}, aopt);
+      const Tensor buf = at::empty({2 * K * C}, aopt);
+      alpha = buf.narrow(0, 0, K * C);
+      delta = buf.narrow(0, K * C, K * C);
       const int64_t n = K * C;
-      CBN_LAUNCH_KERNEL(affine_coefs_kernel<acc_t>, grid_1d((n + kThreads - 1) / kThreads),
-                        kThreads, 0, m.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
-                        ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb), static_cast<acc_t>(eps), n,
-                        alpha.data_ptr<acc_t>(), delta.data_ptr<acc_t>());
+      CBN_LAUNCH_KERNEL(affine_coefs_kernel<acc_t>, grid_for(n), kThreads, 0, m.data_ptr<acc_t>(),
+                        v.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
+                        static_cast<acc_t>(eps), n, alpha.data_ptr<acc_t>(),
+                        delta.data_ptr<acc_t>());
     }
     launch_normalize<scalar_t, acc_t>(x, out, st.resp == Resp::kOne ? Tensor() : tau, alpha,
                                       delta, st.shape, K);
@@ -587,7 +768,7 @@ Tensor CudaBackend::normalize(const ApplySetup& st, const OptTensor&, const OptT
   return out;
 }
 
-// The responsibilities (written to tau), then the normalization with running statistics.
+// Evaluation: the responsibilities and the normalization in one pass over each tile.
 std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const OptTensor& weight,
                                                      const OptTensor& bias,
                                                      const Tensor& running_mean,
@@ -598,31 +779,65 @@ std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const 
   const Tensor& x = st.x;
   const Shape& shape = st.shape;
   Tensor tau = empty_tau(x, shape, K, st.acc);
-  if (shape.M() == 0) return {empty_like_input(x), tau};
+  Tensor y = empty_like_input(x);
+  if (shape.M() == 0) return {y, tau};
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
+  check_group_ids(grp, st.resp, K);
   const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
-  if (st.resp != Resp::kOne) {
-    CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_eval_cuda", [&] {
-      EstepCoefs ec;
-      if (st.resp == Resp::kSoft) ec = estep_coefs<acc_t>(rm, rv, *running_prior, eps, false);
-      const Tensor& mu = ec.mu;
-      const Tensor& ha = ec.half_a;
-      const Tensor& b = ec.b;
-      const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
-      StatsParams<acc_t> p{};
-      p.x = x.data_ptr();
-      p.tau = tau.data_ptr<acc_t>();
-      p.groups = ptr_or_null<int64_t>(grp);
-      p.mu = ptr_or_null<acc_t>(mu);
-      p.half_a = ptr_or_null<acc_t>(ha);
-      p.b = ptr_or_null<acc_t>(b);
-      p.geo = tile_params(shape, K, tiles);
-      p.resp = st.resp;
-      launch_stats<scalar_t, acc_t, false>(p, tiles);
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
+  const auto aopt = x.options().dtype(st.acc);
+  CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_forward_eval_cuda", [&] {
+    const int64_t n = K * shape.C;
+    const Tensor coefs = at::empty({2 * n}, aopt);  // alpha | delta
+    acc_t* alpha = coefs.data_ptr<acc_t>();
+    CBN_LAUNCH_KERNEL(affine_coefs_kernel<acc_t>, grid_for(n), kThreads, 0, rm.data_ptr<acc_t>(),
+                      rv.data_ptr<acc_t>(), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(bb),
+                      static_cast<acc_t>(eps), n, alpha, alpha + n);
+    if (st.resp == Resp::kOne) {  // element-wise
+      launch_normalize<scalar_t, acc_t>(x, y, Tensor(), coefs.narrow(0, 0, n),
+                                        coefs.narrow(0, n, n), shape, K);
+      return;
+    }
+    EstepCoefs ec;
+    if (st.resp == Resp::kSoft) ec = estep_coefs<acc_t>(rm, rv, *running_prior, eps, false);
+    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+    StatsParams<acc_t> p{};
+    p.x = x.data_ptr();
+    p.tau = tau.data_ptr<acc_t>();
+    p.groups = ptr_or_null<int64_t>(grp);
+    p.mu = ptr_or_null<acc_t>(ec.mu);
+    p.half_a = ptr_or_null<acc_t>(ec.half_a);
+    p.b = ptr_or_null<acc_t>(ec.b);
+    p.y = y.data_ptr();
+    p.alpha = alpha;
+    p.delta = alpha + n;
+    p.geo = tile_params(shape, K, tiles);
+    p.resp = st.resp;
+    // vectors along the tile's rows: channels (interleaved), or positions, whose tiles all
+    // hold a multiple of V when S is one (planar)
+    const bool vec = vectorizable<scalar_t>(x.data_ptr(), y.data_ptr(),
+                                            shape.interleaved ? shape.C : shape.S) &&
+                     (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
+    dispatch_kb(K, [&](auto kb) {
+      dispatch_layout(shape.interleaved, [&](auto inter) {
+        constexpr int KB = decltype(kb)::value;
+        constexpr bool kInter = decltype(inter)::value;
+        const size_t smem = tile_smem<acc_t>(p.geo, KB);
+        const auto run = [&](auto v) {
+          constexpr int V = decltype(v)::value;
+          allow_smem(estep_normalize_kernel<scalar_t, acc_t, KB, V, kInter>, smem);
+          CBN_LAUNCH_KERNEL(estep_normalize_kernel<scalar_t, acc_t, KB, V, kInter>,
+                            grid_1d(tiles.num), kThreads, smem, p);
+        };
+        if (vec)
+          run(std::integral_constant<int, kVec<scalar_t>>{});
+        else
+          run(std::integral_constant<int, 1>{});
+      });
     });
-  }
-  const ApplySetup ap{x, shape, st.resp, st.acc, K};
-  return {normalize(ap, groups, weight, bias, tau, rm, rv, eps, Tensor(), Tensor()), tau};
+  });
+  return {y, tau};
 }
 
 void CudaBackend::update_running_stats(Tensor& running_mean, Tensor& running_var,
