@@ -344,14 +344,18 @@ def group_failures(ids):
     return groups
 
 
+# A kernel's name after `__global__ void`, past a `__launch_bounds__(...)` whose arguments
+# may hold one level of parentheses: `__launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))`.
+KERNEL_RE = r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)"
+
+
 def cuda_kernel_names():
     """The __global__ functions of csrc/cuda."""
     names = []
     folder = os.path.join(ROOT, "csrc", "cuda")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith((".cu", ".cuh")):
-            names += re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)",
-                                read(os.path.join(folder, name)))
+            names += re.findall(KERNEL_RE, read(os.path.join(folder, name)))
     return names
 
 

@@ -16,27 +16,54 @@ outputs, each after a line `# config: NAME`. The long CSV layout (one row per me
 ncu's default page) is read as well, and values scaled by units (Kbyte, usecond) or
 grouped by thousands are undone.
 
-The design (csrc/cuda/forward.cu, backward.cu), in bytes of x (X), of the
-responsibilities tau (T = M K 4: float32 per position and component) and of the tiles'
-partial results (P, about tiles x K x C x 4 per array):
+The design (the host code of csrc/cuda/forward.cu and backward.cu, the tile plan of
+cuda_utils.cuh), in bytes of x (X), of the responsibilities tau (T = M K 4: float32 per
+position and component, 8 bytes for float64 inputs; none for K = 1), of the blocks' rows
+of partial results (R rows = partial_rows(tiles) = min(tiles, 4 SMs): one per block of
+the tile kernel, which walks tiles b, b + R, ... and accumulates into its row) and of
+(K, C)-sized arrays (a few KiB, counted too: ncu flushes the caches before each kernel).
+`design` below has the numbers: what the code is meant to move, not measurements.
 
-    collect_mixture_stats  reads x once from DRAM (the tile's second pass hits L2);
-                           writes tau and the tile partials (count, mean, M2)
-    merge_moments          reads the partials
+  training forward (forward_train, then update_running_stats)
+    estep_coefs            K > 1: reads the running mixture, writes 1/2 a, b and copies of
+                           the mixture (returned for the backward)
+    collect_mixture_stats  reads x once from DRAM (its tile's later sweeps from L2: tiles
+                           of at most kTileBytes = 48 KiB of x, but not under 16 or 32
+                           positions); writes tau and R partial rows (count R x K, mean
+                           and M2 R x K x C)
+    merge_tile_moments     reads the R rows; writes G chunks (G = reduce_groups(R, K C))
+    finish_moments         reads the chunks, weight, bias; writes mean, var, count, alpha,
+                           delta ((K, C))
     normalize_mixture      reads x and tau, writes y
-    collect_grad_stats     reads g, x and tau; writes the partials (Sg, Sgx)
-    sum_tiles              reads the partials
-    grad_input_*           reads g, x and tau, writes dx
-    estep_coefs, affine_coefs, grad_coefs, update_running_stats: (K, C)-sized, ~0
+    update_running_stats   (K, C)-sized
+  backward (backward_train)
+    collect_grad_stats     reads g, x and tau; writes R' rows of Sg, Sgx (its own plan:
+                           a single sweep, tiles not capped by kTileBytes)
+    reduce_tile_sums       reads the R' rows (both sums in one launch); writes G' chunks
+    finish_sums            only when G' > 1: reads the chunks, writes Sg, Sgx
+    grad_coefs             (K, C)-sized
+    grad_input_soft        K > 1: reads g, x (once: the dx sweep from L2; tiles of at most
+                           48 KiB of x and g) and tau, writes dx
+    grad_input_given       K = 1 or given groups (no config here): reads g, x (and tau),
+                           writes dx
+  evaluation forward (forward_eval)
+    affine_coefs           (K, C)-sized
+    estep_coefs            K > 1, without copies
+    estep_normalize        K > 1: reads x once (the normalization sweep from L2), writes y
+                           and tau
+    normalize_mixture      K = 1 instead of the two above: reads x, writes y
+  check_group_ids (K = 1 with group ids) is in no config (NOT_PROFILED).
 
-so a training step (forward + backward) reads x four times and g twice: about 6 X + 3 T
-read and 2 X + T written, against the 5 X that any implementation must move (read x and
-g, write y and dx, read x once more or keep it on chip).
+so a training step with K > 1 reads x four times and g twice: about 6 X + 3 T + the partial
+rows read and 2 X + T + the partial rows written, against the 5 X that any implementation
+must move (read x and g, write y and dx, read x once more or keep it on chip); evaluation
+reads X and writes X + T.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
@@ -219,67 +246,166 @@ def is_ours(kernel: str) -> bool:
     names csrc/cuda uses."""
     if "cbn_ext" in kernel:
         return True
-    return short_name(kernel) in DESIGN_NAMES or short_name(kernel).startswith("grad_input_")
+    return short_name(kernel) in DESIGN_NAMES or short_name(kernel) in NOT_PROFILED
 
 
 # ---------------------------------------------------------------------------------------
 # The design
 # ---------------------------------------------------------------------------------------
 
-def plan_tiles(shape, channels_last, K, sms, acc_size=4):
-    """Tiles of the statistics kernels (a mirror of plan_tiles in csrc/cuda/cuda_utils.cuh,
-    for the expected size of the partial results)."""
+# Mirrors of the tile plan of csrc/cuda/cuda_utils.cuh (plan_tiles, partial_rows,
+# reduce_groups), for the sizes of the partial results; sms: the device's multiprocessors.
+TILE_BYTES = 48 * 1024  # kTileBytes
+REDUCE_COLS = 32        # kReduceCols
+THREADS = 256           # kThreads
+
+
+# as the C++ struct Tiles
+Tiles = collections.namedtuple("Tiles", "num len chunks")
+
+
+def plan_tiles(shape, channels_last, K, sms, acc_size=4, elem_bytes=0, partials=False):
+    """Tiles(num, len, chunks) of plan_tiles(shape, K, acc_size, elem_bytes, partials) in
+    csrc/cuda/cuda_utils.cuh, line for line (C++ integer division: //, rounded up: -(-a // b)).
+    elem_bytes: the bytes per element that the kernel re-reads from cache (x.element_size()
+    for collect_mixture_stats and estep_normalize, 2 x that for grad_input_soft, 0 for
+    collect_grad_stats). partials: the kernel merges its tiles into rows of partials
+    (collect_mixture_stats, collect_grad_stats), so the cache cap stops at the length where
+    the row updates cost half of x. The layout is interleaved for channels_last inputs and
+    when S = 1."""
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:]) if len(shape) > 2 else 1
     M = N * S
+    interleaved = channels_last or S == 1
+    if M == 0:
+        return Tiles(0, 1, 1)
     target = 2 * sms
-    max_len = max(1, min(512, 32768 // (K * acc_size)))
-    if channels_last:
-        length = max(16, min(-(-M // target), 256))
+    max_len = max(1, min(512, 16384 // (K * acc_size)))
+    if max_len >= 32:
+        max_len = max_len // 32 * 32
+    row_bytes = C * elem_bytes
+    partial_floor = -(-(8 * K * acc_size) // elem_bytes) if partials and elem_bytes > 0 else 1
+    cache_len = max(1, TILE_BYTES // row_bytes, partial_floor) if row_bytes > 0 else M
+    if interleaved:
+        length = -(-M // target)
+        length = max(16, min(length, 256, cache_len))
         length = min(length, max_len)
-        return -(-M // length)
+        return Tiles(-(-M // length), length, 1)
     chunks = max(1, -(-target // N))
     length = -(-S // chunks)
     length = min(S, -(-length // 32) * 32)
+    length = min(length, max(32, cache_len // 32 * 32))
     length = max(1, min(length, max_len))
-    return N * (-(-S // length))
+    chunks = -(-S // length)
+    return Tiles(N * chunks, length, chunks)
+
+
+def partial_rows(tiles, sms):
+    """Blocks (and rows of partials) of a tile kernel that writes per-(k, c) partials."""
+    return min(tiles, 4 * sms)
+
+
+def reduce_groups(tiles, entries, sms):
+    """Chunks (blocks along y) of merge_tile_moments_kernel / reduce_tile_sums_kernel."""
+    cols = -(-entries // REDUCE_COLS)
+    g = max(1, min(32, (tiles + 63) // 64))
+    while g > 1 and cols * (g // 2) >= 4 * sms:
+        g //= 2
+    return g
+
+
+def design(name: str, sms: int):
+    """{kernel: (read, write, note)}, in launch order, of the cbn_ext kernels that one
+    profiled step of the config launches (CONFIGS: no group ids; K > 1 is the soft E-step,
+    K = 1 a single component), with the DRAM bytes each is meant to move: x (and g) read
+    once per kernel, the later sweeps of a tile from L2; tau in the accumulation type
+    (float32; float64 for float64 inputs); the partial rows and (K, C)-sized arrays as the
+    host code allocates them (ncu flushes the caches before each kernel, so these come
+    from DRAM too). Not measurements."""
+    shape, dtype, channels_last, K, phase = CONFIGS[name]
+    N, C = shape[0], shape[1]
+    M = N * (math.prod(shape[2:]) if len(shape) > 2 else 1)
+    es = ELEMENT_SIZE[dtype]
+    a = 8 if dtype == "float64" else 4  # the accumulation type (acc_t)
+    X = M * C * es
+    soft = K > 1
+    T = M * K * a if soft else 0  # tau: none for K = 1
+    KC = K * C
+    kc = KC * a  # one (K, C) array
+    ka = K * a   # one (K,) array
+    out = {}
+    if phase == "eval":
+        out["affine_coefs_kernel"] = (4 * kc, 2 * kc, "(K, C): running stats, weight, bias")
+        if not soft:
+            out["normalize_mixture_kernel"] = (X + 2 * kc, X, "K = 1: x; writes y")
+            return out
+        out["estep_coefs_kernel"] = (2 * kc + ka, kc + ka, "(K, C): the running mixture")
+        out["estep_normalize_kernel"] = (
+            X + 4 * kc + ka, X + T, "x once (normalization from L2); writes y, tau")
+        return out
+    # training: forward_train, update_running_stats
+    rows = partial_rows(plan_tiles(shape, channels_last, K, sms, a, es, True).num, sms)
+    G = reduce_groups(rows, KC, sms)
+    parts = rows * (K + 2 * KC) * a  # count | mean | M2
+    if soft:
+        # with copies of the mixture for the backward (the E-step reads the running
+        # buffers in place, as in a steady-state step)
+        out["estep_coefs_kernel"] = (2 * kc + ka, 3 * kc + 2 * ka, "(K, C): mixture; copies")
+    out["collect_mixture_stats_kernel"] = (
+        X + (2 * kc + ka if soft else 0), T + parts,
+        f"x once (later sweeps from L2); writes {'tau, ' if soft else ''}{rows} partial rows")
+    out["merge_tile_moments_kernel"] = (parts, 3 * G * kc, f"the partial rows, into {G} chunks")
+    out["finish_moments_kernel"] = (3 * G * kc + 2 * kc, 4 * kc + ka, "(K, C): the chunks")
+    out["normalize_mixture_kernel"] = (X + T + 2 * kc, X,
+                                       "x and tau; writes y" if soft else "x; writes y")
+    out["update_running_stats_kernel"] = (4 * kc + 2 * ka, 2 * kc + ka, "(K, C)")
+    # backward_train: grad_sums, grad_coefs, grad_input
+    rows_b = partial_rows(plan_tiles(shape, channels_last, K, sms, a, 0, True).num, sms)
+    G_b = reduce_groups(rows_b, KC, sms)
+    sums = 2 * rows_b * kc  # Sg | Sgx
+    out["collect_grad_stats_kernel"] = (
+        2 * X + T + kc, sums, f"g, x{', tau' if soft else ''}; writes {rows_b} partial rows")
+    out["reduce_tile_sums_kernel"] = (
+        sums, 2 * G_b * kc,
+        f"the partial rows, into {G_b} chunks" if G_b > 1 else "the partial rows: Sg, Sgx")
+    if G_b > 1:
+        out["finish_sums_kernel"] = (2 * G_b * kc, 2 * kc, "(K, C): the chunks")
+    ev = K * (-(-C // THREADS)) * a  # per-block parts of ev
+    shift = C * a  # the per-channel shift of dx
+    out["grad_coefs_kernel"] = ((8 if soft else 6) * kc + ka, 10 * kc + shift + ev, "(K, C)")
+    if soft:
+        out["grad_input_soft_kernel"] = (2 * X + T + 9 * kc + shift + ev, X,
+                                         "g, x once (dx sweep from L2), tau; writes dx")
+    else:
+        out["grad_input_given_kernel"] = (2 * X + 3 * kc + shift, X, "g, x; writes dx")
+    return out
 
 
 def design_bytes(kernel: str, name: str, sms: int):
     """(read, write, note) in bytes that the design expects of a kernel in a config, or
-    None for a kernel without a design entry."""
-    shape, dtype, channels_last, K, phase = CONFIGS[name]
-    N, C = shape[0], shape[1]
-    M = N * math.prod(shape[2:])
-    X = M * C * ELEMENT_SIZE[dtype]
-    T = M * K * 4 if K > 1 else 0
-    tiles = plan_tiles(shape, channels_last, K, sms)
-    P = tiles * K * C * 4
-    small = K * C * 4
-    base = short_name(kernel)
-    if base.startswith("collect_mixture_stats"):
-        if phase == "eval":
-            return X, T, "x once; writes tau"
-        return X, T + 2 * P + tiles * K * 4, "x once (2nd pass from L2); writes tau, partials"
-    if base.startswith("merge_moments"):
-        return 2 * P + tiles * K * 4, 4 * small, "the partials"
-    if base.startswith("normalize_mixture"):
-        return X + T, X, "x and tau; writes y"
-    if base.startswith("collect_grad_stats"):
-        return 2 * X + T, 2 * P, "g, x, tau; writes partials"
-    if base.startswith("sum_tiles"):
-        return P, small, "one partial array"
-    if base.startswith("grad_input"):
-        return 2 * X + T, X, "g, x, tau; writes dx"
-    if base.split("_kernel")[0] in ("estep_coefs", "affine_coefs", "grad_coefs",
-                                    "update_running_stats"):
-        return 0, 0, "(K, C)-sized"
-    return None
+    None for a kernel the config's step is not meant to launch."""
+    return design(name, sms).get(short_name(kernel))
 
 
-DESIGN_NAMES = {"collect_mixture_stats_kernel", "merge_moments_kernel", "normalize_mixture_kernel",
-                "estep_coefs_kernel", "affine_coefs_kernel", "update_running_stats_kernel",
-                "collect_grad_stats_kernel", "sum_tiles_kernel", "grad_coefs_kernel"}
+# Every kernel some path of the design launches (training, evaluation, K = 1 or not).
+DESIGN_NAMES = {
+    "estep_coefs_kernel", "collect_mixture_stats_kernel", "merge_tile_moments_kernel",
+    "finish_moments_kernel", "normalize_mixture_kernel", "update_running_stats_kernel",
+    "collect_grad_stats_kernel", "reduce_tile_sums_kernel", "finish_sums_kernel",
+    "grad_coefs_kernel", "grad_input_soft_kernel", "grad_input_given_kernel",
+    "affine_coefs_kernel", "estep_normalize_kernel"}
+
+# Kernels of csrc/cuda that no config of CONFIGS launches (no design numbers for them in
+# any profiled step); tests/test_gpu_check.py checks that every kernel of csrc/cuda is
+# either in a config's design or here.
+NOT_PROFILED = {
+    # only for K = 1 with group ids (split_by): the ids are checked on the device where no
+    # responsibility kernel reads them
+    "check_group_ids_kernel",
+    # the input gradient for given groups or K = 1; every config is K > 1 without groups
+    # (its design above is for a K = 1 config)
+    "grad_input_given_kernel",
+}
 
 
 def x_bytes(name: str) -> int:

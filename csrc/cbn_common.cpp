@@ -81,6 +81,26 @@ Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType 
   return at::empty(inner, opts).permute(perm);
 }
 
+void check_tau(const Tensor& tau, const Tensor& input, int64_t K, at::ScalarType acc) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes[1] = K;
+  TORCH_CHECK_VALUE(tau.sizes() == at::IntArrayRef(sizes), "tau has shape ", tau.sizes(),
+                    ", expected ", at::IntArrayRef(sizes), " (the input's, with C -> K)");
+  TORCH_CHECK_TYPE(tau.scalar_type() == acc, "tau has dtype ", dtype_name(tau.scalar_type()),
+                   ", expected ", dtype_name(acc), " (the input's accumulation type)");
+}
+
+Tensor canonical_tau(const Tensor& tau, const Tensor& x, const Shape& shape, int64_t K) {
+  if (K == 1) return tau;  // identically 1, never read
+  const bool inner = shape.interleaved && x.dim() > 2;
+  if (inner ? tau.movedim(1, -1).is_contiguous() : tau.is_contiguous()) return tau;
+  // another layout (tau.contiguous() of a channels-last forward's, say): the kernels index
+  // tau with the layout of x, so a copy in that layout
+  Tensor out = empty_tau(x, shape, K, tau.scalar_type());
+  out.copy_(tau);
+  return out;
+}
+
 void check_input(const Tensor& input, const char* op) {
   const auto t = input.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
@@ -310,10 +330,7 @@ BackwardSetup setup_backward(const Tensor& grad_out, const Tensor& input, const 
               "grad_out and tau must be on the input's device");
   st.resp = K == 1 ? Resp::kOne : (soft ? Resp::kSoft : Resp::kGiven);
   st.acc = acc_type_of(input.scalar_type());
-  // tau was allocated by the forward with the layout of the canonical input
-  TORCH_CHECK(st.resp == Resp::kOne ||
-                  (tau.scalar_type() == st.acc && tau.numel() == st.shape.M() * K),
-              "tau does not match the input");
+  if (st.resp != Resp::kOne) check_tau(tau, input, K, st.acc);
   st.grad = grad_like(grad_out, st.x);
   return st;
 }
@@ -334,10 +351,10 @@ ApplySetup setup_apply(const Tensor& input, const OptTensor& weight, const OptTe
   check_groups(groups, input, K);
   st.acc = acc_type_of(input.scalar_type());
   st.resp = K == 1 ? Resp::kOne : (defined(groups) ? Resp::kGiven : Resp::kSoft);
-  TORCH_CHECK(st.resp == Resp::kOne ||
-                  (tau.device() == input.device() && tau.scalar_type() == st.acc &&
-                   tau.numel() == st.shape.M() * K),
-              "tau does not match the input");
+  if (st.resp != Resp::kOne) {
+    TORCH_CHECK(tau.device() == input.device(), "tau must be on the input's device");
+    check_tau(tau, input, K, st.acc);
+  }
   return st;
 }
 

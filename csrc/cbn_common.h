@@ -37,6 +37,13 @@ Tensor empty_like_input(const Tensor& x);
 // tensor when K == 1, where tau is identically 1.
 Tensor empty_tau(const Tensor& x, const Shape& shape, int64_t K, at::ScalarType acc);
 
+// tau of shape (N, K, *S) (the input's with C -> K) in the accumulation dtype, or raises.
+void check_tau(const Tensor& tau, const Tensor& input, int64_t K, at::ScalarType acc);
+
+// tau (checked by check_tau) as the kernels index it, the layout empty_tau gives: itself,
+// or a copy when the caller's is another layout.
+Tensor canonical_tau(const Tensor& tau, const Tensor& x, const Shape& shape, int64_t K);
+
 at::ScalarType acc_type_of(at::ScalarType input);
 
 // t in the accumulation dtype: itself, or a converted copy (reduced-precision parameters
@@ -109,7 +116,8 @@ void mix_outputs(const TrainSetup& st, BatchStats& out, Tensor copy_mean, Tensor
 // component (the CPU backend: K values; the CUDA one: per-block parts, K x ev_cols).
 // dgamma and dbeta: the parameter gradients (K, C).
 struct GradCoefs {
-  enum Row : int { kAlpha, kBeta, kE1, kE2, kP, kQ, kA, kAmu, kRows };
+  // kShift: the per-channel shift s of dx (its first C values; cbn_math.h dx_shift)
+  enum Row : int { kAlpha, kBeta, kE1, kE2, kP, kQ, kA, kAmu, kShift, kRows };
   Tensor buf;
   int64_t kc = 0, ev_cols = 1;
   Tensor dgamma, dbeta;

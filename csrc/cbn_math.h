@@ -173,11 +173,12 @@ CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
 //   dtau[p,k] = sum_c [ g (alpha D + beta) + D (e1 + e2 D) ] - sum_c e2 v
 //   dl[p,k]   = tau_k (dtau_k - sum_j tau_j dtau_j)
 //   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
-// The kernels evaluate dx as g A + x B + E, summing per component
-//   A += tau alpha,  B += tau P - dl a,  E += tau Q + dl a mu,
-// with P = 2 e2 and Q = e1 - 2 e2 m per (k, c): five multiply-adds per component instead
-// of eight. x B and E cancel to about |x| / sd(x) times the float epsilon, the precision
-// to which x itself is known.
+// The kernels evaluate dx as g A + (x - s) B + E, summing per component
+//   A += tau alpha,  B += tau P - dl a,  E += tau Q + dl a (mu - s),
+// with P = 2 e2 and Q = e1 - 2 e2 (m - s) per (k, c): five multiply-adds per component
+// instead of eight. s is a per-channel shift near the data (dx_shift), so that (x - s) B
+// and E cancel only to about |x - s| / sd(x) times the float epsilon: unshifted, an input
+// whose mean is large against its spread (x around 20 with sd 2) lost that many digits.
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -216,25 +217,46 @@ CBN_INLINE T dtau_term(T g, T d, P alpha, P beta, P e1, P e2) {
   return g * (alpha * d + beta) + d * (e1 + e2 * d);
 }
 
-// Per (k, c): the coefficients of dx = g A + x B + E (see above).
+// The shift s of channel c in dx = g A + (x - s) B + E: the count-weighted mean of the
+// components' means (in training, the batch mean of the channel, since the
+// responsibilities of a position sum to 1); at evaluation (count null) their plain
+// mean. Any finite s gives the same dx in exact arithmetic; one near the data keeps the
+// digits. mean is (K, C), count (K) or null.
+template <typename acc_t>
+CBN_INLINE acc_t dx_shift(const acc_t* mean, const acc_t* count, int64_t K, int64_t C,
+                          int64_t c) {
+  acc_t sum = 0, n = 0, plain = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t m = mean[k * C + c];
+    plain = plain + m;
+    if (count && count[k] > acc_t(0)) {
+      sum = sum + count[k] * m;
+      n = n + count[k];
+    }
+  }
+  const acc_t s = n > acc_t(0) ? sum / n : plain / acc_t(K);
+  return s - s == acc_t(0) ? s : acc_t(0);  // a non-finite mean: no shift
+}
+
+// Per (k, c): the coefficients of dx = g A + (x - s) B + E (see above).
 template <typename acc_t>
 struct DxCoefs {
   acc_t alpha;  // gamma r
   acc_t p;      // 2 e2
-  acc_t q;      // e1 - 2 e2 m
+  acc_t q;      // e1 - 2 e2 (m - s)
   acc_t a;      // E-step precision 1 / (running_var + eps)
-  acc_t amu;    // a mu
+  acc_t amu;    // a (mu - s)
 };
 
 template <typename acc_t>
 CBN_INLINE DxCoefs<acc_t> dx_coefs(acc_t alpha, acc_t e1, acc_t e2, acc_t mean, acc_t a,
-                                   acc_t mu) {
+                                   acc_t mu, acc_t shift) {
   DxCoefs<acc_t> out;
   out.alpha = alpha;
   out.p = e2 + e2;
-  out.q = e1 - (e2 + e2) * mean;
+  out.q = e1 - (e2 + e2) * (mean - shift);
   out.a = a;
-  out.amu = a * mu;
+  out.amu = a * (mu - shift);
   return out;
 }
 
@@ -256,9 +278,10 @@ CBN_INLINE void dx_accumulate(S tau, P alpha, P p, P q, T& A, T& B, T& E) {
   E = E + tau * q;
 }
 
+// dx from the sums; xs = x - s, the input less its channel's shift.
 template <typename T>
-CBN_INLINE T dx_combine(T g, T x, T A, T B, T E) {
-  return g * A + x * B + E;
+CBN_INLINE T dx_combine(T g, T xs, T A, T B, T E) {
+  return g * A + xs * B + E;
 }
 
 }  // namespace math

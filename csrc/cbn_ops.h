@@ -81,7 +81,8 @@ struct Operators {
     typename B::Guard guard(input.device());
     const ApplySetup st = setup_apply(input, weight, bias, tau, mean, var, groups);
     if constexpr (B::kHostChecksGroupIds) check_group_values(groups, st.K);
-    return B::normalize(st, groups, to_acc(weight, st.acc), to_acc(bias, st.acc), tau,
+    const Tensor t = canonical_tau(tau, st.x, st.shape, st.K);
+    return B::normalize(st, groups, to_acc(weight, st.acc), to_acc(bias, st.acc), t,
                         to_acc(mean, st.acc), to_acc(var, st.acc), eps, Tensor(), Tensor());
   }
 
@@ -110,11 +111,12 @@ struct Operators {
                      std::array<bool, 3> output_mask, bool batch_stats) {
     typename B::Guard guard(input.device());
     const BackwardSetup st = setup_backward(grad_out, input, weight, bias, tau, mean, soft);
+    const Tensor t = canonical_tau(tau, st.x, st.shape, st.K);
     const at::ScalarType acc = st.acc;
     const Tensor m = to_acc(mean, acc), v = to_acc(var, acc);
     Tensor sum_g, sum_gx;
     if (batch_stats || output_mask[1] || output_mask[2])
-      std::tie(sum_g, sum_gx) = B::grad_sums(st, tau, m);
+      std::tie(sum_g, sum_gx) = B::grad_sums(st, t, m);
     const GradCoefs cf =
         B::grad_coefs(st, to_acc(weight, acc), to_acc(bias, acc), m, v, count,
                       to_acc(mix_mean, acc), to_acc(mix_var, acc), sum_g, sum_gx, eps, batch_stats);
@@ -123,7 +125,7 @@ struct Operators {
       return p.has_value() && p->defined() ? g.to(p->scalar_type()) : g;
     };
     const auto aopt = st.x.options().dtype(acc);
-    return {output_mask[0] ? B::grad_input(st, tau, m, cf) : at::empty({0}, st.x.options()),
+    return {output_mask[0] ? B::grad_input(st, t, m, cf) : at::empty({0}, st.x.options()),
             output_mask[1] ? grad_of(cf.dgamma, weight) : at::empty({0}, aopt),
             output_mask[2] ? grad_of(cf.dbeta, bias) : at::empty({0}, aopt)};
   }
@@ -150,7 +152,7 @@ struct Operators {
     typename B::Guard guard(input.device());
     const BackwardSetup st = setup_backward(grad_out, input, std::nullopt, std::nullopt, tau,
                                             mean, /*soft=*/true);
-    return B::grad_sums(st, tau, to_acc(mean, st.acc));
+    return B::grad_sums(st, canonical_tau(tau, st.x, st.shape, st.K), to_acc(mean, st.acc));
   }
 
   static Tensor grad_input(const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
@@ -166,7 +168,7 @@ struct Operators {
     const GradCoefs cf =
         B::grad_coefs(st, to_acc(weight, acc), to_acc(bias, acc), m, to_acc(var, acc), count,
                       to_acc(mix_mean, acc), to_acc(mix_var, acc), sum_g, sum_gx, eps, batch_stats);
-    return B::grad_input(st, tau, m, cf);
+    return B::grad_input(st, canonical_tau(tau, st.x, st.shape, st.K), m, cf);
   }
 
   static void update_running_stats(Tensor& running_mean, Tensor& running_var,

@@ -116,6 +116,32 @@ def test_schedule_does_not_change_results(channels_last, mode):
 
 
 @needs_emu
+@pytest.mark.parametrize("sms", [1, 3, 16])
+@pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_other_multiprocessor_counts(channels_last, mode, sms):
+    """The tile plans and grids follow the device's multiprocessor count: on smaller
+    devices a block walks many tiles, merging each tile's partials into its row, and the
+    tree reductions take other shapes. Results stay within the accuracy bar."""
+    emu = _emu()
+    old = emu.set_multiprocessors(sms)
+    try:
+        assert emu.device()["multi_processor_count"] == sms
+        split = mode.startswith("split")
+        case = make_stable_case((6, 37, 30, 30), 3, torch.float32, channels_last=channels_last,
+                                seed=sms, device="emu", groups=split)
+        training = mode != "eval"
+        ours = run(Fc.compound_batch_norm, case, training)
+        ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
+        compare(ours, ref, TOL[torch.float32])
+    finally:
+        emu.set_multiprocessors(old)
+    assert emu.device()["multi_processor_count"] == old == 132
+    with pytest.raises(ValueError, match="expected a count in"):
+        emu.set_multiprocessors(0)
+
+
+@needs_emu
 def test_large_dynamic_shared_memory():
     """float64 with 16 components and long tiles: the soft backward's tile needs more than
     48 KiB of shared memory per block (2 x 128 positions x 16 components of tau and its

@@ -218,7 +218,7 @@ def test_sanitizer_parser_on_the_sample():
     assert res["memcheck"]["errors"] == 0 and res["memcheck"]["smoke"] == "12/12"
     assert res["initcheck"]["errors"] == 2 and res["initcheck"]["rc"] == 3
     assert res["initcheck"]["kinds"] == {
-        "Uninitialized __global__ memory read of size 4 bytes @ merge_moments_kernel": 2}
+        "Uninitialized __global__ memory read of size 4 bytes @ merge_tile_moments_kernel": 2}
     assert res["racecheck"]["hazards"] == {"displayed": 1, "errors": 1, "warnings": 0}
     assert list(res["racecheck"]["kinds"]) == [
         "Error: Race reported between Write access @ collect_grad_stats_kernel"]
@@ -282,20 +282,28 @@ def test_ncu_parser_on_the_sample():
         os.path.join(ROOT, "benchmarks", "samples", "ncu_sample.csv"), sms=132)
     assert name == "train-64x256x14x14-bf16-cl-K2"
     by = {r["kernel"]: r for r in rows}
+    X = ncu_check.x_bytes(name)
     stats = by["collect_mixture_stats_kernel"]
     assert stats["ours"] and stats["calls"] == 1
-    assert stats["read_x"] == pytest.approx(6500352 / ncu_check.x_bytes(name))
-    assert stats["design_read_x"] == pytest.approx(1.0)
+    assert stats["read_x"] == pytest.approx(6500352 / X)
+    # x once, plus the E-step's mu, 1/2 a (K x C floats each) and b (K floats)
+    assert stats["design_read_x"] == pytest.approx((X + 2 * 2 * 256 * 4 + 2 * 4) / X)
     assert by["normalize_mixture_kernel"]["design_write_x"] == pytest.approx(1.0)
-    assert by["sum_tiles_kernel"]["calls"] == 2
+    # both sums in one launch (grid z = 2), then the 5 chunks added in order
+    assert by["reduce_tile_sums_kernel"]["calls"] == 1 and by["finish_sums_kernel"]["calls"] == 1
     assert not by["vectorized_elementwise_kernel"]["ours"]
-    assert stats["regs"] == {40} and stats["smem"] == {4616}
+    assert by["vectorized_elementwise_kernel"]["calls"] == 2
+    assert stats["regs"] == {40} and stats["smem"] == {4488}
     assert stats["time_s"] == pytest.approx(4650e-9)
+    # the sample's kernels are the ones the design expects of this config, in its order
+    assert [r["kernel"] for r in rows if r["ours"]] == list(ncu_check.design(name, 132))
+    assert all(r.get("design_note") for r in rows if r["ours"])
     t = ncu_check.totals(rows)
-    assert t["design_read_x"] == pytest.approx(6.38, abs=0.01)  # x read 4 times, g twice, tau...
+    assert t["design_read_x"] == pytest.approx(6.40, abs=0.01)  # x read 4 times, g twice, tau...
     assert t["other_kernels"] == 1
     table = ncu_check.fmt_table(name, rows, 132)
     assert "collect_grad_stats_kernel" in table and "design" in table
+    assert "no design entry" not in table
 
 
 def test_ncu_parser_long_layout_and_units():
@@ -319,10 +327,86 @@ def test_ncu_parser_long_layout_and_units():
 
 
 def test_plan_tiles_mirror():
-    # interleaved 64x256x14x14: M = 12544 positions, 2 x 132 target tiles -> 48 per tile
-    assert ncu_check.plan_tiles((64, 256, 14, 14), True, 2, 132) == 262
-    # planar: one chunk per sample when N >= 2 x SMs
-    assert ncu_check.plan_tiles((300, 4, 10, 10), False, 2, 132) == 300
+    """Cases worked by hand from plan_tiles, partial_rows and reduce_groups in
+    csrc/cuda/cuda_utils.cuh (132 SMs: target = 2 x 132 = 264 tiles; float32 accumulation:
+    max_len = min(512, 16384 // (K x 4)), then a multiple of 32; kTileBytes = 49152)."""
+    plan, rows, groups = ncu_check.plan_tiles, ncu_check.partial_rows, ncu_check.reduce_groups
+    # interleaved 64x256x14x14 bf16, K = 2, the forward's plan (elem_bytes 2): M = 12544,
+    # len = ceil(12544 / 264) = 48; cache_len = 49152 // (256 x 2) = 96; max_len = 512
+    # -> len 48, ceil(12544 / 48) = 262 tiles; rows = min(262, 4 x 132 = 528) = 262
+    assert plan((64, 256, 14, 14), True, 2, 132, 4, 2) == (262, 48, 1)
+    assert rows(262, 132) == 262
+    # merge: ceil(512 / 32) = 16 columns; g = min(32, (262 + 63) // 64 = 5) = 5, and
+    # 16 x (5 // 2) = 32 < 528 keeps it
+    assert groups(262, 2 * 256, 132) == 5
+    # interleaved 64x64x56x56 bf16, K = 2: M = 200704, ceil(M / 264) = 761.
+    # forward (elem 2): cache_len = 49152 // 128 = 384 -> min(761, 256, 384) = 256,
+    # ceil(200704 / 256) = 784 tiles, rows = min(784, 528) = 528
+    assert plan((64, 64, 56, 56), True, 2, 132, 4, 2) == (784, 256, 1)
+    assert rows(784, 132) == 528
+    # soft input gradient (elem 2 x 2 = 4): cache_len = 49152 // 256 = 192 -> len 192,
+    # ceil(200704 / 192) = 1046 tiles (a block each: no partials)
+    assert plan((64, 64, 56, 56), True, 2, 132, 4, 4) == (1046, 192, 1)
+    # gradient sums (elem 0: cache_len = M, no cap) -> 256 as the forward
+    assert plan((64, 64, 56, 56), True, 2, 132, 4, 0) == (784, 256, 1)
+    # merge of 528 rows, K C = 128: 4 columns, g = min(32, 591 // 64 = 9) = 9
+    assert groups(528, 128, 132) == 9
+    # planar 64x64x56x56 float32, K = 4: S = 3136, chunks = ceil(264 / 64) = 5,
+    # len = ceil(3136 / 5) = 628 -> 640 (a multiple of 32); max_len = 16384 // 16 = 1024
+    # -> 512. forward (elem 4): cache_len = 49152 // 256 = 192 -> min(640, 192) = 192;
+    # chunks = ceil(3136 / 192) = 17, 64 x 17 = 1088 tiles, 528 rows
+    assert plan((64, 64, 56, 56), False, 4, 132, 4, 4) == (1088, 192, 17)
+    # gradient sums (elem 0): min(640, 512) = 512, ceil(3136 / 512) = 7 chunks, 448 tiles,
+    # rows = min(448, 528) = 448; g = min(32, 511 // 64 = 7) = 7
+    assert plan((64, 64, 56, 56), False, 4, 132, 4, 0) == (448, 512, 7)
+    assert rows(448, 132) == 448 and groups(448, 256, 132) == 7
+    # soft input gradient (elem 8): cache_len = 49152 // 512 = 96 -> len 96,
+    # ceil(3136 / 96) = 33 chunks, 2112 tiles
+    assert plan((64, 64, 56, 56), False, 4, 132, 4, 8) == (2112, 96, 33)
+    # planar, one chunk per sample when N >= 2 x SMs: chunks = max(1, ceil(264 / 300)) = 1,
+    # len = ceil(100 / 1) = 100 -> min(S = 100, 128) = 100; cache_len = 49152 // (4 x 2) =
+    # 6144 does not cap it: 300 tiles of 100
+    assert plan((300, 4, 10, 10), False, 2, 132, 4, 2) == (300, 100, 1)
+    # a wide interleaved input: C = 2048 bf16 -> cache_len = 12 < 16: at least 16
+    # positions (M = 1024 -> ceil(1024 / 264) = 4 -> max(16, min(4, 256, 12)) = 16), 64 tiles
+    assert plan((1024, 2048), False, 2, 132, 4, 2) == (64, 16, 1)  # S = 1: interleaved
+    # ... and with many positions, K = 4: ceil(100000 / 264) = 379, cache_len = 49152 //
+    # 4096 = 12 -> 16 positions without partials; a kernel with partials stops the cap at
+    # ceil(8 x 4 x 4 / 2) = 64 positions (row updates half of x): ceil(100000 / 64) = 1563
+    assert plan((100000, 2048), True, 4, 132, 4, 2) == (6250, 16, 1)
+    assert plan((100000, 2048), True, 4, 132, 4, 2, True) == (1563, 64, 1)
+    # many components: K = 64 -> max_len = 16384 // 256 = 64 caps a planar tile
+    # (chunks = ceil(264 / 8) = 33, ceil(4096 / 33) = 125 -> 128; cache 49152 // 128 = 384)
+    assert plan((8, 32, 64, 64), False, 64, 132, 4, 4) == (512, 64, 64)
+    # float64 accumulation (acc 8), K = 16: 16384 // 128 = 128 -> interleaved len
+    # min(ceil(100000 / 264) = 379, 256, 49152 // (8 x 8) = 768) = 256 -> 128; 782 tiles
+    assert plan((100000, 8), True, 16, 132, 8, 8) == (782, 128, 1)
+    assert rows(782, 132) == 528 and rows(782, 108) == 432  # an A100: 108 SMs
+    assert plan((0, 8, 4, 4), True, 2, 132) == (0, 1, 1)  # no positions
+
+
+def test_every_kernel_is_in_the_design_or_listed(monkeypatch):
+    """Cannot go stale: every __global__ of csrc/cuda is either launched, by the design, in
+    some profiled config (design_bytes gives its bytes), or in ncu_check.NOT_PROFILED (kernels
+    no config launches, each with its reason); neither the design nor that list names a
+    kernel that is gone."""
+    kernels = set(gpu_check_report.cuda_kernel_names())
+    designed = {k for name in ncu_check.CONFIGS for k in ncu_check.design(name, 132)}
+    for k in kernels:
+        in_design = any(ncu_check.design_bytes(f"void cbn_ext::cuda::{k}<float>(P)", name, 132)
+                        is not None for name in ncu_check.CONFIGS)
+        assert in_design or k in ncu_check.NOT_PROFILED, f"{k}: no design entry, not listed"
+        assert not (in_design and k in ncu_check.NOT_PROFILED), f"{k}: profiled, yet listed"
+    assert designed <= kernels, designed - kernels
+    assert ncu_check.NOT_PROFILED <= kernels, ncu_check.NOT_PROFILED - kernels
+    assert ncu_check.DESIGN_NAMES <= kernels, ncu_check.DESIGN_NAMES - kernels
+    assert designed <= ncu_check.DESIGN_NAMES
+    # ncu's function-only names of our kernels count as ours
+    assert all(ncu_check.is_ours(k) for k in kernels)
+    # a K = 1 training config would launch the element-wise input gradient
+    monkeypatch.setitem(ncu_check.CONFIGS, "_k1", ((8, 16, 4, 4), "float32", False, 1, "train"))
+    k1 = ncu_check.design("_k1", 132)
+    assert "grad_input_given_kernel" in k1 and "estep_coefs_kernel" not in k1
 
 
 # ---- the build without ninja ------------------------------------------------------------
@@ -355,6 +439,19 @@ def test_parallel_compile_patch(monkeypatch, tmp_path):
     assert sorted(seen) == ["a.c", "b.c", "c.c"] and len(objs) == 3
 
 
+def test_cuda_kernel_names_are_the_kernels():
+    """Every `__global__` in csrc/cuda gives one name, an identifier that is not a keyword
+    or attribute such as __launch_bounds__ (whose arguments may hold parentheses)."""
+    names = gpu_check_report.cuda_kernel_names()
+    count = 0
+    for name in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
+        if name.endswith((".cu", ".cuh")):
+            count += open(os.path.join(ROOT, "csrc", "cuda", name)).read().count("__global__ ")
+    assert len(names) == count, (count, names)
+    assert all(re.fullmatch(r"[a-z]\w*_kernel", n) for n in names), names
+    assert "collect_mixture_stats_kernel" in names and "grad_input_soft_kernel" in names
+
+
 def test_sanitizer_filter_leaves_our_kernels_in():
     """The sanitizers leave out kernels whose name holds the filter's substring (PyTorch's
     at::native ones): none of ours may hold it, whatever they are renamed to."""
@@ -364,7 +461,7 @@ def test_sanitizer_filter_leaves_our_kernels_in():
     for name in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
         if name.endswith((".cu", ".cuh", ".h")):
             src = open(os.path.join(ROOT, "csrc", "cuda", name)).read()
-            names += re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", src)
+            names += re.findall(gpu_check_report.KERNEL_RE, src)
             names += re.findall(r"^namespace (\w+)", src, flags=re.M)
     assert names and not [n for n in names if value in n], (value, names)
 
@@ -419,11 +516,12 @@ def test_summary_and_filing_of_a_gpu_like_run(tmp_path):
     assert "GPU check" in text and "NVIDIA H200" in text and "CANNED" not in text
     assert f"NOT {kernels[0]}" in text  # the kernel the smoke never launched
     assert "MISMATCH 3x13x5x7" in text
-    assert "2 x Uninitialized __global__ memory read of size 4 bytes @ merge_moments_kernel" in text
+    assert ("2 x Uninitialized __global__ memory read of size 4 bytes @ merge_tile_moments_kernel"
+            in text)
     assert "2 x tests/test_kernels.py::test_matches_reference" in text
     assert "last test tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]" in text
     assert "incomplete: 45 skipped" in text and "1.10 / 1.60 / 2.30" in text
-    assert "read 6.41 (6.38)" in text
+    assert "read 6.42 (6.40)" in text
     assert re.search(r"^\(in all\) +281 +480", text, flags=re.M)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["rehearsal"] is False and "canned" not in meta

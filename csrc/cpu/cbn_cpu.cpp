@@ -393,6 +393,8 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
     scalar_t* pq = out.row<scalar_t>(GradCoefs::kQ);
     scalar_t* pac = out.row<scalar_t>(GradCoefs::kA);
     scalar_t* pamu = out.row<scalar_t>(GradCoefs::kAmu);
+    scalar_t* pshift = out.row<scalar_t>(GradCoefs::kShift);
+    for (int64_t c = 0; c < C; ++c) pshift[c] = math::dx_shift(pm, pn, K, C, c);
     scalar_t* pev = out.ev<scalar_t>();
     scalar_t* pdg = out.dgamma.data_ptr<scalar_t>();
     scalar_t* pdb = out.dbeta.data_ptr<scalar_t>();
@@ -405,7 +407,7 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
         // the E-step precision: only soft responsibilities depend on x through it
         const scalar_t a = pmv ? scalar_t(2) * math::half_precision(pmv[i], e) : scalar_t(0);
         const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
-                                                 pmm ? pmm[i] : scalar_t(0));
+                                                 pmm ? pmm[i] : scalar_t(0), pshift[c]);
         pa[i] = gc.alpha;
         pbeta[i] = pb ? pb[i] : scalar_t(0);
         p1[i] = gc.e1;
@@ -450,6 +452,7 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   ia.q = cf.row_ptr(GradCoefs::kQ);
   ia.a = cf.row_ptr(GradCoefs::kA);
   ia.amu = cf.row_ptr(GradCoefs::kAmu);
+  ia.shift = cf.row_ptr(GradCoefs::kShift);
   ia.dx = dx.data_ptr();
   CBN_CALL_KERNEL(mixture_grad_input, ia);
   return dx;

@@ -111,11 +111,13 @@ struct GradInputArgs {
   const void* e1;
   const void* e2;
   const void* ev;  // (K,) sum_c e2 v
-  // dx: alpha (above), p = 2 e2, q = e1 - 2 e2 m; a, amu = a mu (kSoft only)
+  // dx = g A + (x - shift) B + E: alpha (above), p = 2 e2, q = e1 - 2 e2 (m - shift),
+  // shift (C,); a, amu = a (mu - shift) (kSoft only)
   const void* p;
   const void* q;
   const void* a;
   const void* amu;
+  const void* shift;
   void* dx;
 };
 

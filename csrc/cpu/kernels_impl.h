@@ -1019,6 +1019,7 @@ struct DxPtrs {
   const acc_t* q;
   const acc_t* a;
   const acc_t* amu;
+  const acc_t* shift;  // (C,): dx = g A + (x - shift) B + E
 };
 
 // Interleaved dx; loc/dl soft (dl may be null: given), or kfix (one component each).
@@ -1037,7 +1038,10 @@ void dx_interleaved(const acc_t* x, const acc_t* gr, acc_t* dx, int64_t T, int64
         V A = {}, B = {}, E = {};
         math::dx_accumulate(acc_t(1), ld<F>(cf.al + o + c, n), ld<F>(cf.p + o + c, n),
                             ld<F>(cf.q + o + c, n), A, B, E);
-        st<F>(dr + c, math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n), A, B, E), n);
+        st<F>(dr + c,
+              math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n) - ld<F>(cf.shift + c, n), A,
+                               B, E),
+              n);
       });
       continue;
     }
@@ -1050,7 +1054,10 @@ void dx_interleaved(const acc_t* x, const acc_t* gr, acc_t* dx, int64_t T, int64
                             ld<F>(cf.p + o, n), ld<F>(cf.q + o, n), ld<F>(cf.a + o, n),
                             ld<F>(cf.amu + o, n), A, B, E);
       }
-      st<F>(dr + c, math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n), A, B, E), n);
+      st<F>(dr + c,
+            math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n) - ld<F>(cf.shift + c, n), A, B,
+                             E),
+            n);
     });
   }
 }
@@ -1068,6 +1075,7 @@ void dx_planar(View<const acc_t> xv, View<const acc_t> gv, View<acc_t> dv, int64
       const acc_t* xr = xv.row(seg, c);
       const acc_t* grr = gv.row(seg, c);
       acc_t* dr = dv.row(seg, c);
+      const acc_t sh = cf.shift[c];
       if (kfix != nullptr) {
         const int64_t o = kfix[seg] * C + c;
         const acc_t al = cf.al[o], p = cf.p[o], q = cf.q[o];
@@ -1075,7 +1083,7 @@ void dx_planar(View<const acc_t> xv, View<const acc_t> gv, View<acc_t> dv, int64
           constexpr bool F = decltype(full)::value;
           V A = {}, B = {}, E = {};
           math::dx_accumulate(acc_t(1), al, p, q, A, B, E);
-          st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n), A, B, E), n);
+          st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n) - sh, A, B, E), n);
         });
         continue;
       }
@@ -1095,7 +1103,7 @@ void dx_planar(View<const acc_t> xv, View<const acc_t> gv, View<acc_t> dv, int64
           math::dx_accumulate(ld<F>(lt + k * T + s, n), ld<F>(dlt + k * T + s, n), q[0], q[1],
                               q[2], q[3], q[4], A, B, E);
         }
-        st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n), A, B, E), n);
+        st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n) - sh, A, B, E), n);
       });
     }
   }
@@ -1237,7 +1245,7 @@ void mixture_grad_input_impl(const GradInputArgs& a) {
                             static_cast<const acc_t*>(a.e2), static_cast<const acc_t*>(a.ev)};
   const DxPtrs<acc_t> xcf{static_cast<const acc_t*>(a.alpha), static_cast<const acc_t*>(a.p),
                           static_cast<const acc_t*>(a.q), static_cast<const acc_t*>(a.a),
-                          static_cast<const acc_t*>(a.amu)};
+                          static_cast<const acc_t*>(a.amu), static_cast<const acc_t*>(a.shift)};
   using IO = TileIO<scalar_t, acc_t>;
   const int64_t maxT = max_tile_positions(g, plan);
   for_each_tile(plan, [=](int64_t begin, int64_t end) {

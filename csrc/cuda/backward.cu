@@ -1,8 +1,9 @@
 // CUDA backward operators of cbn_ext: backward_train and backward_eval (and the building
 // blocks grad_sums and grad_input).
 //
-//   collect_grad_stats_kernel  per tile of positions: Sg = sum g tau and Sgx = sum g tau
-//     (x - m) per (k, c);
+//   collect_grad_stats_kernel  per tile of positions (resident blocks walking the tiles):
+//     Sg = sum g tau and Sgx = sum g tau (x - m) per (k, c), added into the block's row of
+//     partials (partial_rows);
 //   reduce_tile_sums_kernel    both sums over the tiles, by many blocks (each a chunk of
 //     the tiles), in a fixed-order tree (finish_sums_kernel adds the chunks in order when
 //     there are several);
@@ -11,7 +12,8 @@
 //     reduction over channels), dl = tau (dtau - sum tau dtau), then dx = g A + x B + E
 //     with A, B, E summed over components, while the tile is in cache;
 //   grad_input_given_kernel    given or single responsibilities: dx element-wise.
-// x and g are read twice from DRAM (the sums, the input gradient), dx written once.
+// x and g meant to be read twice from DRAM (the sums, the input gradient; the soft tile's
+// later passes from L2, see plan_tiles; not yet measured on a GPU), dx written once.
 #include "cuda_backend.h"
 #include "cuda_utils.cuh"
 
@@ -33,12 +35,14 @@ struct GradStatsParams {
   const void* x;
   const acc_t* tau;   // null for K = 1
   const acc_t* mean;  // (K, C)
-  acc_t* part_sg;     // (tiles, K, C)
-  acc_t* part_sgx;    // (tiles, K, C)
+  acc_t* part_sg;     // (rows, K, C): a row per block (partial_rows)
+  acc_t* part_sgx;    // (rows, K, C)
   TileParams geo;
 };
 
-// Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB). A block per tile.
+// Dynamic shared memory: ts (len x K) | red (kThreads x 2 KB). partial_rows(tiles) blocks,
+// block b walking tiles b, b + gridDim.x, ... and adding their sums into its row b (the
+// thread that owns an entry is the same for every tile).
 template <typename scalar_t, typename acc_t, int KB>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     collect_grad_stats_kernel(GradStatsParams<acc_t> p) {
@@ -50,8 +54,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
   const bool one = p.tau == nullptr;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* gr = static_cast<const scalar_t*>(p.grad);
+  const int64_t row = blockIdx.x;
   for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
     const TileGeo tg = tile_geo(p.geo, t);
+    const bool first = t == blockIdx.x;
     if (!one) load_tile_tau(p.tau, p.geo, tg, ts);
     __syncthreads();
 
@@ -93,9 +99,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) {
               if (k0 + kk < K) {
-                const int64_t o = (t * K + k0 + kk) * C + c;
-                p.part_sg[o] = sum_groups(red, cg, kk);
-                p.part_sgx[o] = sum_groups(red, cg, KB + kk);
+                const int64_t o = (row * K + k0 + kk) * C + c;
+                const acc_t a = sum_groups(red, cg, kk), b = sum_groups(red, cg, KB + kk);
+                p.part_sg[o] = first ? a : p.part_sg[o] + a;
+                p.part_sgx[o] = first ? b : p.part_sgx[o] + b;
               }
             }
           }
@@ -130,9 +137,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
             if (k0 + kk < K) {
               const acc_t a = warp_sum(sg[kk]), b = warp_sum(sgx[kk]);
               if (lane == 0) {
-                const int64_t o = (t * K + k0 + kk) * C + c;
-                p.part_sg[o] = a;
-                p.part_sgx[o] = b;
+                const int64_t o = (row * K + k0 + kk) * C + c;
+                p.part_sg[o] = first ? a : p.part_sg[o] + a;
+                p.part_sgx[o] = first ? b : p.part_sgx[o] + b;
               }
             }
           }
@@ -143,12 +150,12 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
   }
 }
 
-// Sums over the tiles of parts[z] (z = blockIdx.z: Sg, Sgx), (tiles, n) each: a block sums
-// the tiles of chunk g = blockIdx.y for kReduceCols entries, its kReduceRows rows walking
-// the tiles and then added pairwise; out[z] is (G, n), the chunks' sums.
+// Sums over the partial rows of parts[z] (z = blockIdx.z: Sg, Sgx), (rows, n) each: a
+// block sums the rows of chunk g = blockIdx.y for kReduceCols entries, its kReduceRows
+// threads' rows walking them and then added pairwise; out[z] is (G, n), the chunks' sums.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceCols * kReduceRows) reduce_tile_sums_kernel(
-    const acc_t* __restrict__ part0, const acc_t* __restrict__ part1, int64_t tiles, int64_t n,
+    const acc_t* __restrict__ part0, const acc_t* __restrict__ part1, int64_t rows, int64_t n,
     acc_t* __restrict__ out0, acc_t* __restrict__ out1) {
   CBN_STATIC_SMEM(acc_t[kReduceRows][kReduceCols], sm);
   const acc_t* part = blockIdx.z == 0 ? part0 : part1;
@@ -158,7 +165,7 @@ __global__ void __launch_bounds__(kReduceCols * kReduceRows) reduce_tile_sums_ke
   const int row = threadIdx.y;
   acc_t s = 0;
   if (e < n) {
-    const int64_t t0 = tiles * g / G, t1 = tiles * (g + 1) / G;
+    const int64_t t0 = rows * g / G, t1 = rows * (g + 1) / G;
     for (int64_t t = t0 + row; t < t1; t += kReduceRows) s += part[t * n + e];
   }
   sm[row][threadIdx.x] = s;
@@ -205,7 +212,7 @@ struct CoefParams {
   acc_t eps;
   bool batch_stats;
   int64_t K, C;
-  acc_t *alpha, *beta, *e1, *e2, *pc, *qc, *a, *amu, *dgamma, *dbeta, *ev_part;
+  acc_t *alpha, *beta, *e1, *e2, *pc, *qc, *a, *amu, *shift, *dgamma, *dbeta, *ev_part;
 };
 
 template <typename acc_t>
@@ -223,8 +230,10 @@ __global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> 
                                             p.count ? p.count[k] : acc_t(0), sg, sgx, p.eps,
                                             p.batch_stats);
     const acc_t a = p.mix_var ? acc_t(2) * math::half_precision(p.mix_var[i], p.eps) : acc_t(0);
+    const acc_t shift = math::dx_shift(p.mean, p.count, p.K, p.C, c);
     const auto dc = math::dx_coefs<acc_t>(gc.alpha, gc.e1, gc.e2, p.mean[i], a,
-                                          p.mix_mean ? p.mix_mean[i] : acc_t(0));
+                                          p.mix_mean ? p.mix_mean[i] : acc_t(0), shift);
+    if (k == 0) p.shift[c] = shift;
     p.alpha[i] = gc.alpha;
     p.beta[i] = p.bias ? p.bias[i] : acc_t(0);
     p.e1[i] = gc.e1;
@@ -255,8 +264,8 @@ struct GradInputParams {
   const acc_t *mean, *alpha, *beta, *e1, *e2;
   const acc_t* ev_part;  // (K, ev_blocks)
   int64_t ev_blocks;
-  // dx = g A + x B + E: alpha, p, q (and a, amu for soft)
-  const acc_t *pc, *qc, *a, *amu;
+  // dx = g A + (x - shift) B + E: alpha, p, q, shift (C) (and a, amu for soft)
+  const acc_t *pc, *qc, *a, *amu, *shift;
   int64_t C, S, K;
   TileParams geo;  // soft: the tiles
 };
@@ -319,10 +328,12 @@ __device__ __forceinline__ void grad_input_vector(const GradInputParams<acc_t>& 
   }
   Pack<scalar_t, V> out;
 #pragma unroll
-  for (int v = 0; v < V; ++v)
+  for (int v = 0; v < V; ++v) {
+    const acc_t s = p.shift[c + (per_channel_row ? 0 : v)];
     out.v[v] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gv.v[v]),
-                                                      static_cast<acc_t>(xv.v[v]), A[v], B[v],
+                                                      static_cast<acc_t>(xv.v[v]) - s, A[v], B[v],
                                                       E[v]));
+  }
   store_pack<V>(dx + e, out);
 }
 
@@ -412,22 +423,26 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     // dx over the tile, V values at a time along its rows
     if (inter) {
       const int64_t base = tg.p0 * C;
+      const bool narrow = narrow_indices(tg.P * C);
       for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
         const int64_t e = i * V;
-        const int j = static_cast<int>(e / C);
+        const DivMod jc = divmod(e, C, narrow);
+        const int j = static_cast<int>(jc.q);
         grad_input_vector<scalar_t, acc_t, V, true>(
-            p, x, gr, dx, base + e, e % C, false, [&](int k, int) { return ts[j * K + k]; },
+            p, x, gr, dx, base + e, jc.r, false, [&](int k, int) { return ts[j * K + k]; },
             [&](int k, int) { return dl[j * K + k]; });
       }
     } else {
       const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
+      const bool narrow = narrow_indices(C * per_row);
       for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
-        const int64_t c = i / per_row;
-        const int j = static_cast<int>(i % per_row) * V;
+        const DivMod cj = divmod(i, per_row, narrow);
+        const int64_t c = cj.q;
+        const int j = static_cast<int>(cj.r) * V;
         grad_input_vector<scalar_t, acc_t, V, true>(
             p, x, gr, dx, (tg.n * C + c) * S + tg.s0 + j, c, true,
-            [&](int k, int v) { return ts[k * len + j + v]; },
-            [&](int k, int v) { return dl[k * len + j + v]; });
+            [&](int k, int v) { return smem_vec_value<V>(ts + k * len + j, v); },
+            [&](int k, int v) { return smem_vec_value<V>(dl + k * len + j, v); });
       }
     }
     __syncthreads();  // ts and dl are reused by the next tile
@@ -446,16 +461,19 @@ __global__ void __launch_bounds__(kThreads) grad_input_given_kernel(GradInputPar
   scalar_t* dx = static_cast<scalar_t*>(p.dx);
   const acc_t* tau = p.tau;
   const auto none = [](int, int) { return acc_t(0); };
+  const bool narrow = narrow_indices(total);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i * V < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t e = i * V;
     if (interleaved) {
-      const int64_t pos = e / C;
+      const DivMod pc = divmod(e, C, narrow);
+      const int64_t pos = pc.q;
       grad_input_vector<scalar_t, acc_t, V, false>(
-          p, x, gr, dx, e, e % C, false,
+          p, x, gr, dx, e, pc.r, false,
           [&](int k, int) { return tau ? tau[pos * K + k] : acc_t(1); }, none);
     } else {
-      const int64_t s = e % S, row = e / S, c = row % C, n = row / C;
+      const DivMod rs = divmod(e, S, narrow), nc = divmod(rs.q, C, narrow);
+      const int64_t s = rs.r, c = nc.r, n = nc.q;
       grad_input_vector<scalar_t, acc_t, V, false>(
           p, x, gr, dx, e, c, true,
           [&](int k, int v) { return tau ? tau[(n * K + k) * S + s + v] : acc_t(1); }, none);
@@ -470,8 +488,8 @@ bool vectorizable(const void* a, const void* b, const void* c, int64_t row) {
 
 }  // namespace
 
-// Sg, Sgx over this input's positions: per-tile partials, summed over the tiles in a
-// fixed-order tree.
+// Sg, Sgx over this input's positions: a row of partials per block (its tiles added in
+// order), the rows summed in a fixed-order tree.
 std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const Tensor& tau,
                                                   const Tensor& mean) {
   const Tensor& x = st.x;
@@ -481,17 +499,19 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
   Tensor sum_g = at::empty({K, C}, aopt), sum_gx = at::empty({K, C}, aopt);
   const Tensor m = mean.contiguous();
   CBN_DISPATCH_INPUT_TYPES(x.scalar_type(), "cbn_grad_sums_cuda", [&] {
-    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+    // one pass over each tile: no re-read to keep in cache
+    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t), 0, true);
     if (tiles.num == 0) {  // no positions: zero sums
       sum_g.zero_();
       sum_gx.zero_();
       return;
     }
-    const int64_t G = reduce_groups(tiles.num, n);
-    // tile partials (Sg | Sgx), then, with several chunks, their sums (Sg | Sgx)
-    const Tensor parts = at::empty({2 * tiles.num * n + (G > 1 ? 2 * G * n : 0)}, aopt);
+    const int64_t rows = partial_rows(tiles.num);
+    const int64_t G = reduce_groups(rows, n);
+    // the blocks' partials (Sg | Sgx), then, with several chunks, their sums (Sg | Sgx)
+    const Tensor parts = at::empty({2 * rows * n + (G > 1 ? 2 * G * n : 0)}, aopt);
     acc_t* part_sg = parts.data_ptr<acc_t>();
-    acc_t* part_sgx = part_sg + tiles.num * n;
+    acc_t* part_sgx = part_sg + rows * n;
     GradStatsParams<acc_t> gp{};
     gp.grad = st.grad.data_ptr();
     gp.x = x.data_ptr();
@@ -504,15 +524,15 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
       constexpr int KB = decltype(kb)::value;
       const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
       allow_smem(collect_grad_stats_kernel<scalar_t, acc_t, KB>, smem);
-      CBN_LAUNCH_KERNEL(collect_grad_stats_kernel<scalar_t, acc_t, KB>, grid_1d(tiles.num),
+      CBN_LAUNCH_KERNEL(collect_grad_stats_kernel<scalar_t, acc_t, KB>, grid_1d(rows),
                         kThreads, smem, gp);
     });
-    acc_t* out0 = G > 1 ? part_sgx + tiles.num * n : sum_g.data_ptr<acc_t>();
+    acc_t* out0 = G > 1 ? part_sgx + rows * n : sum_g.data_ptr<acc_t>();
     acc_t* out1 = G > 1 ? out0 + G * n : sum_gx.data_ptr<acc_t>();
     CBN_LAUNCH_KERNEL(reduce_tile_sums_kernel<acc_t>,
                       dim3(static_cast<unsigned>((n + kReduceCols - 1) / kReduceCols),
                            static_cast<unsigned>(G), 2u),
-                      dim3(kReduceCols, kReduceRows), 0, part_sg, part_sgx, tiles.num, n, out0,
+                      dim3(kReduceCols, kReduceRows), 0, part_sg, part_sgx, rows, n, out0,
                       out1);
     if (G > 1)
       CBN_LAUNCH_KERNEL(finish_sums_kernel<acc_t>, grid_for(n), kThreads, 0, out0, out1, G, n,
@@ -564,6 +584,7 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
     cp.qc = cf.row<acc_t>(GradCoefs::kQ);
     cp.a = cf.row<acc_t>(GradCoefs::kA);
     cp.amu = cf.row<acc_t>(GradCoefs::kAmu);
+    cp.shift = cf.row<acc_t>(GradCoefs::kShift);
     cp.dgamma = cf.dgamma.data_ptr<acc_t>();
     cp.dbeta = cf.dbeta.data_ptr<acc_t>();
     cp.ev_part = cf.ev<acc_t>();
@@ -599,6 +620,7 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     ip.qc = cf.row<acc_t>(GradCoefs::kQ);
     ip.a = cf.row<acc_t>(GradCoefs::kA);
     ip.amu = cf.row<acc_t>(GradCoefs::kAmu);
+    ip.shift = cf.row<acc_t>(GradCoefs::kShift);
     ip.C = C;
     ip.S = shape.S;
     ip.K = K;
@@ -606,7 +628,7 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     const bool vec = vectorizable<scalar_t>(x.data_ptr(), st.grad.data_ptr(),
                                             grad_input.data_ptr(), row);
     if (st.resp == Resp::kSoft) {
-      const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+      const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t), 2 * sizeof(scalar_t), false);
       ip.geo = tile_params(shape, K, tiles);
       const bool tile_vec = vec && (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
       dispatch_kb(K, [&](auto kb) {

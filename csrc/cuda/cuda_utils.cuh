@@ -1,7 +1,9 @@
 // Device helpers and the tile plan shared by the CUDA kernels of cbn_ext.
 //
-// Determinism: every reduction is done in a fixed order (warp butterflies, per-tile
-// partials merged in tile order); there are no floating-point atomics.
+// Determinism: every reduction is done in a fixed order (warp butterflies, each block's
+// tiles merged into its row of partials in tile order, the rows merged in a fixed tree);
+// there are no floating-point atomics. The order depends on the multiprocessor count
+// (partial_rows), so results are bit-identical on one device model, not across models.
 //
 // These sources are compiled twice: by nvcc for the GPU, and (CBN_CUDA_EMULATION) as host
 // C++ against csrc/emu/cuda_emu.h, whose runtime runs the kernels on the CPU for the
@@ -138,14 +140,53 @@ struct alignas(sizeof(T) * V) Pack {
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
+// A misaligned vector access faults on a GPU but not on x86: the emulated build checks it.
+#if defined(CBN_CUDA_EMULATION)
+#define CBN_CHECK_PACK_ALIGNED(p, T, V) \
+  CUDA_KERNEL_ASSERT(reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, V>) == 0 && "misaligned vector access")
+#else
+#define CBN_CHECK_PACK_ALIGNED(p, T, V)
+#endif
+
 template <int V, typename T>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  CBN_CHECK_PACK_ALIGNED(p, T, V);
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  CBN_CHECK_PACK_ALIGNED(p, T, V);
   *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+// Value v of the V consecutive shared-memory values at p (p a multiple of V values from a
+// 16-byte aligned base), read as 16-byte vectors: a warp whose lanes take V consecutive
+// values each then reads whole vectors instead of hitting each bank V times. Called for
+// v = 0 .. V-1 in an unrolled loop, the identical vector loads are merged.
+template <int V, typename T>
+__device__ __forceinline__ T smem_vec_value(const T* p, int v) {
+  constexpr int W = (V * sizeof(T) <= 16) ? V : static_cast<int>(16 / sizeof(T));
+  return load_pack<W>(p + (v / W) * W).v[v % W];
+}
+
+// Quotient and remainder of non-negative indices, in 32 bits when both fit (`narrow`, the
+// same for every thread): a 64-bit division is a long software routine on the GPU.
+struct DivMod {
+  int64_t q, r;
+};
+
+__device__ __forceinline__ DivMod divmod(int64_t a, int64_t b, bool narrow) {
+  if (narrow) {
+    const uint32_t ua = static_cast<uint32_t>(a), ub = static_cast<uint32_t>(b);
+    return DivMod{static_cast<int64_t>(ua / ub), static_cast<int64_t>(ua % ub)};
+  }
+  return DivMod{a / b, a % b};
+}
+
+// Indices below `total` fit in 32 bits.
+__device__ __forceinline__ bool narrow_indices(int64_t total) {
+  return total <= static_cast<int64_t>(UINT32_MAX);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -164,18 +205,39 @@ struct Tiles {
   int64_t chunks;
 };
 
-inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
+// Bytes of re-read inputs per tile (see plan_tiles).
+constexpr int64_t kTileBytes = 48 * 1024;
+
+// elem_bytes: bytes per element that the tile kernels re-read (x; x and the gradient; 0
+// for a kernel that reads its tile once). partials: the kernel merges each tile into a
+// row of per-(k, c) partial results (partial_rows).
+inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size, int64_t elem_bytes,
+                        bool partials) {
   Tiles t{0, 1, 1};
   const int64_t M = s.M();
   if (M == 0) return t;
   const int64_t target = 2 * num_sms();
   // the tile's responsibilities and their gradients (2 x len x K) stay in 32 KiB of shared
-  // memory
-  const int64_t max_len =
-      std::max<int64_t>(1, std::min<int64_t>(512, 16384 / (K * acc_size)));
+  // memory; a whole number of 32 positions (of vectors) when it can
+  int64_t max_len = std::max<int64_t>(1, std::min<int64_t>(512, 16384 / (K * acc_size)));
+  if (max_len >= 32) max_len = max_len / 32 * 32;
+  // The tile kernels sweep their tile two or three times, the later sweeps from the cache:
+  // the tiles of all resident blocks (up to 4 per multiprocessor for float accumulation
+  // and K <= 4, kMinBlocks; 528 on an H100) should fit in L2 (40 MB on an A100, 50 on an
+  // H100) with room to spare, so a tile holds at most kTileBytes of the inputs they
+  // re-read (x, or x and the gradient). A kernel with partials reads and writes its row
+  // once per tile, 4 K C acc_size bytes, that is 4 K acc_size / (len x element size) of
+  // the tile's x: the cap never takes a tile below the length where that is half of x
+  // (the second read of x it saves), nor below 16 (interleaved) or 32 (planar) positions.
+  // Not yet measured on a GPU.
+  const int64_t row_bytes = s.C * elem_bytes;
+  const int64_t partial_floor =
+      partials && elem_bytes > 0 ? (8 * K * acc_size + elem_bytes - 1) / elem_bytes : 1;
+  const int64_t cache_len =
+      row_bytes > 0 ? std::max<int64_t>({1, kTileBytes / row_bytes, partial_floor}) : M;
   if (s.interleaved) {
     int64_t len = (M + target - 1) / target;
-    len = std::max<int64_t>(16, std::min<int64_t>(len, 256));
+    len = std::max<int64_t>(16, std::min<int64_t>({len, 256, cache_len}));
     len = std::min(len, max_len);
     t.len = len;
     t.num = (M + len - 1) / len;
@@ -184,6 +246,7 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size) {
   int64_t chunks = std::max<int64_t>(1, (target + s.N - 1) / s.N);
   int64_t len = (s.S + chunks - 1) / chunks;
   len = std::min<int64_t>(s.S, (len + 31) / 32 * 32);
+  len = std::min(len, std::max<int64_t>(32, cache_len / 32 * 32));
   len = std::max<int64_t>(1, std::min(len, max_len));
   t.len = len;
   t.chunks = (s.S + len - 1) / len;
@@ -200,6 +263,16 @@ struct TileParams {
 
 inline TileParams tile_params(const Shape& s, int64_t K, const Tiles& t) {
   return TileParams{s.N, s.C, s.S, K, t.len, t.chunks, t.num, s.interleaved};
+}
+
+// Blocks of a tile kernel that writes per-(k, c) partials: at most the blocks that can be
+// resident (4 per multiprocessor), block b walking tiles b, b + rows, ... and accumulating
+// their partials in its row b, in tile order. The partials then cost rows x K x C values
+// whatever the number of tiles (a few percent of x for large inputs), and stay in L2
+// between a block's updates. Deterministic for a given device (rows depends on its
+// multiprocessor count, as the tile plan does).
+inline int64_t partial_rows(int64_t tiles) {
+  return std::min<int64_t>(tiles, 4 * static_cast<int64_t>(num_sms()));
 }
 
 // Geometry of one tile, on the device.
@@ -277,8 +350,9 @@ __device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
 
 // Interleaved tiles, reduced per channel: the block's threads as cc channels (a chunk
 // of the C channels) times G groups that split the tile's positions; thread
-// (ci, g) = threadIdx.x % cc, threadIdx.x / cc (threads past G * cc idle: at most a
-// third of the block, for C in (85, 128) or (128, 256)).
+// (ci, g) = threadIdx.x % cc, threadIdx.x / cc. Threads past G * cc idle: up to half the
+// block for C just above a divisor of 256 (127 of 256 for C = 129); and for C above 256
+// the last chunk of channels may be short (C = 320: a chunk of 64 takes a full chunk's time).
 struct ChannelGroups {
   int cc, G, ci, g;
 };
@@ -312,9 +386,9 @@ inline dim3 grid_for(int64_t n) {
   return grid_1d(std::min<int64_t>(blocks, 32 * static_cast<int64_t>(num_sms())));
 }
 
-// Tile partials reduced over the tiles in a fixed-order tree: kReduceRows rows of a block
-// walk the tiles of one of `groups` chunks, the rows are combined pairwise in shared
-// memory, and the consumer combines the groups' results pairwise, in order.
+// Rows of partials (partial_rows) reduced in a fixed-order tree: kReduceRows rows of a
+// block walk the partial rows of one of `groups` chunks, the rows are combined pairwise in shared
+// memory, and the consumer combines the groups' results sequentially, in group order.
 constexpr int kReduceCols = 32;
 constexpr int kReduceRows = 8;
 

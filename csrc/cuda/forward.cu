@@ -1,18 +1,20 @@
 // CUDA forward operators of cbn_ext: forward_train, forward_eval, update_running_stats.
 //
 // forward_train, in four launches:
-//   collect_mixture_stats_kernel  per tile of positions (a block each): the
-//     responsibilities (E-step, or the given groups) into tau, and the tile's per-(k, c)
-//     weighted count, mean and M2 (M-step), by two passes over the tile (the second from
-//     L1/L2);
-//   merge_tile_moments_kernel     the tile partials merged (Chan's count-weighted formula)
-//     by many blocks, each over a chunk of the tiles, in a fixed-order tree;
+//   collect_mixture_stats_kernel  per tile of positions (resident blocks walking the
+//     tiles): the responsibilities (E-step, or the given groups) into tau, and the tile's
+//     per-(k, c) weighted count, mean and M2 (M-step), by two passes over the tile (the
+//     second from L1/L2), merged into the block's row of partials (partial_rows);
+//   merge_tile_moments_kernel     the partial rows merged (Chan's count-weighted formula)
+//     by many blocks, each over a chunk of the rows, in a fixed-order tree;
 //   finish_moments_kernel         the chunks' results merged in order into the batch
 //     statistics and the affine coefficients alpha, delta;
 //   normalize_mixture_kernel      y = sum_k tau_k (alpha_kc x + delta_kc), 16-byte vectors.
-// Reads x twice from DRAM (the tile's second pass hits the cache), writes y once.
+// Meant to read x twice from DRAM (the tile's later passes from L2: tiles are sized so that
+// the resident blocks' tiles fit, see plan_tiles; not yet measured on a GPU), write y once.
 // forward_eval: one kernel per tile: the responsibilities, then the tile's normalization
-// while it is in cache: x read once, y written once (and tau, which the backward needs).
+// while it is in cache: x meant to be read once, y written once (and tau, which the
+// backward needs).
 // The math is that of csrc/cbn_math.h, as on the CPU. Reductions have a fixed order (no
 // floating-point atomics): results are deterministic.
 #include "cuda_backend.h"
@@ -69,9 +71,9 @@ struct StatsParams {
   const acc_t* mu;         // E-step mixture mean (K, C)
   const acc_t* half_a;     // (K, C)
   const acc_t* b;          // (K,)
-  acc_t* part_n;           // (tiles, K)
-  acc_t* part_mean;        // (tiles, K, C)
-  acc_t* part_m2;          // (tiles, K, C)
+  acc_t* part_n;           // (rows, K): a row per block (partial_rows)
+  acc_t* part_mean;        // (rows, K, C)
+  acc_t* part_m2;          // (rows, K, C)
   // evaluation (estep_normalize_kernel): y and the affine coefficients
   void* y;
   const acc_t* alpha;      // (K, C)
@@ -201,32 +203,45 @@ __device__ __forceinline__ acc_t tile_tau(const acc_t* ts, bool one, bool interl
 
 // ---------------------------------------------------------------------------------------
 // M-step partials of a tile: count, mean and M2 per (k, c), by two passes over the tile
-// (the second from the cache), so that no E[x^2] - E[x]^2 cancellation arises.
+// (the second from the cache), so that no E[x^2] - E[x]^2 cancellation arises; merged
+// (Chan) into the block's row of partials, or written there for the block's first tile.
 // ---------------------------------------------------------------------------------------
+
+// The tile's (n, mean, M2) of entry o = (row, k, c) into the row: the thread that owns an
+// entry is the same for every tile of the block; the row's count is updated after.
+template <typename acc_t>
+__device__ __forceinline__ void put_moments(const StatsParams<acc_t>& p, bool first, int64_t o,
+                                            acc_t n_row, acc_t n, acc_t mean, acc_t m2) {
+  if (first) {
+    p.part_mean[o] = mean;
+    p.part_m2[o] = m2;
+  } else {
+    math::WeightedMoments<acc_t> a{n_row, p.part_mean[o], p.part_m2[o]};
+    math::chan_merge(a, math::WeightedMoments<acc_t>{n, mean, m2});
+    p.part_mean[o] = a.mean;
+    p.part_m2[o] = a.m2;
+  }
+}
 
 template <typename scalar_t, typename acc_t, int KB, bool kInter>
 __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, const acc_t* ts,
-                             acc_t* cnt, acc_t* red, int64_t t) {
+                             acc_t* cnt, acc_t* red, int64_t row, bool first) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
   const int64_t C = p.geo.C, S = p.geo.S;
   const bool one = p.resp == Resp::kOne;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  // counts, in a fixed order, blocked over the positions
-  for (int k = threadIdx.x; k < K; k += kThreads) {
+  // counts, a warp per component: each lane sums its positions (j = lane, lane + 32, ...),
+  // then the lanes' sums in a fixed tree: deterministic
+  for (int k = warp; k < K; k += kWarps) {
     acc_t n = 0;
     if (one) {
       n = static_cast<acc_t>(tg.P);
     } else {
-      for (int j0 = 0; j0 < tg.P; j0 += 64) {
-        acc_t s = 0;
-        for (int j = j0; j < tg.P && j < j0 + 64; ++j)
-          s += ts[tau_index(kInter, j, k, K, len)];
-        n += s;
-      }
+      for (int j = lane; j < tg.P; j += 32) n += ts[tau_index(kInter, j, k, K, len)];
+      n = warp_sum(n);
     }
-    p.part_n[t * K + k] = n;
-    cnt[k] = n;
+    if (lane == 0) cnt[k] = n;
   }
   __syncthreads();
 
@@ -277,9 +292,9 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
             if (k0 + kk < K) {
-              const int64_t o = (t * K + k0 + kk) * C + c;
-              p.part_mean[o] = mt[kk];
-              p.part_m2[o] = sum_groups(red, cg, kk);
+              const int k = k0 + kk;
+              put_moments(p, first, (row * K + k) * C + c, first ? acc_t(0) : p.part_n[row * K + k],
+                          cnt[k], mt[kk], sum_groups(red, cg, kk));
             }
           }
         }
@@ -320,9 +335,9 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
           if (k0 + kk < K) {
             const acc_t m2 = warp_sum(s1[kk]);
             if (lane == 0) {
-              const int64_t o = (t * K + k0 + kk) * C + c;
-              p.part_mean[o] = mt[kk];
-              p.part_m2[o] = m2;
+              const int k = k0 + kk;
+              put_moments(p, first, (row * K + k) * C + c,
+                          first ? acc_t(0) : p.part_n[row * K + k], cnt[k], mt[kk], m2);
             }
           }
         }
@@ -331,7 +346,8 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
   }
 }
 
-// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB). A block per tile.
+// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB). partial_rows(tiles)
+// blocks, block b walking tiles b, b + gridDim.x, ... into its row b of partials.
 template <typename scalar_t, typename acc_t, int KB, bool kInter>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     collect_mixture_stats_kernel(StatsParams<acc_t> p) {
@@ -342,7 +358,13 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     const TileGeo tg = tile_geo(p.geo, t);
     if (p.resp != Resp::kOne)
       tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);
-    tile_moments<scalar_t, acc_t, KB, kInter>(p, tg, ts, cnt, red, t);
+    const bool first = t == blockIdx.x;
+    tile_moments<scalar_t, acc_t, KB, kInter>(p, tg, ts, cnt, red, blockIdx.x, first);
+    __syncthreads();  // every merge has read the row's count
+    for (int64_t k = threadIdx.x; k < p.geo.K; k += kThreads) {
+      acc_t& n = p.part_n[blockIdx.x * p.geo.K + k];
+      n = first ? cnt[k] : n + cnt[k];
+    }
     __syncthreads();  // ts, cnt and red are reused by the next tile
   }
 }
@@ -384,17 +406,20 @@ __global__ void __launch_bounds__(kThreads) normalize_mixture_kernel(
     const acc_t* __restrict__ alpha, const acc_t* __restrict__ delta, int64_t C, int64_t S,
     int64_t K, int64_t total, bool interleaved) {
   const int k_count = static_cast<int>(K);
+  const bool narrow = narrow_indices(total);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i * V < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t e = i * V;
     if (interleaved) {
-      const int64_t pos = e / C, c = e % C;
+      const DivMod pc = divmod(e, C, narrow);
+      const int64_t pos = pc.q, c = pc.r;
       normalize_vector<scalar_t, acc_t, V>(x, y, e, c, false, alpha, delta, C, k_count,
                                            [&](int k, int) {
                                              return tau ? tau[pos * K + k] : acc_t(1);
                                            });
     } else {
-      const int64_t s = e % S, row = e / S, c = row % C, n = row / C;
+      const DivMod rs = divmod(e, S, narrow), nc = divmod(rs.q, C, narrow);
+      const int64_t s = rs.r, c = nc.r, n = nc.q;
       normalize_vector<scalar_t, acc_t, V>(x, y, e, c, true, alpha, delta, C, k_count,
                                            [&](int k, int v) {
                                              return tau ? tau[(n * K + k) * S + s + v] : acc_t(1);
@@ -419,20 +444,24 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);  // ends with a barrier
     if constexpr (kInter) {
       const int64_t base = tg.p0 * C;
+      const bool narrow = narrow_indices(tg.P * C);
       for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
         const int64_t e = i * V;
-        const int j = static_cast<int>(e / C);
-        normalize_vector<scalar_t, acc_t, V>(x, y, base + e, e % C, false, p.alpha, p.delta, C,
+        const DivMod jc = divmod(e, C, narrow);
+        const int j = static_cast<int>(jc.q);
+        normalize_vector<scalar_t, acc_t, V>(x, y, base + e, jc.r, false, p.alpha, p.delta, C,
                                              K, [&](int k, int) { return ts[j * K + k]; });
       }
     } else {
       const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
+      const bool narrow = narrow_indices(C * per_row);
       for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
-        const int64_t c = i / per_row;
-        const int j = static_cast<int>(i % per_row) * V;
+        const DivMod cj = divmod(i, per_row, narrow);
+        const int64_t c = cj.q;
+        const int j = static_cast<int>(cj.r) * V;
         normalize_vector<scalar_t, acc_t, V>(
             x, y, (tg.n * C + c) * S + tg.s0 + j, c, true, p.alpha, p.delta, C, K,
-            [&](int k, int v) { return ts[k * len + j + v]; });
+            [&](int k, int v) { return smem_vec_value<V>(ts + k * len + j, v); });
       }
     }
     __syncthreads();  // ts is reused by the next tile
@@ -440,9 +469,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
 }
 
 // ---------------------------------------------------------------------------------------
-// Merge of the tile partials (Chan's formula) into the batch statistics: a block merges
-// the tiles of one of G chunks for kReduceCols (k, c) entries, kReduceRows rows walking
-// the tiles and then combined pairwise; finish_moments_kernel merges the G results in
+// Merge of the partial rows (Chan's formula) into the batch statistics: a block merges
+// the rows of one of G chunks for kReduceCols (k, c) entries, kReduceRows threads' rows
+// walking the partial rows and then combined pairwise; finish_moments_kernel merges the G results in
 // order, replaces inactive components' statistics by the mixture's (replace_inactive), and
 // forms the affine coefficients (alpha not null).
 // ---------------------------------------------------------------------------------------
@@ -450,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceCols * kReduceRows) merge_tile_moments_kernel(
     const acc_t* __restrict__ pn, const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
-    int64_t tiles, int64_t K, int64_t C, acc_t* __restrict__ gn, acc_t* __restrict__ gmean,
+    int64_t rows, int64_t K, int64_t C, acc_t* __restrict__ gn, acc_t* __restrict__ gmean,
     acc_t* __restrict__ gm2) {
   CBN_STATIC_SMEM(math::WeightedMoments<acc_t>[kReduceRows][kReduceCols], sm);
   const int64_t KC = K * C, G = gridDim.y, g = blockIdx.y;
@@ -459,7 +488,7 @@ __global__ void __launch_bounds__(kReduceCols * kReduceRows) merge_tile_moments_
   math::WeightedMoments<acc_t> acc{0, 0, 0};
   if (e < KC) {
     const int64_t k = e / C;
-    const int64_t t0 = tiles * g / G, t1 = tiles * (g + 1) / G;
+    const int64_t t0 = rows * g / G, t1 = rows * (g + 1) / G;
     for (int64_t t = t0 + row; t < t1; t += kReduceRows) {
       const math::WeightedMoments<acc_t> part{pn[t * K + k], pmean[t * KC + e], pm2[t * KC + e]};
       math::chan_merge(acc, part);
@@ -628,8 +657,9 @@ void dispatch_layout(bool interleaved, F&& f) {
     f(std::false_type{});
 }
 
+// rows: the partial rows the host allocated (partial_rows, computed once).
 template <typename scalar_t, typename acc_t>
-void launch_stats(const StatsParams<acc_t>& p) {
+void launch_stats(const StatsParams<acc_t>& p, int64_t rows) {
   dispatch_kb(p.geo.K, [&](auto kb) {
     dispatch_layout(p.geo.interleaved, [&](auto inter) {
       constexpr int KB = decltype(kb)::value;
@@ -637,7 +667,7 @@ void launch_stats(const StatsParams<acc_t>& p) {
       const size_t smem = tile_smem<acc_t>(p.geo, KB);
       allow_smem(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kInter>, smem);
       CBN_LAUNCH_KERNEL(collect_mixture_stats_kernel<scalar_t, acc_t, KB, kInter>,
-                        grid_1d(p.geo.num), kThreads, smem, p);
+                        grid_1d(rows), kThreads, smem, p);
     });
   });
 }
@@ -686,10 +716,12 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
   out.mean = at::empty({K, C}, aopt);
   out.var = at::empty({K, C}, aopt);
   out.count = at::empty({K}, aopt);
-  const Tiles tiles = plan_tiles(shape, K, st.acc == at::kDouble ? 8 : 4);
-  const int64_t G = std::max<int64_t>(1, reduce_groups(tiles.num, KC));
-  // tile partials (n | mean | M2), then the G chunks' merged results (n | mean | M2)
-  const Tensor parts = at::empty({tiles.num * (K + 2 * KC) + 3 * G * KC}, aopt);
+  const Tiles tiles =
+      plan_tiles(shape, K, st.acc == at::kDouble ? 8 : 4, x.element_size(), true);
+  const int64_t rows = partial_rows(tiles.num);
+  const int64_t G = std::max<int64_t>(1, reduce_groups(rows, KC));
+  // the blocks' partials (n | mean | M2), then the G chunks' merged results (n | mean | M2)
+  const Tensor parts = at::empty({rows * (K + 2 * KC) + 3 * G * KC}, aopt);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
   check_group_ids(grp, st.resp, K);
   const Tensor mix_mean = st.mix_mean.contiguous(), mix_var = st.mix_var.contiguous();
@@ -699,9 +731,9 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
       ec = estep_coefs<acc_t>(mix_mean, mix_var, st.mix_prior, eps, /*copy=*/!st.all_owned());
     mix_outputs(st, out, ec.mean_copy, ec.var_copy, ec.prior_copy);
     acc_t* pn = parts.data_ptr<acc_t>();
-    acc_t* pmean = pn + tiles.num * K;
-    acc_t* pm2 = pmean + tiles.num * KC;
-    acc_t* gn = pm2 + tiles.num * KC;
+    acc_t* pmean = pn + rows * K;
+    acc_t* pm2 = pmean + rows * KC;
+    acc_t* gn = pm2 + rows * KC;
     acc_t* gmean = gn + G * KC;
     acc_t* gm2 = gmean + G * KC;
     if (tiles.num > 0) {
@@ -717,11 +749,11 @@ BatchStats CudaBackend::batch_stats(const TrainSetup& st, const OptTensor& group
       p.part_m2 = pm2;
       p.geo = tile_params(shape, K, tiles);
       p.resp = st.resp;
-      launch_stats<scalar_t, acc_t>(p);
+      launch_stats<scalar_t, acc_t>(p, rows);
       CBN_LAUNCH_KERNEL(merge_tile_moments_kernel<acc_t>,
                         dim3(static_cast<unsigned>((KC + kReduceCols - 1) / kReduceCols),
                              static_cast<unsigned>(G)),
-                        dim3(kReduceCols, kReduceRows), 0, pn, pmean, pm2, tiles.num, K, C, gn,
+                        dim3(kReduceCols, kReduceRows), 0, pn, pmean, pm2, rows, K, C, gn,
                         gmean, gm2);
     } else {  // no positions: empty components
       parts.zero_();
@@ -801,7 +833,7 @@ std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const 
     }
     EstepCoefs ec;
     if (st.resp == Resp::kSoft) ec = estep_coefs<acc_t>(rm, rv, *running_prior, eps, false);
-    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t));
+    const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t), sizeof(scalar_t), false);
     StatsParams<acc_t> p{};
     p.x = x.data_ptr();
     p.tau = tau.data_ptr<acc_t>();

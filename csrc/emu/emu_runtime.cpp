@@ -403,10 +403,12 @@ void run_block(Run& r, dim3 bidx) {
 // Device-side functions
 // ---------------------------------------------------------------------------------------
 
-const DeviceProps& device_props() {
-  static const DeviceProps props;
+static DeviceProps& mutable_device_props() {
+  static DeviceProps props;
   return props;
 }
+
+const DeviceProps& device_props() { return mutable_device_props(); }
 
 const ThreadCoords& coords() { return running().coords; }
 
@@ -525,7 +527,15 @@ void run_grid(const void* kernel, const char* what, const char* file, int line, 
   TORCH_CHECK(r.error.empty(), r.error);
 }
 
-// For the Python module (csrc/emu/module.cpp).
+// For the Python module (csrc/emu/operators_emu.cpp).
+int set_multiprocessors(int n) {
+  TORCH_CHECK(n >= 1 && n <= 1024, "emulated CUDA: multiprocessors must be in [1, 1024], got ", n);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int old = mutable_device_props().multiProcessorCount;
+  mutable_device_props().multiProcessorCount = n;
+  return old;
+}
+
 void set_seed(uint64_t seed) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_seed = seed;

@@ -22,6 +22,7 @@ namespace cbn_ext {
 namespace emu {
 void set_seed(uint64_t seed);
 uint64_t get_seed();
+int set_multiprocessors(int n);
 std::tuple<uint64_t, uint64_t, uint64_t> stats();
 size_t shared_variables();
 
@@ -103,6 +104,18 @@ PyObject* set_seed(PyObject*, PyObject* arg) {
   return PyLong_FromUnsignedLongLong(old);
 }
 
+// set_multiprocessors(n): the emulated device's multiprocessor count, which the tile
+// plans and grids follow (132 by default, an H100/H200); returns the previous count.
+PyObject* set_multiprocessors(PyObject*, PyObject* arg) {
+  const long n = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (n < 1 || n > 1024) {
+    PyErr_SetString(PyExc_ValueError, "set_multiprocessors: expected a count in [1, 1024]");
+    return nullptr;
+  }
+  return PyLong_FromLong(cbn_ext::emu::set_multiprocessors(static_cast<int>(n)));
+}
+
 // stats() -> {"launches", "blocks", "switches"} since the library was loaded.
 PyObject* stats(PyObject*, PyObject*) {
   const auto s = cbn_ext::emu::stats();
@@ -179,6 +192,8 @@ PyObject* self_test(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"self_test", self_test, METH_NOARGS, "Kernels with planted defects and what is reported."},
     {"set_seed", set_seed, METH_O, "Set the emulation's schedule seed; returns the old one."},
+    {"set_multiprocessors", set_multiprocessors, METH_O,
+     "Set the emulated device's multiprocessor count; returns the old one."},
     {"stats", stats, METH_NOARGS, "Launches, blocks and fiber switches so far."},
     {"device", device, METH_NOARGS, "The emulated device's properties."},
     {nullptr, nullptr, 0, nullptr},
