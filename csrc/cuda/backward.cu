@@ -630,6 +630,9 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     if (st.resp == Resp::kSoft) {
       const Tiles tiles = plan_tiles(shape, K, sizeof(acc_t), 2 * sizeof(scalar_t), false);
       ip.geo = tile_params(shape, K, tiles);
+      // Planar tiles read tau and dl from shared memory V at a time (smem_vec_value): that
+      // needs V to divide the tile length, so that every row of ts and dl (len values)
+      // and every V-th position stays 16-byte aligned. Checked only by the emulated build.
       const bool tile_vec = vec && (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
       dispatch_kb(K, [&](auto kb) {
         constexpr int KB = decltype(kb)::value;
