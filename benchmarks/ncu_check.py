@@ -377,7 +377,7 @@ def design(name: str, sms: int):
         out["grad_input_soft_kernel"] = (2 * X + T + 9 * kc + shift + ev, X,
                                          "g, x once (dx sweep from L2), tau; writes dx")
     else:
-        out["grad_input_given_kernel"] = (2 * X + 3 * kc + shift, X, "g, x; writes dx")
+        out["grad_input_given_kernel"] = (2 * X + 4 * kc, X, "g, x; writes dx")
     return out
 
 

@@ -173,7 +173,9 @@ CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
 //   dtau[p,k] = sum_c [ g (alpha D + beta) + D (e1 + e2 D) ] - sum_c e2 v
 //   dl[p,k]   = tau_k (dtau_k - sum_j tau_j dtau_j)
 //   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
-// The kernels evaluate dx as g A + (x - s) B + E, summing per component
+// With one component per position (given groups, K = 1) the kernels take the formula as
+// it stands, on the component's own mean. With soft responsibilities they evaluate dx as
+// g A + (x - s) B + E, summing per component
 //   A += tau alpha,  B += tau P - dl a,  E += tau Q + dl a (mu - s),
 // with P = 2 e2 and Q = e1 - 2 e2 (m - s) per (k, c): five multiply-adds per component
 // instead of eight. s is a per-channel shift near the data (dx_shift), so that (x - s) B

@@ -222,6 +222,31 @@ def test_offset_input_many_channels(offset, layout, device):
 
 
 @pytest.mark.parametrize("device", device_params(emu=True))
+@pytest.mark.parametrize("shape", [(5, 13), (6, 20), (4, 6, 3, 3)])
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_given_groups_few_samples(K, shape, device):
+    """The split path (given groups) and K = 1 with components of one to three samples:
+    ill-conditioned input gradients (two samples normalize to -1 and +1 whatever their
+    values), where dx must be formed on each component's own mean. The SPEC's rule: 1e-5,
+    or twice the float32 reference's error. (A shared per-channel shift lost 15x the
+    reference's error at (5, 13), K = 5.) Not met yet, so not asserted here: a channel
+    whose two samples are within about 0.01 of each other (variance near eps), where the
+    float32 rounding of the batch mean is amplified by r^3 (e.g. (5, 13), K = 3, seed
+    24 x 7919 of make_stable_case: 4.3e-5 against a bound of 1e-5); see the README's
+    known gaps."""
+    for seed in range(4):
+        case = make_stable_case(shape, K, torch.float32, seed=seed_of_params(K, shape, seed),
+                                device=device, groups=K > 1)
+        ours = run(Fc.compound_batch_norm, case, True)
+        ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
+        ref32 = run(R.compound_batch_norm, case, True, dtype=torch.float32)
+        for name in ("y", "dx", "dw", "db"):
+            a, b, c = getattr(ours, name), getattr(ref, name), getattr(ref32, name)
+            bound = max(TOL[torch.float32], 2 * rel_err(c, b))
+            assert rel_err(a, b) <= bound, (name, seed, rel_err(a, b), bound)
+
+
+@pytest.mark.parametrize("device", device_params(emu=True))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("nbt", [0, 3])

@@ -104,7 +104,8 @@ struct GradInputArgs {
   const void* grad;
   const void* x;
   const void* tau;
-  // dtau (kSoft only): D = x - mean, sum_c g (alpha D + beta) + D (e1 + e2 D) - ev
+  // dtau (kSoft only): D = x - mean, sum_c g (alpha D + beta) + D (e1 + e2 D) - ev; mean
+  // and e1 also for dx with one component per position
   const void* mean;
   const void* alpha;
   const void* beta;
@@ -112,7 +113,8 @@ struct GradInputArgs {
   const void* e2;
   const void* ev;  // (K,) sum_c e2 v
   // dx = g A + (x - shift) B + E: alpha (above), p = 2 e2, q = e1 - 2 e2 (m - shift),
-  // shift (C,); a, amu = a (mu - shift) (kSoft only)
+  // shift (C,); a, amu = a (mu - shift) (kSoft only). One component per position (given
+  // groups, K = 1): alpha g + e1 + p (x - mean), on the component's own mean.
   const void* p;
   const void* q;
   const void* a;

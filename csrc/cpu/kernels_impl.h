@@ -1020,9 +1020,13 @@ struct DxPtrs {
   const acc_t* a;
   const acc_t* amu;
   const acc_t* shift;  // (C,): dx = g A + (x - shift) B + E
+  // one component per position (given groups, K = 1): dx = alpha g + e1 + p (x - mean),
+  // on the component's own mean (no cancellation against a shared shift)
+  const acc_t* e1;
+  const acc_t* mean;
 };
 
-// Interleaved dx; loc/dl soft (dl may be null: given), or kfix (one component each).
+// Interleaved dx; loc/dl soft, or kfix (one component each: given groups, K = 1).
 template <typename acc_t>
 void dx_interleaved(const acc_t* x, const acc_t* gr, acc_t* dx, int64_t T, int64_t C, int64_t K,
                     const acc_t* loc, const acc_t* dl, const int64_t* kfix, DxPtrs<acc_t> cf) {
@@ -1037,10 +1041,10 @@ void dx_interleaved(const acc_t* x, const acc_t* gr, acc_t* dx, int64_t T, int64
         constexpr bool F = decltype(full)::value;
         V A = {}, B = {}, E = {};
         math::dx_accumulate(acc_t(1), ld<F>(cf.al + o + c, n), ld<F>(cf.p + o + c, n),
-                            ld<F>(cf.q + o + c, n), A, B, E);
+                            ld<F>(cf.e1 + o + c, n), A, B, E);
         st<F>(dr + c,
-              math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n) - ld<F>(cf.shift + c, n), A,
-                               B, E),
+              math::dx_combine(ld<F>(grr + c, n), ld<F>(xr + c, n) - ld<F>(cf.mean + o + c, n),
+                               A, B, E),
               n);
       });
       continue;
@@ -1078,12 +1082,12 @@ void dx_planar(View<const acc_t> xv, View<const acc_t> gv, View<acc_t> dv, int64
       const acc_t sh = cf.shift[c];
       if (kfix != nullptr) {
         const int64_t o = kfix[seg] * C + c;
-        const acc_t al = cf.al[o], p = cf.p[o], q = cf.q[o];
+        const acc_t al = cf.al[o], p = cf.p[o], e1 = cf.e1[o], m = cf.mean[o];
         for_vectors<acc_t>(len, [&](auto full, int64_t s, int64_t n) {
           constexpr bool F = decltype(full)::value;
           V A = {}, B = {}, E = {};
-          math::dx_accumulate(acc_t(1), al, p, q, A, B, E);
-          st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n) - sh, A, B, E), n);
+          math::dx_accumulate(acc_t(1), al, p, e1, A, B, E);
+          st<F>(dr + s, math::dx_combine(ld<F>(grr + s, n), ld<F>(xr + s, n) - m, A, B, E), n);
         });
         continue;
       }
@@ -1245,7 +1249,8 @@ void mixture_grad_input_impl(const GradInputArgs& a) {
                             static_cast<const acc_t*>(a.e2), static_cast<const acc_t*>(a.ev)};
   const DxPtrs<acc_t> xcf{static_cast<const acc_t*>(a.alpha), static_cast<const acc_t*>(a.p),
                           static_cast<const acc_t*>(a.q), static_cast<const acc_t*>(a.a),
-                          static_cast<const acc_t*>(a.amu), static_cast<const acc_t*>(a.shift)};
+                          static_cast<const acc_t*>(a.amu), static_cast<const acc_t*>(a.shift),
+                          static_cast<const acc_t*>(a.e1), static_cast<const acc_t*>(a.mean)};
   using IO = TileIO<scalar_t, acc_t>;
   const int64_t maxT = max_tile_positions(g, plan);
   for_each_tile(plan, [=](int64_t begin, int64_t end) {

@@ -264,7 +264,8 @@ struct GradInputParams {
   const acc_t *mean, *alpha, *beta, *e1, *e2;
   const acc_t* ev_part;  // (K, ev_blocks)
   int64_t ev_blocks;
-  // dx = g A + (x - shift) B + E: alpha, p, q, shift (C) (and a, amu for soft)
+  // soft: dx = g A + (x - shift) B + E from alpha, p, q, a, amu and shift (C); given or
+  // single: sum_k tau_k (alpha g + e1 + p (x - mean_k)) from alpha, p, e1, mean
   const acc_t *pc, *qc, *a, *amu, *shift;
   int64_t C, S, K;
   TileParams geo;  // soft: the tiles
@@ -310,29 +311,46 @@ __device__ __forceinline__ void grad_input_vector(const GradInputParams<acc_t>& 
                                                   scalar_t* dx, int64_t e, int64_t c,
                                                   bool per_channel_row, Tau tau, Dl dl) {
   const Pack<scalar_t, V> xv = load_pack<V>(x + e), gv = load_pack<V>(gr + e);
-  acc_t A[V], B[V], E[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) A[v] = B[v] = E[v] = acc_t(0);
   const int K = static_cast<int>(p.K);
-  for (int k = 0; k < K; ++k) {
+  (void)dl;  // soft responsibilities only
+  Pack<scalar_t, V> out;
+  if constexpr (!kSoft) {
+    // Given (one-hot) or single responsibilities: sum_k tau_k (alpha g + e1 + p (x - m_k)),
+    // on each component's own mean (a shift shared by far-apart components would cancel).
+    acc_t acc[V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t o = k * p.C + c + (per_channel_row ? 0 : v);
-      if constexpr (kSoft) {
-        math::dx_accumulate(tau(k, v), dl(k, v), p.alpha[o], p.pc[o], p.qc[o], p.a[o], p.amu[o],
-                            A[v], B[v], E[v]);
-      } else {
-        math::dx_accumulate(tau(k, v), p.alpha[o], p.pc[o], p.qc[o], A[v], B[v], E[v]);
+    for (int v = 0; v < V; ++v) acc[v] = acc_t(0);
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t o = k * p.C + c + (per_channel_row ? 0 : v);
+        acc_t A = 0, B = 0, E = 0;
+        math::dx_accumulate(tau(k, v), p.alpha[o], p.pc[o], p.e1[o], A, B, E);
+        acc[v] += math::dx_combine(static_cast<acc_t>(gv.v[v]),
+                                   static_cast<acc_t>(xv.v[v]) - p.mean[o], A, B, E);
       }
     }
-  }
-  Pack<scalar_t, V> out;
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const acc_t s = p.shift[c + (per_channel_row ? 0 : v)];
-    out.v[v] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gv.v[v]),
-                                                      static_cast<acc_t>(xv.v[v]) - s, A[v], B[v],
-                                                      E[v]));
+    for (int v = 0; v < V; ++v) out.v[v] = static_cast<scalar_t>(acc[v]);
+  } else {
+    acc_t A[V], B[V], E[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) A[v] = B[v] = E[v] = acc_t(0);
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t o = k * p.C + c + (per_channel_row ? 0 : v);
+        math::dx_accumulate(tau(k, v), dl(k, v), p.alpha[o], p.pc[o], p.qc[o], p.a[o],
+                            p.amu[o], A[v], B[v], E[v]);
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const acc_t s = p.shift[c + (per_channel_row ? 0 : v)];
+      out.v[v] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gv.v[v]),
+                                                        static_cast<acc_t>(xv.v[v]) - s, A[v],
+                                                        B[v], E[v]));
+    }
   }
   store_pack<V>(dx + e, out);
 }
