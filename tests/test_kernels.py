@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (DTYPES, TOL, Case, Fc, R, backend, channels_inner, compare,
-                      device_params, make_case, make_stable_case, rel_err, run, seed_of_params,
-                      torch_device)
+                      compare_with_rule, device_params, make_case, make_stable_case, rel_err,
+                      run, seed_of_params, torch_device)
 
 SHAPES = {
     "1d": (64, 13),              # (N, C), C not a multiple of 8
@@ -213,12 +213,7 @@ def test_offset_input_many_channels(offset, layout, device):
                                        seed_of_params(offset, layout, seed), device, offset)
         for training in (True, False):
             ours = run(Fc.compound_batch_norm, case, training)
-            ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
-            ref32 = run(R.compound_batch_norm, case, training, dtype=torch.float32)
-            for name in ("y", "dx", "dw", "db"):
-                a, b, c = getattr(ours, name), getattr(ref, name), getattr(ref32, name)
-                bound = max(TOL[torch.float32], 2 * rel_err(c, b))
-                assert rel_err(a, b) <= bound, (name, training, seed, rel_err(a, b), bound)
+            compare_with_rule(ours, case, training, torch.float32, what=("y", "dx", "dw", "db"))
 
 
 @pytest.mark.parametrize("device", device_params(emu=True))
@@ -238,12 +233,7 @@ def test_given_groups_few_samples(K, shape, device):
         case = make_stable_case(shape, K, torch.float32, seed=seed_of_params(K, shape, seed),
                                 device=device, groups=K > 1)
         ours = run(Fc.compound_batch_norm, case, True)
-        ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
-        ref32 = run(R.compound_batch_norm, case, True, dtype=torch.float32)
-        for name in ("y", "dx", "dw", "db"):
-            a, b, c = getattr(ours, name), getattr(ref, name), getattr(ref32, name)
-            bound = max(TOL[torch.float32], 2 * rel_err(c, b))
-            assert rel_err(a, b) <= bound, (name, seed, rel_err(a, b), bound)
+        compare_with_rule(ours, case, True, torch.float32, what=("y", "dx", "dw", "db"))
 
 
 @pytest.mark.parametrize("device", device_params(emu=True))
