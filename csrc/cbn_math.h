@@ -121,6 +121,27 @@ CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_
   a.n = n;
 }
 
+// chan_merge of the moments of several channels that share their counts (the means and
+// M2 of one component in a SIMD vector T, one count): the same arithmetic lane by lane,
+// with one division for all of them.
+template <typename T, typename acc_t>
+CBN_INLINE void chan_merge_shared(acc_t& an, T& amean, T& am2, acc_t bn, const T& bmean,
+                                  const T& bm2) {
+  const acc_t n = an + bn;
+  if (bn == acc_t(0)) return;
+  if (an == acc_t(0)) {
+    an = bn;
+    amean = bmean;
+    am2 = bm2;
+    return;
+  }
+  const T delta = bmean - amean;
+  const acc_t wb = bn / n;
+  amean = amean + delta * wb;
+  am2 = am2 + bm2 + delta * delta * an * wb;
+  an = n;
+}
+
 // A component takes part in the M-step (and the running update) when it holds more
 // than one position's worth of responsibility.
 template <typename acc_t>

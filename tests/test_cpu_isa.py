@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     for shape, layout in [((64, 13), False), ((4, 10, 5, 7), False), ((4, 10, 5, 7), True),
                           ((3, 64, 9, 9), True)]:
         for K in (1, 2, 3):
-            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 for training in (True, False):
                     case = make_stable_case(shape, K, dtype, channels_last=layout, seed=K)
                     ours = run(Fc.compound_batch_norm, case, training)
@@ -32,6 +32,46 @@ SCRIPT = textwrap.dedent("""
                     compare(ours, ref, TOL[dtype])
     print("baseline ok")
 """)
+
+# Half-precision conversions of non-finite values: the same bits from both builds (and
+# NaN as c10 writes it, sign | 0x7E00, whatever payload the input NaN carried).
+NONFINITE = textwrap.dedent("""
+    import torch, cbn_ext
+    bits = torch.tensor([0x7E01, -0x01CD, 0x7C01, 0x7C00, -0x0400, 0x3C00, 0x7D55, -0x4000],
+                        dtype=torch.int16)  # NaNs with payloads (one signaling), +-inf, 1, -2
+    torch.manual_seed(0)
+    out = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 24, 5, 7).to(dtype)
+            flat = x.view(-1)
+            idx = torch.arange(0, flat.numel(), 37)[:bits.numel()]
+            flat.view(torch.int16)[idx] = bits
+            x = x.contiguous(memory_format=layout)
+            for K in (1, 2):
+                m = cbn_ext.CompoundBatchNorm2d(24, K).to(dtype).eval()
+                with torch.no_grad():
+                    m.running_mean.copy_(torch.randn(K, 24))
+                y = m(x)
+                out.append(y.contiguous().view(-1).view(torch.int16).tolist())
+    print(repr(out))
+""")
+
+
+def test_nonfinite_half_values_same_bits_in_both_builds():
+    env = dict(os.environ, CBN_EXT_CPU_ISA="baseline")
+    base = subprocess.run([sys.executable, "-c", NONFINITE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert base.returncode == 0, base.stdout + base.stderr
+    here = subprocess.run([sys.executable, "-c", NONFINITE], capture_output=True, text=True,
+                          timeout=300)
+    assert here.returncode == 0, here.stdout + here.stderr
+    a, b = eval(base.stdout), eval(here.stdout)
+    assert a == b
+    nans = [v for row in a for v in row if (v & 0x7C00) == 0x7C00 and (v & 0x03FF)]
+    assert nans, "no NaN reached the output"
+    f16 = [v for row in a[:4] for v in row if (v & 0x7C00) == 0x7C00 and (v & 0x03FF)]
+    assert f16 and all((v & 0x7FFF) == 0x7E00 for v in f16), sorted(set(f16))
 
 
 def test_baseline_kernels_match_reference():

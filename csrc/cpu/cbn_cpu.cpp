@@ -22,7 +22,9 @@
 namespace cbn_ext {
 namespace cpu {
 
-TilePlan make_tile_plan(const Geometry& g) {
+namespace {
+
+TilePlan base_tile_plan(const Geometry& g) {
   // About 16k elements (64 KiB of float) per tile: the kernels pass over a tile two or
   // three times while it sits in the L2 cache.
   constexpr int64_t kTileElems = 16384;
@@ -38,8 +40,18 @@ TilePlan make_tile_plan(const Geometry& g) {
     p.num_tiles = (M + len - 1) / len;
     return p;
   }
+  // Planar: whole samples, or chunks of one sample when a sample is long. The kernels
+  // read and write the rows of a tile in place (half precision converted in the loads and
+  // stores), channel after channel: a chunk is a piece of each channel's row, and pieces
+  // much shorter than 256 positions make a strided walk through memory (in pieces of a
+  // few cache lines, each in its own place) that the hardware prefetchers follow poorly:
+  // 64 x 256 x 14 x 14 in chunks of 64 positions ran 2-3x slower than in whole samples.
+  // So a chunk holds at least kMinChunk positions, even where its tile then exceeds
+  // kTileElems.
+  constexpr int64_t kMinChunk = 256;
   const int64_t per_sample = g.S * g.C;
-  const int64_t target_len = std::max<int64_t>(64, kTileElems / std::max<int64_t>(g.C, 1));
+  const int64_t target_len =
+      std::max<int64_t>(kMinChunk, kTileElems / std::max<int64_t>(g.C, 1));
   if (g.S > 2 * target_len) {
     // chunks of one sample, of nearly equal lengths rounded up to a multiple of 16
     const int64_t chunks = (g.S + target_len - 1) / target_len;
@@ -56,6 +68,26 @@ TilePlan make_tile_plan(const Geometry& g) {
   p.segs = std::max<int64_t>(1, kTileElems / std::max<int64_t>(per_sample, 1));
   p.segs = std::min(p.segs, g.N);
   p.num_tiles = (g.N + p.segs - 1) / p.segs;
+  return p;
+}
+
+}  // namespace
+
+// A few large samples (a batch of one at inference) make fewer tiles than threads: split
+// the samples into shorter chunks, down to kSplitChunk positions, until there are
+// kMinTiles tiles. By shape only, so that any number of threads sums the same tiles in
+// the same order.
+TilePlan make_tile_plan(const Geometry& g) {
+  constexpr int64_t kMinTiles = 8, kSplitChunk = 64;
+  TilePlan p = base_tile_plan(g);
+  if (g.interleaved || p.num_tiles == 0 || p.num_tiles >= kMinTiles || p.segs > 1) return p;
+  const int64_t chunks = (kMinTiles + g.N - 1) / g.N;
+  int64_t len = (g.S + chunks - 1) / chunks;
+  len = std::max<int64_t>(kSplitChunk, (len + 15) / 16 * 16);
+  if (len >= p.len) return p;
+  p.len = len;
+  p.chunks = (g.S + len - 1) / len;
+  p.num_tiles = g.N * p.chunks;
   return p;
 }
 
@@ -193,6 +225,59 @@ AffineCoefs affine_coefs(const OptTensor& weight, const OptTensor& bias, const T
   return out;
 }
 
+// Lanes of per-(k, c) values merged over the tiles together: channels c0 .. c0 + kLanes of
+// one component, in a GCC vector (two or four SSE registers in this file's baseline
+// build). The tree over the tiles is the one pairwise_sum / pairwise_merge take, lane by
+// lane, so the result of each (k, c) does not depend on the lanes it shares.
+constexpr int64_t kLanes = 16;
+template <typename T>
+struct LaneTraits {
+  typedef T V __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <typename T>
+using LaneVec = typename LaneTraits<T>::V;
+
+template <typename T>
+LaneVec<T> load_lanes(const T* p) {
+  LaneVec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+void store_lanes(T* p, const LaneVec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// sum_{i < n} row(lo + i), lane by lane, with the tree of pairwise_sum.
+template <typename T, typename F>
+LaneVec<T> pairwise_sum_lanes(int64_t n, F&& row, int64_t lo = 0) {
+  if (n <= 16) {
+    LaneVec<T> s = {};
+    for (int64_t i = 0; i < n; ++i) s += row(lo + i);
+    return s;
+  }
+  const int64_t half = n / 2;
+  return pairwise_sum_lanes<T>(half, row, lo) + pairwise_sum_lanes<T>(n - half, row, lo + half);
+}
+
+template <typename T>
+struct LaneMoments {
+  T n;
+  LaneVec<T> mean, m2;
+};
+
+// pairwise_merge of lanes that share their counts (math::chan_merge_shared).
+template <typename T, typename F>
+LaneMoments<T> pairwise_merge_lanes(int64_t n, F&& part, int64_t lo = 0) {
+  if (n == 1) return part(lo);
+  const int64_t half = n / 2;
+  LaneMoments<T> a = pairwise_merge_lanes<T>(half, part, lo);
+  const LaneMoments<T> b = pairwise_merge_lanes<T>(n - half, part, lo + half);
+  math::chan_merge_shared(a.n, a.mean, a.m2, b.n, b.mean, b.m2);
+  return a;
+}
+
 // Merge the per-tile partials (a tree over the tiles): biased mean and variance per (k, c)
 // and the count per k. replace_inactive: inactive components (count <= 1) take the mixture's
 // statistics; else the raw moments are kept (0 for an empty component).
@@ -215,22 +300,42 @@ void merge_moments(const Tensor& parts, int64_t tiles, int64_t K, int64_t C,
       for (int64_t t = 0; t < tiles; ++t) n += static_cast<double>(pn[t * K + k]);
       on[k] = static_cast<scalar_t>(n);
     }
-    at::parallel_for(0, K * C, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t k = i / C, c = i % C;
+    const auto finish = [&](int64_t i, const math::WeightedMoments<scalar_t>& acc) {
+      const int64_t k = i / C;
+      if (!replace_inactive || math::is_active(on[k])) {
+        om[i] = acc.mean;
+        ov[i] = acc.n > scalar_t(0) ? acc.m2 / acc.n : scalar_t(0);
+      } else {
+        om[i] = pmm[i];
+        ov[i] = pmv[i];
+      }
+    };
+    // work units: (k, block of kLanes channels), then the channels past the last block
+    const int64_t blocks = C / kLanes, rest = C - blocks * kLanes;
+    at::parallel_for(0, K * (blocks + rest), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t k = u / (blocks + rest), r = u % (blocks + rest);
+        if (r < blocks) {
+          const int64_t c0 = r * kLanes;
+          const LaneMoments<scalar_t> acc =
+              tiles == 0 ? LaneMoments<scalar_t>{0, {}, {}}
+                         : pairwise_merge_lanes<scalar_t>(tiles, [&](int64_t t) {
+                             const int64_t o = (t * K + k) * C + c0;
+                             return LaneMoments<scalar_t>{pn[t * K + k], load_lanes(pmean + o),
+                                                          load_lanes(pm2 + o)};
+                           });
+          for (int64_t l = 0; l < kLanes; ++l)
+            finish(k * C + c0 + l, math::WeightedMoments<scalar_t>{acc.n, acc.mean[l], acc.m2[l]});
+          continue;
+        }
+        const int64_t c = blocks * kLanes + (r - blocks);
         const math::WeightedMoments<scalar_t> acc =
             tiles == 0 ? math::WeightedMoments<scalar_t>{0, 0, 0}
                        : pairwise_merge<scalar_t>(tiles, [&](int64_t t) {
                            return math::WeightedMoments<scalar_t>{
                                pn[t * K + k], pmean[(t * K + k) * C + c], pm2[(t * K + k) * C + c]};
                          });
-        if (!replace_inactive || math::is_active(on[k])) {
-          om[i] = acc.mean;
-          ov[i] = acc.n > scalar_t(0) ? acc.m2 / acc.n : scalar_t(0);
-        } else {
-          om[i] = pmm[i];
-          ov[i] = pmv[i];
-        }
+        finish(k * C + c, acc);
       }
     });
   });
@@ -243,9 +348,19 @@ Tensor sum_partials(const Tensor& buf, const void* part, int64_t tiles, int64_t 
   AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "cbn_sum_partials", [&] {
     const scalar_t* p = static_cast<const scalar_t*>(part);
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, KC, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
+    const int64_t blocks = KC / kLanes;
+    at::parallel_for(0, blocks + (KC - blocks * kLanes), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        if (u < blocks) {
+          const int64_t i0 = u * kLanes;
+          store_lanes(o + i0, pairwise_sum_lanes<scalar_t>(tiles, [&](int64_t t) {
+                        return load_lanes(p + t * KC + i0);
+                      }));
+          continue;
+        }
+        const int64_t i = blocks * kLanes + (u - blocks);
         o[i] = pairwise_sum<scalar_t>(tiles, [&](int64_t t) { return p[t * KC + i]; });
+      }
     });
   });
   return out;
