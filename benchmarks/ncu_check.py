@@ -371,10 +371,12 @@ def design(name: str, sms: int):
     if G_b > 1:
         out["finish_sums_kernel"] = (2 * G_b * kc, 2 * kc, "(K, C): the chunks")
     ev = K * (-(-C // THREADS)) * a  # per-block parts of ev
-    shift = C * a  # the per-channel shift of dx
-    out["grad_coefs_kernel"] = ((8 if soft else 6) * kc + ka, 10 * kc + shift + ev, "(K, C)")
+    # reads weight, bias, var, Sg, Sgx (and the E-step's mean and variance); writes alpha,
+    # beta, e1, e2, p, a, mu, dgamma, dbeta
+    out["grad_coefs_kernel"] = ((7 if soft else 5) * kc + ka, 9 * kc + ev, "(K, C)")
     if soft:
-        out["grad_input_soft_kernel"] = (2 * X + T + 9 * kc + shift + ev, X,
+        # mean, alpha, beta, e1, e2 (dtau), p, a, mu (dx)
+        out["grad_input_soft_kernel"] = (2 * X + T + 8 * kc + ev, X,
                                          "g, x once (dx sweep from L2), tau; writes dx")
     else:
         out["grad_input_given_kernel"] = (2 * X + 4 * kc, X, "g, x; writes dx")

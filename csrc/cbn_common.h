@@ -112,12 +112,11 @@ void mix_outputs(const TrainSetup& st, BatchStats& out, Tensor copy_mean, Tensor
                  Tensor copy_prior);
 
 // Per-(k, c) coefficients of the backward (cbn_math.h), as rows of K x C values in one
-// allocation: alpha, beta, e1, e2 for dtau; p, q, a, amu for dx; then ev, sum_c e2 v per
+// allocation: alpha, beta, e1, e2 for dtau; p, a, mu for dx; then ev, sum_c e2 v per
 // component (the CPU backend: K values; the CUDA one: per-block parts, K x ev_cols).
 // dgamma and dbeta: the parameter gradients (K, C).
 struct GradCoefs {
-  // kShift: the per-channel shift s of dx (its first C values; cbn_math.h dx_shift)
-  enum Row : int { kAlpha, kBeta, kE1, kE2, kP, kQ, kA, kAmu, kShift, kRows };
+  enum Row : int { kAlpha, kBeta, kE1, kE2, kP, kA, kMu, kRows };
   Tensor buf;
   int64_t kc = 0, ev_cols = 1;
   Tensor dgamma, dbeta;

@@ -67,11 +67,16 @@ def test_nonfinite_half_values_same_bits_in_both_builds():
                           timeout=300)
     assert here.returncode == 0, here.stdout + here.stderr
     a, b = eval(base.stdout), eval(here.stdout)
-    assert a == b
-    nans = [v for row in a for v in row if (v & 0x7C00) == 0x7C00 and (v & 0x03FF)]
-    assert nans, "no NaN reached the output"
-    f16 = [v for row in a[:4] for v in row if (v & 0x7C00) == 0x7C00 and (v & 0x03FF)]
-    assert f16 and all((v & 0x7FFF) == 0x7E00 for v in f16), sorted(set(f16))
+    # the finite values may differ in their last bits (FMA in one build only); the
+    # non-finite ones, where they are and their bits, may not
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        exp_mask = 0x7C00 if i < 4 else 0x7F80  # float16 rows, then bfloat16
+        nf_a = {j: v for j, v in enumerate(ra) if (v & exp_mask) == exp_mask}
+        nf_b = {j: v for j, v in enumerate(rb) if (v & exp_mask) == exp_mask}
+        assert nf_a == nf_b, (i, nf_a, nf_b)
+    f16_nans = [v for row in a[:4] for v in row if (v & 0x7C00) == 0x7C00 and (v & 0x03FF)]
+    assert f16_nans, "no NaN reached the float16 output"
+    assert all((v & 0x7FFF) == 0x7E00 for v in f16_nans), sorted(set(f16_nans))
 
 
 def test_baseline_kernels_match_reference():

@@ -46,8 +46,11 @@ TilePlan base_tile_plan(const Geometry& g) {
   // much shorter than 256 positions make a strided walk through memory (in pieces of a
   // few cache lines, each in its own place) that the hardware prefetchers follow poorly:
   // 64 x 256 x 14 x 14 in chunks of 64 positions ran 2-3x slower than in whole samples.
-  // So a chunk holds at least kMinChunk positions, even where its tile then exceeds
-  // kTileElems.
+  // So a sample is cut only when it is longer than 2 kMinChunk (or 2 kTileElems / C), into
+  // chunks of nearly equal length: between about 2/3 and 1 times that target, the last
+  // one shorter (56x56 with C = 64: 12 chunks of 256 and one of 64), even where a tile
+  // then exceeds kTileElems. make_tile_plan cuts shorter chunks on purpose when a batch
+  // of few samples would otherwise leave threads idle.
   constexpr int64_t kMinChunk = 256;
   const int64_t per_sample = g.S * g.C;
   const int64_t target_len =
@@ -484,7 +487,7 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
   AT_DISPATCH_FLOATING_TYPES(st.acc, "cbn_grad_coefs", [&] {
     const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
     const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
-    const Tensor v = var.contiguous(), m = mean.contiguous();
+    const Tensor v = var.contiguous();
     const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
     const Tensor mm = soft ? mix_mean.contiguous() : Tensor();
     const Tensor mv = soft ? mix_var.contiguous() : Tensor();
@@ -493,7 +496,6 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
     const scalar_t* pw = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pb = bb.defined() ? bb.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pv = v.data_ptr<scalar_t>();
-    const scalar_t* pm = m.data_ptr<scalar_t>();
     const scalar_t* pn = n.defined() ? n.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pmm = mm.defined() ? mm.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pmv = mv.defined() ? mv.data_ptr<scalar_t>() : nullptr;
@@ -505,11 +507,8 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
     scalar_t* p1 = out.row<scalar_t>(GradCoefs::kE1);
     scalar_t* p2 = out.row<scalar_t>(GradCoefs::kE2);
     scalar_t* pp = out.row<scalar_t>(GradCoefs::kP);
-    scalar_t* pq = out.row<scalar_t>(GradCoefs::kQ);
     scalar_t* pac = out.row<scalar_t>(GradCoefs::kA);
-    scalar_t* pamu = out.row<scalar_t>(GradCoefs::kAmu);
-    scalar_t* pshift = out.row<scalar_t>(GradCoefs::kShift);
-    for (int64_t c = 0; c < C; ++c) pshift[c] = math::dx_shift(pm, pn, K, C, c);
+    scalar_t* pmu = out.row<scalar_t>(GradCoefs::kMu);
     scalar_t* pev = out.ev<scalar_t>();
     scalar_t* pdg = out.dgamma.data_ptr<scalar_t>();
     scalar_t* pdb = out.dbeta.data_ptr<scalar_t>();
@@ -521,8 +520,7 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
             psgx ? psgx[i] : scalar_t(0), e, batch_stats);
         // the E-step precision: only soft responsibilities depend on x through it
         const scalar_t a = pmv ? scalar_t(2) * math::half_precision(pmv[i], e) : scalar_t(0);
-        const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e1, gc.e2, pm[i], a,
-                                                 pmm ? pmm[i] : scalar_t(0), pshift[c]);
+        const auto dc = math::dx_coefs<scalar_t>(gc.alpha, gc.e2, a, pmm ? pmm[i] : scalar_t(0));
         pa[i] = gc.alpha;
         pbeta[i] = pb ? pb[i] : scalar_t(0);
         p1[i] = gc.e1;
@@ -530,9 +528,8 @@ GradCoefs grad_coefs_impl(const BackwardSetup& st, const OptTensor& weight,
         pdg[i] = gc.dgamma;
         pdb[i] = gc.dbeta;
         pp[i] = dc.p;
-        pq[i] = dc.q;
         pac[i] = dc.a;
-        pamu[i] = dc.amu;
+        pmu[i] = dc.mu;
       }
       pev[k] = pairwise_sum<scalar_t>(C, [&](int64_t c) { return p2[k * C + c] * pv[k * C + c]; });
     }
@@ -564,10 +561,8 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   ia.e2 = cf.row_ptr(GradCoefs::kE2);
   ia.ev = cf.ev_ptr();
   ia.p = cf.row_ptr(GradCoefs::kP);
-  ia.q = cf.row_ptr(GradCoefs::kQ);
   ia.a = cf.row_ptr(GradCoefs::kA);
-  ia.amu = cf.row_ptr(GradCoefs::kAmu);
-  ia.shift = cf.row_ptr(GradCoefs::kShift);
+  ia.mu = cf.row_ptr(GradCoefs::kMu);
   ia.dx = dx.data_ptr();
   CBN_CALL_KERNEL(mixture_grad_input, ia);
   return dx;

@@ -94,7 +94,8 @@ struct GradStatsArgs {
   void* part_sgx;     // output (tiles, K, C): sum_p g tau (x - m)
 };
 
-// dx = g A + x B + E with A, B, E summed over components (cbn_math.h).
+// dx (cbn_math.h): soft responsibilities, sum_k tau_k (alpha g + e1 + p (x - m_k)) -
+// dl_k a (x - mu_k); one component per position, alpha g + e1 + p (x - m).
 struct GradInputArgs {
   Geometry geo;
   TilePlan plan;
@@ -105,21 +106,18 @@ struct GradInputArgs {
   const void* x;
   const void* tau;
   // dtau (kSoft only): D = x - mean, sum_c g (alpha D + beta) + D (e1 + e2 D) - ev; mean
-  // and e1 also for dx with one component per position
+  // and e1 also for dx
   const void* mean;
   const void* alpha;
   const void* beta;
   const void* e1;
   const void* e2;
   const void* ev;  // (K,) sum_c e2 v
-  // dx = g A + (x - shift) B + E: alpha (above), p = 2 e2, q = e1 - 2 e2 (m - shift),
-  // shift (C,); a, amu = a (mu - shift) (kSoft only). One component per position (given
-  // groups, K = 1): alpha g + e1 + p (x - mean), on the component's own mean.
+  // dx: alpha, e1, mean (above), p = 2 e2; a (E-step precision) and mu (E-step mean),
+  // kSoft only
   const void* p;
-  const void* q;
   const void* a;
-  const void* amu;
-  const void* shift;
+  const void* mu;
   void* dx;
 };
 

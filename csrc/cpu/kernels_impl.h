@@ -17,8 +17,8 @@
 // * A planar row (one channel of one sample in the tile) whose length is not a multiple of
 //   the vector width ends with a whole vector that overlaps the one before it (kOverlap):
 //   outputs per position are written twice with the same value, sums leave the repeated
-//   lanes out. Only rows shorter than a vector take lane-by-lane loads (kPart). So 7x7
-//   and 14x14 rows run whole vectors.
+//   lanes out. Only rows (or chunks of rows) shorter than a vector take lane-by-lane
+//   loads (kPart). So 7x7 and 14x14 rows run whole vectors.
 // * Interleaved tiles are walked one row (position) at a time, two vectors of channels a
 //   step, in memory order; their Sg / Sgx sums down the columns with the sums in
 //   registers. Two rows at once (each coefficient vector serving both) stalled on the
@@ -1013,7 +1013,7 @@ C10_ALWAYS_INLINE void grad_stats_planar_row(View<const S> xv, View<const S> gv,
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, pass 2: dtau -> dl (soft), then dx = g A + (x - s) B + E.
+// Backward, pass 2: dtau -> dl (soft), then dx (cbn_math.h).
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -1028,16 +1028,15 @@ struct DtauPtrs {
 
 template <typename acc_t>
 struct DxPtrs {
+  // dx on each component's own means (cbn_math.h): soft, sum_k tau_k (al g + e1 +
+  // p (x - mean_k)) - dl_k a (x - mu_k); one component per position (given groups, K = 1),
+  // al g + e1 + p (x - mean)
   const acc_t* al;
   const acc_t* p;
-  const acc_t* q;
-  const acc_t* a;
-  const acc_t* amu;
-  const acc_t* shift;  // (C,): dx = g A + (x - shift) B + E
-  // one component per position (given groups, K = 1): dx = alpha g + e1 + p (x - mean),
-  // on the component's own mean (no cancellation against a shared shift)
   const acc_t* e1;
   const acc_t* mean;
+  const acc_t* a;
+  const acc_t* mu;
 };
 
 // Interleaved: sum_c dtau_term of NP rows at x / gr, components [k0, k0 + KB); blocked
@@ -1086,21 +1085,21 @@ C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_
   const int64_t K = KS ? KS : Kd;
   for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
     constexpr int P = decltype(span)::value;
-    V A[NP], B[NP], E[NP];
-    for (int p = 0; p < NP; ++p) A[p] = B[p] = E[p] = V{};
-    const V sh = ld<P>(cf.shift + c, n);
+    V A[NP], E[NP], xs[NP];
+    for (int p = 0; p < NP; ++p) {
+      A[p] = E[p] = V{};
+      xs[p] = ld<P>(x + p * C + c, n);
+    }
     for (int64_t k = 0; k < K; ++k) {
       const int64_t o = k * C + c;
-      const V al = ld<P>(cf.al + o, n), pp = ld<P>(cf.p + o, n), q = ld<P>(cf.q + o, n),
-              a = ld<P>(cf.a + o, n), amu = ld<P>(cf.amu + o, n);
+      const V al = ld<P>(cf.al + o, n), pp = ld<P>(cf.p + o, n), e1 = ld<P>(cf.e1 + o, n),
+              m = ld<P>(cf.mean + o, n), a = ld<P>(cf.a + o, n), mu = ld<P>(cf.mu + o, n);
       for (int p = 0; p < NP; ++p)
-        math::dx_accumulate(t[k][p], dl[k][p], al, pp, q, a, amu, A[p], B[p], E[p]);
+        math::dx_accumulate_soft(t[k][p], dl[k][p], al, pp, e1, xs[p] - m, a, xs[p] - mu, A[p],
+                                 E[p]);
     }
     for (int p = 0; p < NP; ++p)
-      st<P>(dx + p * C + c,
-            math::dx_combine(ld<P>(gr + p * C + c, n), ld<P>(x + p * C + c, n) - sh, A[p], B[p],
-                             E[p]),
-            n);
+      st<P>(dx + p * C + c, ld<P>(gr + p * C + c, n) * A[p] + E[p], n);
   });
 }
 
@@ -1232,18 +1231,19 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t len,
                                      int64_t Kd, const acc_t* const* t, const acc_t* const* d,
-                                     const acc_t* coef, acc_t sh) {
+                                     const acc_t* coef) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   for_row<acc_t>(len, [&](auto span, int64_t s, int64_t n) {
     constexpr int P = decltype(span)::value;
-    V A = {}, B = {}, E = {};
+    V A = {}, E = {};
+    const V x0 = ld<P>(xr + s, n);
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t* q = coef + 5 * k;
-      math::dx_accumulate(ld<P>(t[k] + s, n), ld<P>(d[k] + s, n), q[0], q[1], q[2], q[3], q[4],
-                          A, B, E);
+      const acc_t* q = coef + 6 * k;  // alpha, p, e1, m, a, mu
+      math::dx_accumulate_soft(ld<P>(t[k] + s, n), ld<P>(d[k] + s, n), q[0], q[1], q[2],
+                               x0 - q[3], q[4], x0 - q[5], A, E);
     }
-    st<P>(dr + s, math::dx_combine(ld<P>(grr + s, n), ld<P>(xr + s, n) - sh, A, B, E), n);
+    st<P>(dr + s, ld<P>(grr + s, n) * A + E, n);
   });
 }
 
@@ -1277,13 +1277,14 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
       }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t o = k * C + c;
-        coef[5 * k + 0] = cf.al[o];
-        coef[5 * k + 1] = cf.p[o];
-        coef[5 * k + 2] = cf.q[o];
-        coef[5 * k + 3] = cf.a[o];
-        coef[5 * k + 4] = cf.amu[o];
+        coef[6 * k + 0] = cf.al[o];
+        coef[6 * k + 1] = cf.p[o];
+        coef[6 * k + 2] = cf.e1[o];
+        coef[6 * k + 3] = cf.mean[o];
+        coef[6 * k + 4] = cf.a[o];
+        coef[6 * k + 5] = cf.mu[o];
       }
-      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef, cf.shift[c]);
+      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef);
     }
   }
 }
@@ -1559,15 +1560,14 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
                         static_cast<const A*>(a.beta), static_cast<const A*>(a.e1),
                         static_cast<const A*>(a.e2), static_cast<const A*>(a.ev)};
   const DxPtrs<A> xcf{static_cast<const A*>(a.alpha), static_cast<const A*>(a.p),
-                      static_cast<const A*>(a.q), static_cast<const A*>(a.a),
-                      static_cast<const A*>(a.amu), static_cast<const A*>(a.shift),
-                      static_cast<const A*>(a.e1), static_cast<const A*>(a.mean)};
+                      static_cast<const A*>(a.e1),    static_cast<const A*>(a.mean),
+                      static_cast<const A*>(a.a),     static_cast<const A*>(a.mu)};
   const int64_t maxT = g.interleaved ? plan.len : plan.len * plan.segs;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(soft && !g.interleaved ? K * maxT : 0);
     Scratch<A> tdl(4 * K);  // interleaved: tau and dl of two positions
     Scratch<int64_t> kfix(maxT);
-    Scratch<A> coef(5 * K);
+    Scratch<A> coef(6 * K);
     Scratch<Vec<A>> lanes(4 * K);
     Scratch<const A*> rows(2 * K);
     for (int64_t t = begin; t < end; ++t) {

@@ -9,8 +9,8 @@
 //     there are several);
 //   grad_coefs_kernel          the per-(k, c) gradient coefficients (cbn_math.h);
 //   grad_input_soft_kernel     per tile, soft responsibilities: dtau per position (a
-//     reduction over channels), dl = tau (dtau - sum tau dtau), then dx = g A + x B + E
-//     with A, B, E summed over components, while the tile is in cache;
+//     reduction over channels), dl = tau (dtau - sum tau dtau), then dx = g A + E with A, E
+//     summed over components on their own means (dx_accumulate_soft), while the tile is in cache;
 //   grad_input_given_kernel    given or single responsibilities: dx element-wise.
 // x and g meant to be read twice from DRAM (the sums, the input gradient; the soft tile's
 // later passes from L2, see plan_tiles; not yet measured on a GPU), dx written once.
@@ -206,13 +206,12 @@ struct CoefParams {
   const acc_t* bias;  // null: zero
   const acc_t* var;
   const acc_t* count;    // null at evaluation
-  const acc_t* mean;
   const acc_t* mix_mean;  // soft responsibilities only
   const acc_t* mix_var;
   acc_t eps;
   bool batch_stats;
   int64_t K, C;
-  acc_t *alpha, *beta, *e1, *e2, *pc, *qc, *a, *amu, *shift, *dgamma, *dbeta, *ev_part;
+  acc_t *alpha, *beta, *e1, *e2, *pc, *a, *mu, *dgamma, *dbeta, *ev_part;
 };
 
 template <typename acc_t>
@@ -230,18 +229,15 @@ __global__ void __launch_bounds__(kThreads) grad_coefs_kernel(CoefParams<acc_t> 
                                             p.count ? p.count[k] : acc_t(0), sg, sgx, p.eps,
                                             p.batch_stats);
     const acc_t a = p.mix_var ? acc_t(2) * math::half_precision(p.mix_var[i], p.eps) : acc_t(0);
-    const acc_t shift = math::dx_shift(p.mean, p.count, p.K, p.C, c);
-    const auto dc = math::dx_coefs<acc_t>(gc.alpha, gc.e1, gc.e2, p.mean[i], a,
-                                          p.mix_mean ? p.mix_mean[i] : acc_t(0), shift);
-    if (k == 0) p.shift[c] = shift;
+    const auto dc =
+        math::dx_coefs<acc_t>(gc.alpha, gc.e2, a, p.mix_mean ? p.mix_mean[i] : acc_t(0));
     p.alpha[i] = gc.alpha;
     p.beta[i] = p.bias ? p.bias[i] : acc_t(0);
     p.e1[i] = gc.e1;
     p.e2[i] = gc.e2;
     p.pc[i] = dc.p;
-    p.qc[i] = dc.q;
     p.a[i] = dc.a;
-    p.amu[i] = dc.amu;
+    p.mu[i] = dc.mu;
     p.dgamma[i] = gc.dgamma;
     p.dbeta[i] = gc.dbeta;
     ev = gc.e2 * v;
@@ -264,9 +260,9 @@ struct GradInputParams {
   const acc_t *mean, *alpha, *beta, *e1, *e2;
   const acc_t* ev_part;  // (K, ev_blocks)
   int64_t ev_blocks;
-  // soft: dx = g A + (x - shift) B + E from alpha, p, q, a, amu and shift (C); given or
-  // single: sum_k tau_k (alpha g + e1 + p (x - mean_k)) from alpha, p, e1, mean
-  const acc_t *pc, *qc, *a, *amu, *shift;
+  // dx on each component's own means (cbn_math.h): alpha, e1, mean (above), p; soft also
+  // a (E-step precision) and mu (E-step mean)
+  const acc_t *pc, *a, *mu;
   int64_t C, S, K;
   TileParams geo;  // soft: the tiles
 };
@@ -333,24 +329,22 @@ __device__ __forceinline__ void grad_input_vector(const GradInputParams<acc_t>& 
 #pragma unroll
     for (int v = 0; v < V; ++v) out.v[v] = static_cast<scalar_t>(acc[v]);
   } else {
-    acc_t A[V], B[V], E[V];
+    // every term on its own component's means (math::dx_accumulate_soft)
+    acc_t A[V], E[V];
 #pragma unroll
-    for (int v = 0; v < V; ++v) A[v] = B[v] = E[v] = acc_t(0);
+    for (int v = 0; v < V; ++v) A[v] = E[v] = acc_t(0);
     for (int k = 0; k < K; ++k) {
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const int64_t o = k * p.C + c + (per_channel_row ? 0 : v);
-        math::dx_accumulate(tau(k, v), dl(k, v), p.alpha[o], p.pc[o], p.qc[o], p.a[o],
-                            p.amu[o], A[v], B[v], E[v]);
+        const acc_t xe = static_cast<acc_t>(xv.v[v]);
+        math::dx_accumulate_soft(tau(k, v), dl(k, v), p.alpha[o], p.pc[o], p.e1[o],
+                                 xe - p.mean[o], p.a[o], xe - p.mu[o], A[v], E[v]);
       }
     }
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const acc_t s = p.shift[c + (per_channel_row ? 0 : v)];
-      out.v[v] = static_cast<scalar_t>(math::dx_combine(static_cast<acc_t>(gv.v[v]),
-                                                        static_cast<acc_t>(xv.v[v]) - s, A[v],
-                                                        B[v], E[v]));
-    }
+    for (int v = 0; v < V; ++v)
+      out.v[v] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[v]) * A[v] + E[v]);
   }
   store_pack<V>(dx + e, out);
 }
@@ -570,7 +564,7 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
   const bool soft = st.resp == Resp::kSoft;
   const int64_t ev_blocks = (C + kThreads - 1) / kThreads;
   GradCoefs cf = GradCoefs::make(K, C, ev_blocks, aopt);
-  const Tensor m = mean.contiguous(), v = var.contiguous();
+  const Tensor v = var.contiguous();
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
   const Tensor bb = defined(bias) ? bias->contiguous() : Tensor();
   const Tensor n = count.defined() && count.numel() == K ? count.contiguous() : Tensor();
@@ -587,7 +581,6 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
     cp.bias = ptr_or_null<acc_t>(bb);
     cp.var = v.data_ptr<acc_t>();
     cp.count = ptr_or_null<acc_t>(n);
-    cp.mean = m.data_ptr<acc_t>();
     cp.mix_mean = ptr_or_null<acc_t>(mm);
     cp.mix_var = ptr_or_null<acc_t>(mv);
     cp.eps = static_cast<acc_t>(eps);
@@ -599,10 +592,8 @@ GradCoefs CudaBackend::grad_coefs(const BackwardSetup& st, const OptTensor& weig
     cp.e1 = cf.row<acc_t>(GradCoefs::kE1);
     cp.e2 = cf.row<acc_t>(GradCoefs::kE2);
     cp.pc = cf.row<acc_t>(GradCoefs::kP);
-    cp.qc = cf.row<acc_t>(GradCoefs::kQ);
     cp.a = cf.row<acc_t>(GradCoefs::kA);
-    cp.amu = cf.row<acc_t>(GradCoefs::kAmu);
-    cp.shift = cf.row<acc_t>(GradCoefs::kShift);
+    cp.mu = cf.row<acc_t>(GradCoefs::kMu);
     cp.dgamma = cf.dgamma.data_ptr<acc_t>();
     cp.dbeta = cf.dbeta.data_ptr<acc_t>();
     cp.ev_part = cf.ev<acc_t>();
@@ -635,10 +626,8 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
     ip.ev_part = cf.ev<acc_t>();
     ip.ev_blocks = cf.ev_cols;
     ip.pc = cf.row<acc_t>(GradCoefs::kP);
-    ip.qc = cf.row<acc_t>(GradCoefs::kQ);
     ip.a = cf.row<acc_t>(GradCoefs::kA);
-    ip.amu = cf.row<acc_t>(GradCoefs::kAmu);
-    ip.shift = cf.row<acc_t>(GradCoefs::kShift);
+    ip.mu = cf.row<acc_t>(GradCoefs::kMu);
     ip.C = C;
     ip.S = shape.S;
     ip.K = K;
