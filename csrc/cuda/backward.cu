@@ -275,27 +275,17 @@ __device__ __forceinline__ void dtau_sums(const GradInputParams<acc_t>& p, const
                                           int64_t c1, int64_t step, int k0, acc_t* tot) {
   const int K = static_cast<int>(p.K);
   const int64_t C = p.C;
+  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int64_t c, acc_t* acc) {
+    const acc_t xv = static_cast<acc_t>(xp[c * stride]);
+    const acc_t gv = static_cast<acc_t>(gp[c * stride]);
 #pragma unroll
-  for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
-  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
-    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
-    acc_t acc[KB];
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-    for (int64_t c = cb; c < ce; c += step) {
-      const acc_t xv = static_cast<acc_t>(xp[c * stride]);
-      const acc_t gv = static_cast<acc_t>(gp[c * stride]);
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        if (k0 + kk < K) {
-          const int64_t o = (k0 + kk) * C + c;
-          acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
-        }
+    for (int kk = 0; kk < KB; ++kk) {
+      if (k0 + kk < K) {
+        const int64_t o = (k0 + kk) * C + c;
+        acc[kk] += math::dtau_term(gv, xv - p.mean[o], p.alpha[o], p.beta[o], p.e1[o], p.e2[o]);
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
-  }
+  });
 }
 
 // dx for V consecutive elements of one row from element e: channels c.. of one position
@@ -403,20 +393,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
           }
-#pragma unroll
-          for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = acc[kk];
-          __syncthreads();
-          if (pl.q == 0 && j < tg.P) {
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk) {
-              if (k0 + kk < K) {
-                acc_t total = 0;
-                for (int q = 0; q < pl.G; ++q) total += red[kk * kThreads + q * pl.L + pl.j];
-                dl[(k0 + kk) * len + j] = total - ev[k0 + kk];
-              }
-            }
-          }
-          __syncthreads();
+          combine_channel_groups<acc_t, KB>(pl, j < tg.P, K, k0, acc, red,
+                                            [&](int kk, acc_t total) {
+                                              dl[(k0 + kk) * len + j] = total - ev[k0 + kk];
+                                            });
         }
       }
     }

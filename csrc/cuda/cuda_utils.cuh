@@ -348,6 +348,49 @@ __device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
   return r;
 }
 
+// Blocked sums over channels [c0, c1) (every step-th), kChannelBlock terms at a time into
+// a partial sum, then the partial sums (SPEC "Accuracy"): add(c, acc) adds channel c's
+// terms of KB components into acc[0..KB). Used by the E-step and by dtau.
+template <typename acc_t, int KB, typename Add>
+__device__ __forceinline__ void blocked_channel_sums(int64_t c0, int64_t c1, int64_t step,
+                                                     acc_t* tot, Add add) {
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
+  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
+    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
+    acc_t acc[KB];
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
+    for (int64_t c = cb; c < ce; c += step) add(c, acc);
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
+  }
+}
+
+// Position lanes times channel groups: each thread's KB channel sums of its position
+// (acc; zero where the lane holds no position) through red (KB x kThreads), added in
+// group order by the position's group-0 thread, which calls out(kk, total) for the
+// components k0 + kk < K. Every thread of the block calls it (two barriers).
+template <typename acc_t, int KB, typename Out>
+__device__ __forceinline__ void combine_channel_groups(const PositionLanes& pl, bool has_pos,
+                                                       int K, int k0, const acc_t* acc,
+                                                       acc_t* red, Out out) {
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = acc[kk];
+  __syncthreads();
+  if (pl.q == 0 && has_pos) {
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) {
+      if (k0 + kk < K) {
+        acc_t total = 0;
+        for (int q = 0; q < pl.G; ++q) total += red[kk * kThreads + q * pl.L + pl.j];
+        out(kk, total);
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // Interleaved tiles, reduced per channel: the block's threads as cc channels (a chunk
 // of the C channels) times G groups that split the tile's positions; thread
 // (ci, g) = threadIdx.x % cc, threadIdx.x / cc. Threads past G * cc idle: up to half the

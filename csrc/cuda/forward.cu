@@ -90,26 +90,16 @@ __device__ __forceinline__ void mahalanobis_sums(const StatsParams<acc_t>& p, co
                                                  int64_t step, int k0, acc_t* tot) {
   const int K = static_cast<int>(p.geo.K);
   const int64_t C = p.geo.C;
+  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int64_t c, acc_t* acc) {
+    const acc_t v = static_cast<acc_t>(xp[c * stride]);
 #pragma unroll
-  for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
-  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
-    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
-    acc_t acc[KB];
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-    for (int64_t c = cb; c < ce; c += step) {
-      const acc_t v = static_cast<acc_t>(xp[c * stride]);
-#pragma unroll
-      for (int kk = 0; kk < KB; ++kk) {
-        if (k0 + kk < K) {
-          const int64_t o = (k0 + kk) * C + c;
-          acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
-        }
+    for (int kk = 0; kk < KB; ++kk) {
+      if (k0 + kk < K) {
+        const int64_t o = (k0 + kk) * C + c;
+        acc[kk] += math::mahalanobis_term(v, p.mu[o], p.half_a[o]);
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
-  }
+  });
 }
 
 // ts: the tile's responsibilities (tau_index layout); red: kThreads x KB values. Writes
@@ -164,20 +154,9 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
         }
-#pragma unroll
-        for (int kk = 0; kk < KB; ++kk) red[kk * kThreads + threadIdx.x] = acc[kk];
-        __syncthreads();
-        if (pl.q == 0 && j < tg.P) {
-#pragma unroll
-          for (int kk = 0; kk < KB; ++kk) {
-            if (k0 + kk < K) {
-              acc_t total = 0;
-              for (int q = 0; q < pl.G; ++q) total += red[kk * kThreads + q * pl.L + pl.j];
-              ts[(k0 + kk) * len + j] = p.b[k0 + kk] - total;
-            }
-          }
-        }
-        __syncthreads();
+        combine_channel_groups<acc_t, KB>(pl, j < tg.P, K, k0, acc, red, [&](int kk, acc_t total) {
+          ts[(k0 + kk) * len + j] = p.b[k0 + kk] - total;
+        });
       }
       if (pl.q == 0 && j < tg.P) math::softmax_in_place(ts + j, K, len, DevExp{});
     }
