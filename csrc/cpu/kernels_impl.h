@@ -113,12 +113,33 @@ C10_ALWAYS_INLINE U32x8 bits_of(Vec<float> f) {
   return u;
 }
 
+// 8 uint16 to uint32 lanes, and back (lanes below 2^16). With AVX2, intrinsics: GCC
+// lowers __builtin_convertvector here to two 128-bit widenings and an insert (5
+// instructions a load instead of one vpmovzxwd from memory), and the narrowing to a mask
+// and a pack; the half-precision loads and stores are most of the instructions of the
+// bfloat16 inner loops.
 C10_ALWAYS_INLINE U32x8 widen(const void* p) {
+#if defined(CBN_CPU_F16C)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  U32x8 u;
+  std::memcpy(&u, &w, sizeof(u));
+  return u;
+#else
   return __builtin_convertvector(*reinterpret_cast<const U16x8*>(p), U32x8);
+#endif
 }
 
 C10_ALWAYS_INLINE void narrow_store(void* p, U32x8 v) {
+#if defined(CBN_CPU_F16C)
+  __m256i w;
+  std::memcpy(&w, &v, sizeof(w));
+  // packus saturates to [0, 2^16): the lanes are already there; the 64-bit permute puts
+  // the two 128-bit halves' packs in order
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
+  _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
   *reinterpret_cast<U16x8*>(p) = __builtin_convertvector(v, U16x8);
+#endif
 }
 
 C10_ALWAYS_INLINE Vec<float> vload(const c10::BFloat16* p) { return float_from_bits(widen(p) << 16); }
@@ -734,45 +755,51 @@ C10_ALWAYS_INLINE void moments_planar_row(View<const S> xv, View<const acc_t> tv
                                           int64_t len, int64_t c, int64_t k0, const acc_t* cnt,
                                           acc_t* pmean, acc_t* pm2, int64_t C) {
   using V = Vec<acc_t>;
-  V tot[KB], s0[KB];
-  for (int kb = 0; kb < KB; ++kb) tot[kb] = s0[kb] = V{};
-  const auto end_block = [&] {
-    for (int kb = 0; kb < KB; ++kb) {
-      tot[kb] += s0[kb];
-      s0[kb] = V{};
+  constexpr int64_t W = kW<acc_t>;
+  constexpr int64_t B = W * kPositionBlock;
+  V tot[KB];
+  // sum over the row of term(x, kb, tau) (tau unused when One), blocked (kPositionBlock
+  // positions a lane); the walk of for_row_blocks, written out so that the block sums stay
+  // in registers (through for_row_blocks' lambdas GCC kept them on the stack, two stores
+  // a vector)
+  const auto row_sums = [&](auto term) {
+    for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+    for (int64_t seg = 0; seg < nseg; ++seg) {
+      const S* r = xv.row(seg, c);
+      const acc_t* t[KB];
+      for (int kb = 0; kb < KB; ++kb) t[kb] = One ? nullptr : tv.row(seg, k0 + kb);
+      for (int64_t b0 = 0; b0 < len; b0 += B) {
+        const int64_t b1 = std::min(len, b0 + B);
+        V s0[KB];
+        for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+        int64_t i = b0;
+        for (; i + W <= b1; i += W) {
+          const V x0 = vload(r + i);
+          for (int kb = 0; kb < KB; ++kb) s0[kb] += term(x0, kb, One ? V{} : vload(t[kb] + i));
+        }
+        if (i < b1) {
+          const auto tail = [&](auto span, int64_t s, int64_t n) {
+            constexpr int P = decltype(span)::value;
+            const V x0 = ld<P>(r + s, n);
+            for (int kb = 0; kb < KB; ++kb)
+              s0[kb] += fresh<P>(term(x0, kb, One ? V{} : ld<P>(t[kb] + s, n)), n);
+          };
+          if (len >= W)
+            tail(SpanC<kOverlap>{}, len - W, b1 - i);
+          else
+            tail(SpanC<kPart>{}, i, b1 - i);
+        }
+        for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb];
+      }
     }
   };
-  for (int64_t seg = 0; seg < nseg; ++seg) {
-    const S* r = xv.row(seg, c);
-    for_row_blocks<acc_t>(
-        len, kPositionBlock,
-        [&](auto span, int64_t s, int64_t n) {
-          constexpr int P = decltype(span)::value;
-          const V x0 = ld<P>(r + s, n);
-          for (int kb = 0; kb < KB; ++kb)
-            s0[kb] += fresh<P>(One ? x0 : ld<P>(tv.row(seg, k0 + kb) + s, n) * x0, n);
-        },
-        end_block);
-  }
+  row_sums([](V x0, int, V t) { return One ? x0 : t * x0; });
   acc_t mt[KB];
-  for (int kb = 0; kb < KB; ++kb) {
-    mt[kb] = math::weighted_mean(vsum(tot[kb]), cnt[kb]);
-    tot[kb] = V{};
-  }
-  for (int64_t seg = 0; seg < nseg; ++seg) {
-    const S* r = xv.row(seg, c);
-    for_row_blocks<acc_t>(
-        len, kPositionBlock,
-        [&](auto span, int64_t s, int64_t n) {
-          constexpr int P = decltype(span)::value;
-          const V x0 = ld<P>(r + s, n);
-          for (int kb = 0; kb < KB; ++kb) {
-            const V d = x0 - mt[kb];
-            s0[kb] += fresh<P>(One ? d * d : (ld<P>(tv.row(seg, k0 + kb) + s, n) * d) * d, n);
-          }
-        },
-        end_block);
-  }
+  for (int kb = 0; kb < KB; ++kb) mt[kb] = math::weighted_mean(vsum(tot[kb]), cnt[kb]);
+  row_sums([&](V x0, int kb, V t) {
+    const V d = x0 - mt[kb];
+    return One ? d * d : (t * d) * d;
+  });
   for (int kb = 0; kb < KB; ++kb) {
     pmean[kb * C + c] = mt[kb];
     pm2[kb * C + c] = vsum(tot[kb]);

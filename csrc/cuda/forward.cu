@@ -494,6 +494,7 @@ __global__ void __launch_bounds__(kThreads) finish_moments_kernel(
     acc_t* __restrict__ count, acc_t* __restrict__ alpha, acc_t* __restrict__ delta,
     bool replace_inactive) {
   const int64_t KC = K * C;
+  const bool narrow = narrow_indices(KC);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < KC;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     math::WeightedMoments<acc_t> r{0, 0, 0};
@@ -509,7 +510,10 @@ __global__ void __launch_bounds__(kThreads) finish_moments_kernel(
     if (alpha != nullptr)
       math::affine_coefs(weight ? weight[i] : acc_t(1), bias ? bias[i] : acc_t(0), m, v, eps,
                          alpha[i], delta[i]);
-    if (i % C == 0) count[i / C] = r.n;
+    // in 32 bits when they fit: a 64-bit division is a called routine, whose calling
+    // convention made ptxas spill 8 bytes here (float64)
+    const DivMod kc = divmod(i, C, narrow);
+    if (kc.r == 0) count[kc.q] = r.n;
   }
 }
 
