@@ -24,9 +24,10 @@ namespace cpu {
 
 namespace {
 
-TilePlan base_tile_plan(const Geometry& g) {
-  // About 16k elements (64 KiB of float) per tile: the kernels pass over a tile two or
-  // three times while it sits in the L2 cache.
+TilePlan base_tile_plan(const Geometry& g, TileUse use) {
+  // About 16k elements (64 KiB of float) per tile, interleaved and for kReread: the
+  // kernels pass over a tile two or three times while it sits in the L2 cache. Planar
+  // kStream tiles are longer (below).
   constexpr int64_t kTileElems = 16384;
   TilePlan p{};
   const int64_t M = g.N * g.S;
@@ -42,19 +43,27 @@ TilePlan base_tile_plan(const Geometry& g) {
   }
   // Planar: whole samples, or chunks of one sample when a sample is long. The kernels
   // read and write the rows of a tile in place (half precision converted in the loads and
-  // stores), channel after channel: a chunk is a piece of each channel's row, and pieces
-  // much shorter than 256 positions make a strided walk through memory (in pieces of a
-  // few cache lines, each in its own place) that the hardware prefetchers follow poorly:
-  // 64 x 256 x 14 x 14 in chunks of 64 positions ran 2-3x slower than in whole samples.
-  // So a sample is cut only when it is longer than 2 kMinChunk (or 2 kTileElems / C), into
-  // chunks of nearly equal length: between about 2/3 and 1 times that target, the last
-  // one shorter (56x56 with C = 64: 12 chunks of 256 and one of 64), even where a tile
-  // then exceeds kTileElems. make_tile_plan cuts shorter chunks on purpose when a batch
-  // of few samples would otherwise leave threads idle.
+  // stores), channel after channel: a chunk is a piece of each channel's row, and short
+  // pieces make a strided walk through memory (a few cache lines here, a few there) that
+  // the hardware prefetchers follow poorly: 64 x 256 x 14 x 14 in chunks of 64 positions
+  // ran 2-3x slower than in whole samples, and training steps at 56x56 and 28x28 (rows of
+  // 3136 and 784 positions, batch 64) in whole samples took from 2 % more (float32, K = 2,
+  // 56x56) to 35-45 % less time (K = 1) than in chunks of 256, 3-15 % less at K = 2, 4
+  // otherwise (bfloat16 and float32; minimum of 40-48 runs, 2 cores, 2026-11-29), although
+  // such a tile (800 KiB of float) no longer fits the L2 cache. The soft evaluation
+  // is the exception (kReread): its normalization reads the tile again after the E-step
+  // while y is written, and whole samples made it 10-20 % slower, so it keeps chunks of
+  // 256 positions, which stay in the L2 cache across those writes.
+  // So a sample is cut only when it is longer than 2 max(kMinChunk, chunk_elems / C)
+  // positions, into chunks of nearly equal length: between about 2/3 and 1 times that
+  // target, the last one shorter (kReread, 56x56 with C = 64: 12 chunks of 256 and one of
+  // 64), even where a tile then exceeds chunk_elems. make_tile_plan cuts shorter chunks on
+  // purpose when a batch of few samples would otherwise leave threads idle.
   constexpr int64_t kMinChunk = 256;
+  const int64_t chunk_elems = use == TileUse::kReread ? kTileElems : 16 * kTileElems;
   const int64_t per_sample = g.S * g.C;
   const int64_t target_len =
-      std::max<int64_t>(kMinChunk, kTileElems / std::max<int64_t>(g.C, 1));
+      std::max<int64_t>(kMinChunk, chunk_elems / std::max<int64_t>(g.C, 1));
   if (g.S > 2 * target_len) {
     // chunks of one sample, of nearly equal lengths rounded up to a multiple of 16
     const int64_t chunks = (g.S + target_len - 1) / target_len;
@@ -78,13 +87,16 @@ TilePlan base_tile_plan(const Geometry& g) {
 
 // A few large samples (a batch of one at inference) make fewer tiles than threads: split
 // the samples into shorter chunks, down to kSplitChunk positions, until there are
-// kMinTiles tiles. By shape only, so that any number of threads sums the same tiles in
-// the same order.
-TilePlan make_tile_plan(const Geometry& g) {
-  constexpr int64_t kMinTiles = 8, kSplitChunk = 64;
-  TilePlan p = base_tile_plan(g);
-  if (g.interleaved || p.num_tiles == 0 || p.num_tiles >= kMinTiles || p.segs > 1) return p;
-  const int64_t chunks = (kMinTiles + g.N - 1) / g.N;
+// min_tiles tiles: 8, or 32 for the whole-sample kStream tiles, so that a batch of 16 at
+// 56x56 still gives 32 tiles (2 samples' chunks of 1568 positions) to a machine with more
+// cores than this project's 2 (measured only on 2). By shape and use only, so that any
+// number of threads sums the same tiles in the same order.
+TilePlan make_tile_plan(const Geometry& g, TileUse use) {
+  constexpr int64_t kSplitChunk = 64;
+  const int64_t min_tiles = use == TileUse::kStream ? 32 : 8;
+  TilePlan p = base_tile_plan(g, use);
+  if (g.interleaved || p.num_tiles == 0 || p.num_tiles >= min_tiles || p.segs > 1) return p;
+  const int64_t chunks = (min_tiles + g.N - 1) / g.N;
   int64_t len = (g.S + chunks - 1) / chunks;
   len = std::max<int64_t>(kSplitChunk, (len + 15) / 16 * 16);
   if (len >= p.len) return p;
@@ -382,7 +394,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   const auto aopt = x.options().dtype(st.acc);
   const int64_t C = shape.C;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
   BatchStats out;
   out.tau = empty_tau(x, shape, K, st.acc);
   const int64_t tiles = plan.num_tiles;
@@ -424,7 +436,7 @@ Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTe
   const Tensor& x = st.x;
   Tensor out = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
   if (plan.num_tiles == 0) return out;
   const AffineCoefs ac = affine_coefs(weight, bias, mean, var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
@@ -451,7 +463,7 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   const auto aopt = x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
   const Tensor parts = at::empty({plan.num_tiles * 2 * K * C}, aopt);  // Sg | Sgx
   void* part_sg = parts.data_ptr();
   void* part_sgx = static_cast<char*>(part_sg) + plan.num_tiles * K * C * parts.element_size();
@@ -542,7 +554,7 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   const Tensor& x = st.x;
   Tensor dx = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
   if (plan.num_tiles == 0) return dx;
   const Tensor m = mean.contiguous();
   GradInputArgs ia{};
@@ -582,7 +594,8 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   const Shape& shape = st.shape;
   const Resp resp = st.resp;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan =
+      make_tile_plan(geo, resp == Resp::kSoft ? TileUse::kReread : TileUse::kStream);
   Tensor tau = empty_tau(x, shape, K, st.acc);
   Tensor out = empty_like_input(x);
   if (shape.M() == 0) return {out, tau};
