@@ -286,6 +286,8 @@ def plan_tiles(shape, channels_last, K, sms, acc_size=4, elem_bytes=0, partials=
     row_bytes = C * elem_bytes
     partial_floor = -(-(8 * K * acc_size) // elem_bytes) if partials and elem_bytes > 0 else 1
     cache_len = max(1, TILE_BYTES // row_bytes, partial_floor) if row_bytes > 0 else M
+    # the kernels index a tile's elements in 32 bits: len x C < 2^31 (C <= 2^30 is checked)
+    max_len = min(max_len, (2**31 - 1) // C)
     if interleaved:
         length = -(-M // target)
         length = max(16, min(length, 256, cache_len))

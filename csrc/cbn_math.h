@@ -107,18 +107,29 @@ CBN_INLINE T weighted_mean(T sum, acc_t n) {
 // Merge b into a (Chan et al.): exact for any split of the positions. Finite whatever the
 // counts (tiny, subnormal or zero): b's weight is the ratio b.n / (a.n + b.n) <= 1.
 template <typename acc_t>
-CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_t>& b) {
-  const acc_t n = a.n + b.n;
+CBN_INLINE acc_t merge_weight(acc_t an, acc_t bn) {
+  return bn == acc_t(0) ? acc_t(0) : bn / (an + bn);
+}
+
+// chan_merge with b's weight wb = merge_weight(a.n, b.n) given: merges that share their
+// counts (the channels of one component) then share one division.
+template <typename acc_t>
+CBN_INLINE void chan_merge_weighted(WeightedMoments<acc_t>& a, const WeightedMoments<acc_t>& b,
+                                    acc_t wb) {
   if (b.n == acc_t(0)) return;
   if (a.n == acc_t(0)) {
     a = b;
     return;
   }
   const acc_t delta = b.mean - a.mean;
-  const acc_t wb = b.n / n;
   a.mean = a.mean + delta * wb;
   a.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
-  a.n = n;
+  a.n = a.n + b.n;
+}
+
+template <typename acc_t>
+CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_t>& b) {
+  chan_merge_weighted(a, b, merge_weight(a.n, b.n));
 }
 
 // chan_merge of the moments of several channels that share their counts (the means and

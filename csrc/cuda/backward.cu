@@ -271,11 +271,11 @@ struct GradInputParams {
 // [k0, k0 + KB), blocked; x[c], g[c] at xp[c * stride], gp[c * stride].
 template <typename scalar_t, typename acc_t, int KB>
 __device__ __forceinline__ void dtau_sums(const GradInputParams<acc_t>& p, const scalar_t* xp,
-                                          const scalar_t* gp, int64_t stride, int64_t c0,
-                                          int64_t c1, int64_t step, int k0, acc_t* tot) {
+                                          const scalar_t* gp, int64_t stride, int c0,
+                                          int c1, int step, int k0, acc_t* tot) {
   const int K = static_cast<int>(p.K);
   const int64_t C = p.C;
-  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int64_t c, acc_t* acc) {
+  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int c, acc_t* acc) {
     const acc_t xv = static_cast<acc_t>(xp[c * stride]);
     const acc_t gv = static_cast<acc_t>(gp[c * stride]);
 #pragma unroll
@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
         const scalar_t* grr = gr + (tg.p0 + j) * C;
         for (int k0 = 0; k0 < K; k0 += KB) {
           acc_t acc[KB];
-          dtau_sums<scalar_t, acc_t, KB>(p, xr, grr, 1, lane, C, 32, k0, acc);
+          dtau_sums<scalar_t, acc_t, KB>(p, xr, grr, 1, lane, static_cast<int>(C), 32, k0, acc);
 #pragma unroll
           for (int kk = 0; kk < KB; ++kk) {
             const acc_t total = warp_sum(acc[kk]);
@@ -415,10 +415,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     // dx over the tile, V values at a time along its rows
     if (inter) {
       const int64_t base = tg.p0 * C;
-      const bool narrow = narrow_indices(tg.P * C);
       for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
         const int64_t e = i * V;
-        const DivMod jc = divmod(e, C, narrow);
+        const DivMod jc = tile_divmod(e, C);
         const int j = static_cast<int>(jc.q);
         grad_input_vector<scalar_t, acc_t, V, true>(
             p, x, gr, dx, base + e, jc.r, false, [&](int k, int) { return ts[j * K + k]; },
@@ -426,9 +425,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
       }
     } else {
       const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
-      const bool narrow = narrow_indices(C * per_row);
       for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
-        const DivMod cj = divmod(i, per_row, narrow);
+        const DivMod cj = tile_divmod(i, per_row);
         const int64_t c = cj.q;
         const int j = static_cast<int>(cj.r) * V;
         grad_input_vector<scalar_t, acc_t, V, true>(
@@ -512,7 +510,7 @@ std::tuple<Tensor, Tensor> CudaBackend::grad_sums(const BackwardSetup& st, const
     gp.part_sg = part_sg;
     gp.part_sgx = part_sgx;
     gp.geo = tile_params(shape, K, tiles);
-    dispatch_kb(K, [&](auto kb) {
+    dispatch_kb<acc_t>(K, [&](auto kb) {
       constexpr int KB = decltype(kb)::value;
       const size_t smem = sizeof(acc_t) * (tiles.len * K + kThreads * 2 * KB);
       allow_smem(collect_grad_stats_kernel<scalar_t, acc_t, KB>, smem);
@@ -621,7 +619,7 @@ Tensor CudaBackend::grad_input(const BackwardSetup& st, const Tensor& tau, const
       // needs V to divide the tile length, so that every row of ts and dl (len values)
       // and every V-th position stays 16-byte aligned. Checked only by the emulated build.
       const bool tile_vec = vec && (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
-      dispatch_kb(K, [&](auto kb) {
+      dispatch_kb<acc_t>(K, [&](auto kb) {
         constexpr int KB = decltype(kb)::value;
         const size_t smem = sizeof(acc_t) * (2 * tiles.len * K + kThreads * KB + K);
         const auto run = [&](auto vv) {

@@ -89,11 +89,16 @@ inline size_t max_smem_optin() {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// The fused tile kernels for K <= 4 in float32 accumulation: at least 4 blocks of kThreads
-// per multiprocessor, i.e. at most 64 registers a thread (occupancy 50 %); other
-// instantiations keep the compiler's choice.
+// Components held per position in registers by the fused tile kernels (dispatch_kb) when
+// K <= 4: 4 in float accumulation; 2 in float64, whose values take two registers each (K = 3
+// and 4 then take two passes over the blocks of components). 8 when K > 4.
+template <typename acc_t>
+constexpr int kSmallKB = sizeof(acc_t) == 4 ? 4 : 2;
+// The fused tile kernels for K <= 4 (KB = kSmallKB): at least 4 blocks of kThreads per
+// multiprocessor, i.e. at most 64 registers a thread (occupancy 50 %); the instantiations
+// for K > 4 keep the compiler's choice.
 template <typename acc_t, int KB>
-constexpr int kMinBlocks = sizeof(acc_t) == 4 && KB <= 4 ? 4 : 1;
+constexpr int kMinBlocks = KB <= kSmallKB<acc_t> ? 4 : 1;
 // Blocked sums (SPEC "Accuracy"): a thread summing over channels adds kChannelBlock terms
 // at a time into a partial sum, then the partial sums, so that the rounding error grows
 // with the block plus the number of blocks, not with C.
@@ -171,10 +176,39 @@ __device__ __forceinline__ T smem_vec_value(const T* p, int v) {
 }
 
 // Quotient and remainder of non-negative indices, in 32 bits when both fit (`narrow`, the
-// same for every thread): a 64-bit division is a long software routine on the GPU.
+// same for every thread): a 64-bit division is a long software routine on the GPU, and a
+// call, whose calling convention costs registers wherever it appears, even on a path never
+// taken. The tile kernels therefore never divide 64-bit integers: their indices within a
+// tile fit in 32 bits (plan_tiles), and the rest use divmod_wide.
 struct DivMod {
   int64_t q, r;
 };
+
+// a / b and a % b for 0 <= a < 2^53 and 1 <= b < 2^53 (any index of a tensor), inline, no
+// call: an approximate float reciprocal of b, refined twice in double (Newton), gives a
+// quotient within a few units of a / b; a second estimate from the remainder leaves it
+// within one, and the exact integer remainder corrects that.
+__device__ __forceinline__ DivMod divmod_wide(int64_t a, int64_t b) {
+  const double bd = static_cast<double>(b);
+#if defined(__CUDA_ARCH__)
+  double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(b)));
+#else
+  double r = static_cast<double>(1.0f / static_cast<float>(b));
+#endif
+  r = r + r * (1.0 - bd * r);
+  r = r + r * (1.0 - bd * r);
+  int64_t q = static_cast<int64_t>(static_cast<double>(a) * r);
+  q += static_cast<int64_t>(static_cast<double>(a - q * b) * r);
+  int64_t m = a - q * b;
+  if (m < 0) {
+    --q;
+    m += b;
+  } else if (m >= b) {
+    ++q;
+    m -= b;
+  }
+  return DivMod{q, m};
+}
 
 __device__ __forceinline__ DivMod divmod(int64_t a, int64_t b, bool narrow) {
   if (narrow) {
@@ -183,6 +217,9 @@ __device__ __forceinline__ DivMod divmod(int64_t a, int64_t b, bool narrow) {
   }
   return DivMod{a / b, a % b};
 }
+
+// Indices within one tile (plan_tiles keeps them below 2^31): in 32 bits.
+__device__ __forceinline__ DivMod tile_divmod(int64_t a, int64_t b) { return divmod(a, b, true); }
 
 // Indices below `total` fit in 32 bits.
 __device__ __forceinline__ bool narrow_indices(int64_t total) {
@@ -222,19 +259,26 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size, int64_t ele
   int64_t max_len = std::max<int64_t>(1, std::min<int64_t>(512, 16384 / (K * acc_size)));
   if (max_len >= 32) max_len = max_len / 32 * 32;
   // The tile kernels sweep their tile two or three times, the later sweeps from the cache:
-  // the tiles of all resident blocks (up to 4 per multiprocessor for float accumulation
-  // and K <= 4, kMinBlocks; 528 on an H100) should fit in L2 (40 MB on an A100, 50 on an
-  // H100) with room to spare, so a tile holds at most kTileBytes of the inputs they
-  // re-read (x, or x and the gradient). A kernel with partials reads and writes its row
-  // once per tile, 4 K C acc_size bytes, that is 4 K acc_size / (len x element size) of
-  // the tile's x: the cap never takes a tile below the length where that is half of x
-  // (the second read of x it saves), nor below 16 (interleaved) or 32 (planar) positions.
-  // Not yet measured on a GPU.
+  // the tiles of all resident blocks (up to 4 per multiprocessor for K <= 4, kMinBlocks;
+  // 528 on an H100) should fit in L2 (40 MB on an A100, 50 on an H100) with room to
+  // spare, so a tile holds at most kTileBytes of the inputs they re-read (x, or x and
+  // the gradient). A kernel with partials reads and writes its row once per tile,
+  // 4 K C acc_size bytes, that is 4 K acc_size / (len x element size) of the tile's x:
+  // the cap never takes a tile below the length where that is half of x (the second read
+  // of x it saves), nor below 16 (interleaved) or 32 (planar) positions (the 32-bit index
+  // cap below aside, for C above 2^22). Not yet measured on a GPU.
   const int64_t row_bytes = s.C * elem_bytes;
   const int64_t partial_floor =
       partials && elem_bytes > 0 ? (8 * K * acc_size + elem_bytes - 1) / elem_bytes : 1;
   const int64_t cache_len =
       row_bytes > 0 ? std::max<int64_t>({1, kTileBytes / row_bytes, partial_floor}) : M;
+  // The tile kernels index channels and the elements of a tile in 32 bits (int, and
+  // tile_divmod): C <= 2^30 and len x C < 2^31. (Evaluation with one component per
+  // position and the normalize operator do not tile and accept more channels.)
+  constexpr int64_t kTileElems = int64_t(1) << 31;
+  TORCH_CHECK(s.C <= (int64_t(1) << 30),
+              "compound_batch_norm (CUDA): at most 2^30 channels, got ", s.C);
+  max_len = std::min(max_len, (kTileElems - 1) / s.C);
   if (s.interleaved) {
     int64_t len = (M + target - 1) / target;
     len = std::max<int64_t>(16, std::min<int64_t>({len, 256, cache_len}));
@@ -251,6 +295,10 @@ inline Tiles plan_tiles(const Shape& s, int64_t K, int64_t acc_size, int64_t ele
   t.len = len;
   t.chunks = (s.S + len - 1) / len;
   t.num = s.N * t.chunks;
+  // tile_geo divides tile indices in 32 bits unless every sample is one tile
+  TORCH_CHECK(t.chunks == 1 || t.num <= static_cast<int64_t>(UINT32_MAX),
+              "compound_batch_norm (CUDA): input too large for the tile plan (", t.num,
+              " tiles)");
   return t;
 }
 
@@ -292,9 +340,11 @@ __device__ __forceinline__ TileGeo tile_geo(const TileParams& g, int64_t t) {
     r.s0 = 0;
     r.P = static_cast<int>(g.len < M - r.p0 ? g.len : M - r.p0);
   } else {
+    // one tile per sample, or fewer than 2^32 tiles (plan_tiles)
+    const DivMod nc = g.chunks == 1 ? DivMod{t, 0} : divmod(t, g.chunks, true);
     r.p0 = 0;
-    r.n = t / g.chunks;
-    r.s0 = (t % g.chunks) * g.len;
+    r.n = nc.q;
+    r.s0 = nc.r * g.len;
     r.P = static_cast<int>(g.len < g.S - r.s0 ? g.len : g.S - r.s0);
   }
   return r;
@@ -331,7 +381,7 @@ __device__ __forceinline__ void load_tile_tau(const acc_t* tau, const TileParams
 // channels.
 struct PositionLanes {
   int L, G, j, q;
-  int64_t c0, c1;
+  int c0, c1;
 };
 
 __device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
@@ -339,12 +389,14 @@ __device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
   int L = (P + 31) / 32 * 32;
   L = L < 32 ? 32 : (L > kThreads ? kThreads : L);
   while (kThreads % L != 0) L += 32;  // 96, 160, 192, 224: the next divisor of kThreads
+  int shift = 0;  // L is 32, 64, 128 or 256: G = kThreads / L = 2^shift
+  for (int l = L; l < kThreads; l *= 2) ++shift;
   r.L = L;
-  r.G = kThreads / L;
+  r.G = 1 << shift;
   r.j = threadIdx.x % L;
   r.q = threadIdx.x / L;
-  r.c0 = C * r.q / r.G;
-  r.c1 = C * (r.q + 1) / r.G;
+  r.c0 = static_cast<int>((C * r.q) >> shift);  // C q / G, without a 64-bit division
+  r.c1 = static_cast<int>((C * (r.q + 1)) >> shift);
   return r;
 }
 
@@ -352,16 +404,16 @@ __device__ __forceinline__ PositionLanes position_lanes(int P, int64_t C) {
 // a partial sum, then the partial sums (SPEC "Accuracy"): add(c, acc) adds channel c's
 // terms of KB components into acc[0..KB). Used by the E-step and by dtau.
 template <typename acc_t, int KB, typename Add>
-__device__ __forceinline__ void blocked_channel_sums(int64_t c0, int64_t c1, int64_t step,
+__device__ __forceinline__ void blocked_channel_sums(int c0, int c1, int step,
                                                      acc_t* tot, Add add) {
 #pragma unroll
   for (int kk = 0; kk < KB; ++kk) tot[kk] = acc_t(0);
-  for (int64_t cb = c0; cb < c1; cb += kChannelBlock * step) {
-    const int64_t ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
+  for (int cb = c0; cb < c1; cb += kChannelBlock * step) {
+    const int ce = cb + kChannelBlock * step < c1 ? cb + kChannelBlock * step : c1;
     acc_t acc[KB];
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) acc[kk] = acc_t(0);
-    for (int64_t c = cb; c < ce; c += step) add(c, acc);
+    for (int c = cb; c < ce; c += step) add(c, acc);
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) tot[kk] += acc[kk];
   }
@@ -456,11 +508,11 @@ T* mut_ptr_or_null(const Tensor& t) {
 }
 
 // Kernels keeping per-position values of K components do so in blocks of KB registers:
-// 4 when K <= 4, else 8 (in several passes when K > 8).
-template <typename F>
+// kSmallKB<acc_t> when K <= 4, else 8 (in several passes when K > KB).
+template <typename acc_t, typename F>
 void dispatch_kb(int64_t K, F&& f) {
   if (K <= 4)
-    f(std::integral_constant<int, 4>{});
+    f(std::integral_constant<int, kSmallKB<acc_t>>{});
   else
     f(std::integral_constant<int, 8>{});
 }

@@ -86,11 +86,11 @@ struct StatsParams {
 // [k0, k0 + KB), blocked (kChannelBlock terms at a time); x[c] at xp[c * stride].
 template <typename scalar_t, typename acc_t, int KB>
 __device__ __forceinline__ void mahalanobis_sums(const StatsParams<acc_t>& p, const scalar_t* xp,
-                                                 int64_t stride, int64_t c0, int64_t c1,
-                                                 int64_t step, int k0, acc_t* tot) {
+                                                 int64_t stride, int c0, int c1,
+                                                 int step, int k0, acc_t* tot) {
   const int K = static_cast<int>(p.geo.K);
   const int64_t C = p.geo.C;
-  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int64_t c, acc_t* acc) {
+  blocked_channel_sums<acc_t, KB>(c0, c1, step, tot, [&](int c, acc_t* acc) {
     const acc_t v = static_cast<acc_t>(xp[c * stride]);
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
@@ -114,9 +114,14 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
   const int64_t C = p.geo.C, S = p.geo.S;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   if (p.resp == Resp::kGiven) {
+    // interleaved: the sample of the tile's first position (one division a tile, no
+    // call), then of position j, at most len positions further: u = s + j < S + len
+    const DivMod first = kInter ? divmod_wide(tg.p0, S) : DivMod{tg.n, 0};
     for (int i = threadIdx.x; i < tg.P * K; i += kThreads) {
       const int j = i / K, k = i % K;
-      const int64_t n = kInter ? (tg.p0 + j) / S : tg.n;
+      const int64_t u = first.r + j;
+      const int64_t n =
+          kInter ? first.q + (u < S ? 0 : S >= len ? 1 : tile_divmod(u, S).q) : tg.n;
       const int64_t grp = p.groups[n];
       // the host does not read the ids (no sync): bad ones stop here, as in PyTorch's
       // index kernels
@@ -129,7 +134,7 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
       const scalar_t* xr = x + (tg.p0 + j) * C;
       for (int k0 = 0; k0 < K; k0 += KB) {
         acc_t acc[KB];
-        mahalanobis_sums<scalar_t, acc_t, KB>(p, xr, 1, lane, C, 32, k0, acc);
+        mahalanobis_sums<scalar_t, acc_t, KB>(p, xr, 1, lane, static_cast<int>(C), 32, k0, acc);
 #pragma unroll
         for (int kk = 0; kk < KB; ++kk) {
           const acc_t total = warp_sum(acc[kk]);
@@ -158,8 +163,11 @@ __device__ void tile_responsibilities(const StatsParams<acc_t>& p, const TileGeo
           ts[(k0 + kk) * len + j] = p.b[k0 + kk] - total;
         });
       }
-      if (pl.q == 0 && j < tg.P) math::softmax_in_place(ts + j, K, len, DevExp{});
     }
+    // every log-likelihood of the tile is in ts (combine_channel_groups ends with a
+    // barrier): the softmax of each position, by all the threads and with little else live
+    for (int j = threadIdx.x; j < tg.P; j += kThreads)
+      math::softmax_in_place(ts + j, K, len, DevExp{});
   }
   __syncthreads();
   // to tau, coalesced
@@ -187,16 +195,18 @@ __device__ __forceinline__ acc_t tile_tau(const acc_t* ts, bool one, bool interl
 // ---------------------------------------------------------------------------------------
 
 // The tile's (n, mean, M2) of entry o = (row, k, c) into the row: the thread that owns an
-// entry is the same for every tile of the block; the row's count is updated after.
+// entry is the same for every tile of the block; the row's count is updated after. wb: the
+// tile's merge weight, math::merge_weight(n_row, n), one per component.
 template <typename acc_t>
 __device__ __forceinline__ void put_moments(const StatsParams<acc_t>& p, bool first, int64_t o,
-                                            acc_t n_row, acc_t n, acc_t mean, acc_t m2) {
+                                            acc_t n_row, acc_t n, acc_t mean, acc_t m2,
+                                            acc_t wb) {
   if (first) {
     p.part_mean[o] = mean;
     p.part_m2[o] = m2;
   } else {
     math::WeightedMoments<acc_t> a{n_row, p.part_mean[o], p.part_m2[o]};
-    math::chan_merge(a, math::WeightedMoments<acc_t>{n, mean, m2});
+    math::chan_merge_weighted(a, math::WeightedMoments<acc_t>{n, mean, m2}, wb);
     p.part_mean[o] = a.mean;
     p.part_m2[o] = a.m2;
   }
@@ -220,7 +230,12 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
       for (int j = lane; j < tg.P; j += 32) n += ts[tau_index(kInter, j, k, K, len)];
       n = warp_sum(n);
     }
-    if (lane == 0) cnt[k] = n;
+    if (lane == 0) {
+      cnt[k] = n;
+      // the tile's weight in the merges into the row: one division per component, none
+      // per (k, c) (a division is a call on the GPU, whose convention costs registers)
+      cnt[K + k] = first ? acc_t(0) : math::merge_weight(p.part_n[row * K + k], n);
+    }
   }
   __syncthreads();
 
@@ -273,7 +288,7 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
             if (k0 + kk < K) {
               const int k = k0 + kk;
               put_moments(p, first, (row * K + k) * C + c, first ? acc_t(0) : p.part_n[row * K + k],
-                          cnt[k], mt[kk], sum_groups(red, cg, kk));
+                          cnt[k], mt[kk], sum_groups(red, cg, kk), cnt[K + k]);
             }
           }
         }
@@ -316,7 +331,8 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
             if (lane == 0) {
               const int k = k0 + kk;
               put_moments(p, first, (row * K + k) * C + c,
-                          first ? acc_t(0) : p.part_n[row * K + k], cnt[k], mt[kk], m2);
+                          first ? acc_t(0) : p.part_n[row * K + k], cnt[k], mt[kk], m2,
+                          cnt[K + k]);
             }
           }
         }
@@ -325,14 +341,15 @@ __device__ void tile_moments(const StatsParams<acc_t>& p, const TileGeo& tg, con
   }
 }
 
-// Dynamic shared memory: ts (len x K) | cnt (K) | red (kThreads x KB). partial_rows(tiles)
+// Dynamic shared memory: ts (len x K) | cnt (2 K: the tile's counts, then its merge
+// weights) | red (kThreads x KB). partial_rows(tiles)
 // blocks, block b walking tiles b, b + gridDim.x, ... into its row b of partials.
 template <typename scalar_t, typename acc_t, int KB, bool kInter>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     collect_mixture_stats_kernel(StatsParams<acc_t> p) {
   CBN_DYNAMIC_SMEM(acc_t, ts);
   acc_t* cnt = ts + p.geo.len * p.geo.K;
-  acc_t* red = cnt + p.geo.K;
+  acc_t* red = cnt + 2 * p.geo.K;
   for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
     const TileGeo tg = tile_geo(p.geo, t);
     if (p.resp != Resp::kOne)
@@ -413,29 +430,28 @@ template <typename scalar_t, typename acc_t, int KB, int V, bool kInter>
 __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
     estep_normalize_kernel(StatsParams<acc_t> p) {
   CBN_DYNAMIC_SMEM(acc_t, ts);
-  acc_t* red = ts + p.geo.len * p.geo.K + p.geo.K;
+  acc_t* red = ts + p.geo.len * p.geo.K + 2 * p.geo.K;
   const int K = static_cast<int>(p.geo.K), len = static_cast<int>(p.geo.len);
   const int64_t C = p.geo.C, S = p.geo.S;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* y = static_cast<scalar_t*>(p.y);
   for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
     const TileGeo tg = tile_geo(p.geo, t);
-    tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);  // ends with a barrier
+    // ts is complete after it (a barrier precedes its copy to tau, which only reads ts)
+    tile_responsibilities<scalar_t, acc_t, KB, kInter>(p, tg, ts, red);
     if constexpr (kInter) {
       const int64_t base = tg.p0 * C;
-      const bool narrow = narrow_indices(tg.P * C);
       for (int64_t i = threadIdx.x; i * V < tg.P * C; i += kThreads) {
         const int64_t e = i * V;
-        const DivMod jc = divmod(e, C, narrow);
+        const DivMod jc = tile_divmod(e, C);
         const int j = static_cast<int>(jc.q);
         normalize_vector<scalar_t, acc_t, V>(x, y, base + e, jc.r, false, p.alpha, p.delta, C,
                                              K, [&](int k, int) { return ts[j * K + k]; });
       }
     } else {
       const int per_row = tg.P / V;  // V divides the tile's positions (host's choice)
-      const bool narrow = narrow_indices(C * per_row);
       for (int64_t i = threadIdx.x; i < C * per_row; i += kThreads) {
-        const DivMod cj = divmod(i, per_row, narrow);
+        const DivMod cj = tile_divmod(i, per_row);
         const int64_t c = cj.q;
         const int j = static_cast<int>(cj.r) * V;
         normalize_vector<scalar_t, acc_t, V>(
@@ -628,7 +644,7 @@ EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tens
 
 template <typename acc_t>
 size_t tile_smem(const TileParams& g, int KB) {
-  return sizeof(acc_t) * (g.len * g.K + g.K + kThreads * KB);
+  return sizeof(acc_t) * (g.len * g.K + 2 * g.K + kThreads * KB);
 }
 
 // f(integral_constant<bool, interleaved>)
@@ -643,7 +659,7 @@ void dispatch_layout(bool interleaved, F&& f) {
 // rows: the partial rows the host allocated (partial_rows, computed once).
 template <typename scalar_t, typename acc_t>
 void launch_stats(const StatsParams<acc_t>& p, int64_t rows) {
-  dispatch_kb(p.geo.K, [&](auto kb) {
+  dispatch_kb<acc_t>(p.geo.K, [&](auto kb) {
     dispatch_layout(p.geo.interleaved, [&](auto inter) {
       constexpr int KB = decltype(kb)::value;
       constexpr bool kInter = decltype(inter)::value;
@@ -834,7 +850,7 @@ std::tuple<Tensor, Tensor> CudaBackend::forward_eval(const EvalSetup& st, const 
     const bool vec = vectorizable<scalar_t>(x.data_ptr(), y.data_ptr(),
                                             shape.interleaved ? shape.C : shape.S) &&
                      (shape.interleaved || tiles.len % kVec<scalar_t> == 0);
-    dispatch_kb(K, [&](auto kb) {
+    dispatch_kb<acc_t>(K, [&](auto kb) {
       dispatch_layout(shape.interleaved, [&](auto inter) {
         constexpr int KB = decltype(kb)::value;
         constexpr bool kInter = decltype(inter)::value;
