@@ -6,6 +6,7 @@ configurations are checked like the hardware does, tile boundaries and large sha
 memory, and agreement with the CPU kernels on every kernel path."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -139,6 +140,35 @@ def test_other_multiprocessor_counts(channels_last, mode, sms):
     assert emu.device()["multi_processor_count"] == old == 132
     with pytest.raises(ValueError, match="expected a count in"):
         emu.set_multiprocessors(0)
+
+
+def _benchmark_stages():
+    """The benchmark's ResNet stage shapes (benchmarks/bench.py RESNET_SHAPES), N = 2."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import bench
+    return [(2, *map(int, s.split("x")[1:])) for s in bench.RESNET_SHAPES.split(",")]
+
+
+@needs_emu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", _benchmark_stages(), ids=lambda s: "x".join(map(str, s)))
+def test_benchmark_stage_shapes(shape, layout):
+    """The tile plans of the benchmark's shapes (whole-sample and chunked NCHW tiles,
+    channel groups of 64 to 512 channels, many tiles per block), every kind of component
+    block (K = 2 bfloat16, K = 4 float32, K = 3 float64: two blocks of 2), training,
+    evaluation and given groups: the emulated CUDA kernels agree with the CPU kernels."""
+    cl = layout == "channels_last"
+    for K, dtype, modes in ((2, torch.bfloat16, ("train", "eval", "split-train")),
+                            (4, torch.float32, ("train", "eval")),
+                            (3, torch.float64, ("train", "eval"))):
+        for mode in modes:
+            split = mode.startswith("split")
+            kw = dict(channels_last=cl, seed=K, groups=split)
+            cpu = make_stable_case(shape, K, dtype, **kw)
+            emu = make_stable_case(shape, K, dtype, device="emu", **kw)
+            training = mode.endswith("train")
+            compare(run(Fc.compound_batch_norm, emu, training),
+                    run(Fc.compound_batch_norm, cpu, training), 2 * TOL[dtype], RESULTS)
 
 
 @needs_emu
