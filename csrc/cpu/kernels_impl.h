@@ -373,6 +373,30 @@ struct VExp {
 constexpr int64_t kChannelBlock = 32;   // channels per lane of a blocked sum over c
 constexpr int64_t kPositionBlock = 64;  // positions per lane of a blocked sum over p
 
+// The planar E-step and dtau sum over channels for a group of positions: they walk the C
+// rows of a tile side by side, one or two vectors of each row at a time, more streams than
+// the hardware prefetchers follow, so each row is prefetched kPrefetchBytes ahead of where
+// it is read, when rows are longer than that (shorter rows lie next to each other: one
+// stream). In-process A/B on 2 cores, 64 x C x H x W, K = 2, minimum times: a bfloat16
+// training step 7-30 % faster at 56x56 to 14x14, a float32 evaluation 15-30 %; at 7x7
+// (196-byte rows) the prefetch made the float32 evaluation 5 % slower. The other passes
+// walk one channel at a time (a few streams: x, the gradient, dx and the K tau or dl rows).
+constexpr int64_t kPrefetchBytes = 256;
+
+// c_stride: the distance from one channel's row to the next, in elements.
+template <typename S>
+C10_ALWAYS_INLINE bool rows_need_prefetch(int64_t c_stride) {
+  return c_stride * static_cast<int64_t>(sizeof(S)) > kPrefetchBytes;
+}
+
+// The address is formed as an integer: it may lie past the end of the tensor, where a
+// prefetch does nothing but a pointer may not point.
+template <typename S>
+C10_ALWAYS_INLINE void prefetch_ahead(const S* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
+  __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+
 template <int N>
 using IntC = std::integral_constant<int, N>;
 
@@ -582,6 +606,7 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
                                      int64_t C, const acc_t* mu, const acc_t* ha, const acc_t* b,
                                      Vec<acc_t>* l) {
   using V = Vec<acc_t>;
+  const bool pf = rows_need_prefetch<S>(xv.c_stride);
   V tot[KB][NV];
   for (int kb = 0; kb < KB; ++kb)
     for (int v = 0; v < NV; ++v) tot[kb][v] = V{};
@@ -592,6 +617,7 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
       for (int v = 0; v < NV; ++v) acc[kb][v] = V{};
     for (int64_t c = c0; c < c1; ++c) {
       const S* r = xv.row(seg, c);
+      if (pf) prefetch_ahead(r + o[0]);
       V xs[NV];
       for (int v = 0; v < NV; ++v) xs[v] = ld<P>(r + o[v], n);
       for (int kb = 0; kb < KB; ++kb) {
@@ -1195,6 +1221,7 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
                                          const int64_t* o, int64_t n, int64_t C, int64_t k0,
                                          DtauPtrs<acc_t> cf, Vec<acc_t>* out) {
   using V = Vec<acc_t>;
+  const bool pf = rows_need_prefetch<S>(xv.c_stride);
   V tot[KB][NV];
   for (int kb = 0; kb < KB; ++kb)
     for (int v = 0; v < NV; ++v) tot[kb][v] = V{};
@@ -1206,6 +1233,10 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
     for (int64_t c = c0; c < c1; ++c) {
       const S* xr = xv.row(seg, c);
       const S* gr = gv.row(seg, c);
+      if (pf) {
+        prefetch_ahead(xr + o[0]);
+        prefetch_ahead(gr + o[0]);
+      }
       V xs[NV], gs[NV];
       for (int v = 0; v < NV; ++v) {
         xs[v] = ld<P>(xr + o[v], n);
