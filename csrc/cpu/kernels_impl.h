@@ -508,6 +508,12 @@ void tau_to_global(const Tile& tl, int64_t K, const acc_t* loc, acc_t* tau) {
     for (int64_t k = 0; k < K; ++k) out[j * K + k] = loc[k * tl.T + j];
 }
 
+// Entries of fixed_components' (and components_from_tau's) output: a position of an
+// interleaved tile, a segment of a planar one.
+inline int64_t fixed_count(const Geometry& g, const TilePlan& plan) {
+  return g.interleaved ? plan.len : plan.segs;
+}
+
 // The single component of each position (interleaved) or segment (planar): 0 (K = 1)
 // or the sample's group.
 void fixed_components(const Geometry& g, const Tile& tl, Resp resp, const int64_t* groups,
@@ -1443,9 +1449,8 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
   const auto* alpha = static_cast<const A*>(a.alpha);
   const auto* delta = static_cast<const A*>(a.delta);
   const int64_t* groups = a.groups;
-  const int64_t maxT = g.interleaved ? plan.len : plan.len * plan.segs;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
-    Scratch<int64_t> kfix(maxT);
+    Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<A> coef(2 * K);
     Scratch<const A*> rows(K);
     for (int64_t t = begin; t < end; ++t) {
@@ -1624,7 +1629,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(soft && !g.interleaved ? K * maxT : 0);
     Scratch<A> tdl(4 * K);  // interleaved: tau and dl of two positions
-    Scratch<int64_t> kfix(maxT);
+    Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<A> coef(6 * K);
     Scratch<Vec<A>> lanes(4 * K);
     Scratch<const A*> rows(2 * K);
