@@ -70,8 +70,9 @@ else
     exit 1
   fi
   grep -E "^ *cbn_ext: " "$LOG" | sed "s/^ *//" | sort -u | sed 's/^/== setup: /' || true
-  # compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D"
-  if grep -E ": warning:|warning #[0-9]+" "$LOG" > build/cbn_ext_warnings.log; then
+  # compiler diagnostics: gcc's "file:line: warning:", nvcc's "warning #NNN-D", ptxas's
+  # "ptxas warning : Registers are spilled ..." (setup.py asks for spill warnings)
+  if grep -E ": warning:|warning #[0-9]+|ptxas warning" "$LOG" > build/cbn_ext_warnings.log; then
     echo "== setup: the compilers warned ($(wc -l < build/cbn_ext_warnings.log) lines):"
     head -40 build/cbn_ext_warnings.log
     if [ "${CBN_STRICT_WARNINGS:-0}" = 1 ]; then exit 1; fi

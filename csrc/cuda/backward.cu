@@ -110,9 +110,18 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
         }
       }
     } else {
-      // a warp per channel, lanes over the tile's positions
-      for (int64_t c = warp; c < C; c += kWarps) {
-        const int64_t base = (tg.n * C + c) * S + tg.s0;
+      // a warp per channel, lanes over the tile's positions. int channels (C <= 2^30,
+      // plan_tiles) and the rows' addresses stepped as integers (no pointer formed past
+      // the tensor): the form without spills at 64 registers (float64, KB = 2) on both
+      // sm_80 and sm_90; a stepped 64-bit offset spilled on sm_90, 64-bit channels on sm_80.
+      const int Ci = static_cast<int>(C);
+      const int64_t first_row = tg.n * C * S + tg.s0 + warp * S;
+      const int64_t step = kWarps * S * static_cast<int64_t>(sizeof(scalar_t));
+      uintptr_t xa = reinterpret_cast<uintptr_t>(x) + first_row * sizeof(scalar_t);
+      uintptr_t ga = reinterpret_cast<uintptr_t>(gr) + first_row * sizeof(scalar_t);
+      for (int c = warp; c < Ci; c += kWarps, xa += step, ga += step) {
+        const scalar_t* xb = reinterpret_cast<const scalar_t*>(xa);
+        const scalar_t* gb = reinterpret_cast<const scalar_t*>(ga);
         for (int k0 = 0; k0 < K; k0 += KB) {
           acc_t sg[KB], sgx[KB], m[KB];
 #pragma unroll
@@ -121,8 +130,8 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
             m[kk] = k0 + kk < K ? p.mean[(k0 + kk) * C + c] : acc_t(0);
           }
           for (int j = lane; j < tg.P; j += 32) {
-            const acc_t gv = static_cast<acc_t>(gr[base + j]);
-            const acc_t xv = static_cast<acc_t>(x[base + j]);
+            const acc_t gv = static_cast<acc_t>(gb[j]);
+            const acc_t xv = static_cast<acc_t>(xb[j]);
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) {
               if (k0 + kk < K) {

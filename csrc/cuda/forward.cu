@@ -43,6 +43,9 @@ __global__ void __launch_bounds__(kThreads)
   CBN_STATIC_SMEM(acc_t[kWarps], buf);
   const int64_t k = blockIdx.x;
   acc_t s = 0;
+  // not unrolled: an unrolled loop spills around the double division's slow-path calls
+  // (sm_80); K x C elements, no loop worth unrolling
+#pragma unroll 1
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const acc_t v = var[k * C + c];
     half_a[k * C + c] = math::half_precision(v, eps);
@@ -514,6 +517,9 @@ __global__ void __launch_bounds__(kThreads) finish_moments_kernel(
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < KC;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     math::WeightedMoments<acc_t> r{0, 0, 0};
+    // a chain of dependent merges: unrolling it bought nothing and cost registers (68 on
+    // sm_80 in float64, 47 not unrolled)
+#pragma unroll 1
     for (int64_t g = 0; g < G; ++g) {
       const math::WeightedMoments<acc_t> part{gn[g * KC + i], gmean[g * KC + i], gm2[g * KC + i]};
       math::chan_merge(r, part);
