@@ -131,8 +131,11 @@ def get_extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros += [("CBN_WITH_CUDA", None),
                           ("CBN_CUDA_ARCHS", archs.replace(" ", "").replace(";", "_"))]
-        # ptxas warns of register spills and local memory: CI (CBN_STRICT_WARNINGS=1,
-        # scripts/setup.sh) fails on them, for every architecture it builds
+        # ptxas warns of register spills and of any local memory (a stack frame: a spill, a
+        # dynamically indexed local array, a call's saved registers): CI
+        # (CBN_STRICT_WARNINGS=1, scripts/setup.sh) fails on them, for every architecture
+        # it builds. A policy: each is a slow path in these kernels; a new toolkit may
+        # allocate registers differently and trip it.
         nvcc = ["-O3", "-lineinfo", "-Xptxas=-warn-spills,-warn-lmem-usage"]
         for inc in nvidia_wheel_includes(cuda_home):
             # -isystem: searched after the -I folders (the toolkit's own headers), so only

@@ -142,6 +142,30 @@ def test_other_multiprocessor_counts(channels_last, mode, sms):
         emu.set_multiprocessors(0)
 
 
+@needs_emu
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("K", [2, 3])
+@pytest.mark.parametrize("shape", [(3, 3, 7, 41), (4, 7, 1, 700)])
+def test_planar_fewer_channels_than_warps(shape, K, dtype, sms):
+    """NCHW with C < 8 (warps of the gradient sums' planar loop without a channel), C odd,
+    and samples of one or several tiles, on 1 and 132 multiprocessors: the row pointers
+    stepped per channel (csrc/cuda/backward.cu) give the reference's results, and the
+    same ones twice."""
+    emu = _emu()
+    old = emu.set_multiprocessors(sms)
+    try:
+        case = make_stable_case(shape, K, dtype, channels_last=False, seed=K + sms,
+                                device="emu")
+        ours = run(Fc.compound_batch_norm, case, True)
+        compare(ours, run(R.compound_batch_norm, case, True, dtype=torch.float64), TOL[dtype])
+        again = run(Fc.compound_batch_norm, case, True)
+        for name in RESULTS:
+            assert torch.equal(getattr(ours, name), getattr(again, name)), name
+    finally:
+        emu.set_multiprocessors(old)
+
+
 def _benchmark_stages():
     """The benchmark's ResNet stage shapes (benchmarks/bench.py RESNET_SHAPES), N = 2."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))

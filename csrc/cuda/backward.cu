@@ -111,17 +111,15 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
       }
     } else {
       // a warp per channel, lanes over the tile's positions. int channels (C <= 2^30,
-      // plan_tiles) and the rows' addresses stepped as integers (no pointer formed past
-      // the tensor): the form without spills at 64 registers (float64, KB = 2) on both
-      // sm_80 and sm_90; a stepped 64-bit offset spilled on sm_90, 64-bit channels on sm_80.
+      // plan_tiles) and row pointers stepped per channel (never past the tensor): the form
+      // without spills at 64 registers (float64, KB = 2) on both sm_80 and sm_90 (CUDA
+      // 13.0); a stepped 64-bit offset spilled on sm_90, 64-bit channels on sm_80, and
+      // addresses stepped as integers made the loads generic (LD, not LDG).
       const int Ci = static_cast<int>(C);
-      const int64_t first_row = tg.n * C * S + tg.s0 + warp * S;
-      const int64_t step = kWarps * S * static_cast<int64_t>(sizeof(scalar_t));
-      uintptr_t xa = reinterpret_cast<uintptr_t>(x) + first_row * sizeof(scalar_t);
-      uintptr_t ga = reinterpret_cast<uintptr_t>(gr) + first_row * sizeof(scalar_t);
-      for (int c = warp; c < Ci; c += kWarps, xa += step, ga += step) {
-        const scalar_t* xb = reinterpret_cast<const scalar_t*>(xa);
-        const scalar_t* gb = reinterpret_cast<const scalar_t*>(ga);
+      const int64_t row0 = tg.n * C * S + tg.s0 + (warp < Ci ? warp : 0) * S;
+      const scalar_t* xb = x + row0;
+      const scalar_t* gb = gr + row0;
+      for (int c = warp; c < Ci; c += kWarps) {
         for (int k0 = 0; k0 < K; k0 += KB) {
           acc_t sg[KB], sgx[KB], m[KB];
 #pragma unroll
@@ -152,6 +150,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
               }
             }
           }
+        }
+        if (c + kWarps < Ci) {  // the next channel's rows
+          xb += kWarps * S;
+          gb += kWarps * S;
         }
       }
     }
