@@ -375,8 +375,8 @@ def test_empty_batch_in_eval(device):
 
 
 # (8, 24, 12, 12): several samples a planar tile; (64, 16, 24, 24): one whole sample a
-# training tile (TileUse::kStream, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50):
-# samples cut into 11 chunks each for training (33 tiles), into 3 for the soft evaluation.
+# tile (make_tile_plan, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50): samples cut
+# into 11 chunks each (33 tiles).
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
@@ -401,11 +401,11 @@ def test_deterministic(shape, mode, layout, device):
             assert torch.equal(getattr(results[0], name), getattr(other, name)), name
 
 
-# The CPU training tiles of NCHW inputs (TileUse::kStream) are whole samples unless a
-# sample is longer than 2 max(256, 2^18 / C) positions; then chunks of it, kept when they
-# make at least 32 tiles (make_tile_plan). (11, 1024, 20, 30): 3 chunks of 208 positions a
-# sample, 33 tiles: the smallest kind of input that reaches that plan (5.6 M elements at
-# least). float32, K = 2, training: against the reference, and thread-count independent.
+# The CPU tiles of NCHW inputs are whole samples unless a sample is longer than
+# 2 max(256, 2^18 / C) positions; then chunks of it, kept when they make at least 32 tiles
+# (make_tile_plan). (11, 1024, 20, 30): 3 chunks of 208 positions a sample, 33 tiles: the
+# smallest kind of input that reaches that plan (5.6 M elements at least). float32, K = 2,
+# training: against the reference, and thread-count independent.
 def test_stream_chunks_cpu():
     shape, K = (11, 1024, 20, 30), 2
     case = make_stable_case(shape, K, torch.float32, seed=seed_of("stream-chunks"), device="cpu")

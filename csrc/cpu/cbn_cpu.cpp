@@ -24,10 +24,9 @@ namespace cpu {
 
 namespace {
 
-TilePlan base_tile_plan(const Geometry& g, TileUse use) {
-  // About 16k elements (64 KiB of float) per tile, interleaved and for kReread: the
-  // kernels pass over a tile two or three times while it sits in the L2 cache. Planar
-  // kStream tiles are longer (below).
+TilePlan base_tile_plan(const Geometry& g) {
+  // About 16k elements (64 KiB of float) per interleaved tile: the kernels pass over a
+  // tile two or three times while it sits in the L2 cache. Planar tiles are longer (below).
   constexpr int64_t kTileElems = 16384;
   TilePlan p{};
   const int64_t M = g.N * g.S;
@@ -50,17 +49,20 @@ TilePlan base_tile_plan(const Geometry& g, TileUse use) {
   // 3136 and 784 positions, batch 64) in whole samples took from 2 % more (float32, K = 2,
   // 56x56) to 35-45 % less time (K = 1) than in chunks of 256, 3-15 % less at K = 2, 4
   // otherwise (bfloat16 and float32; minimum of 40-48 runs, 2 cores, 2026-11-29), although
-  // such a tile (800 KiB of float) no longer fits the L2 cache. The soft evaluation
-  // is the exception (kReread): its normalization reads the tile again after the E-step
-  // while y is written, and whole samples made it 10-20 % slower, so it keeps chunks of
-  // 256 positions, which stay in the L2 cache across those writes.
+  // such a tile (800 KiB of float) no longer fits the L2 cache. The soft evaluation, which
+  // reads the tile again after the E-step while y is written, kept chunks of 256 positions
+  // (in the L2 cache) until the E-step prefetched its rows (kPrefetchBytes); since then
+  // whole samples made it 5-20 % faster at 56x56 and 28x28 than those chunks (in-process
+  // A/B, K = 2, float32 and bfloat16, 8 rounds of 5, minimum and quartile times, 2 cores,
+  // 2026-11-29), and its normalization alone (E-step skipped) took twice BatchNorm's time
+  // in chunks of 256: its short row pieces, not the arithmetic.
   // So a sample is cut only when it is longer than 2 max(kMinChunk, chunk_elems / C)
   // positions, into chunks of nearly equal length: between about 2/3 and 1 times that
-  // target, the last one shorter (kReread, 56x56 with C = 64: 12 chunks of 256 and one of
-  // 64), even where a tile then exceeds chunk_elems. make_tile_plan cuts shorter chunks on
-  // purpose when a batch of few samples would otherwise leave threads idle.
+  // target, the last one shorter, even where a tile then exceeds chunk_elems.
+  // make_tile_plan cuts shorter chunks on purpose when a batch of few samples would
+  // otherwise leave threads idle.
   constexpr int64_t kMinChunk = 256;
-  const int64_t chunk_elems = use == TileUse::kReread ? kTileElems : 16 * kTileElems;
+  constexpr int64_t chunk_elems = 16 * kTileElems;
   const int64_t per_sample = g.S * g.C;
   const int64_t target_len =
       std::max<int64_t>(kMinChunk, chunk_elems / std::max<int64_t>(g.C, 1));
@@ -86,15 +88,14 @@ TilePlan base_tile_plan(const Geometry& g, TileUse use) {
 }  // namespace
 
 // A few large samples (a batch of one at inference) make fewer tiles than threads: split
-// the samples into shorter chunks, down to kSplitChunk positions, until there are
-// min_tiles tiles: 8, or 32 for the whole-sample kStream tiles, so that a batch of 16 at
-// 56x56 still gives 32 tiles (2 samples' chunks of 1568 positions) to a machine with more
-// cores than this project's 2 (measured only on 2). By shape and use only, so that any
-// number of threads sums the same tiles in the same order.
-TilePlan make_tile_plan(const Geometry& g, TileUse use) {
+// the samples into shorter chunks, down to kSplitChunk positions, until there are 32
+// tiles, so that a batch of 16 at 56x56 still gives 32 tiles (2 samples' chunks of 1568
+// positions) to a machine with more cores than this project's 2 (measured only on 2). By
+// shape only, so that any number of threads sums the same tiles in the same order.
+TilePlan make_tile_plan(const Geometry& g) {
   constexpr int64_t kSplitChunk = 64;
-  const int64_t min_tiles = use == TileUse::kStream ? 32 : 8;
-  TilePlan p = base_tile_plan(g, use);
+  constexpr int64_t min_tiles = 32;
+  TilePlan p = base_tile_plan(g);
   if (g.interleaved || p.num_tiles == 0 || p.num_tiles >= min_tiles || p.segs > 1) return p;
   const int64_t chunks = (min_tiles + g.N - 1) / g.N;
   int64_t len = (g.S + chunks - 1) / chunks;
@@ -394,7 +395,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   const auto aopt = x.options().dtype(st.acc);
   const int64_t C = shape.C;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
+  const TilePlan plan = make_tile_plan(geo);
   BatchStats out;
   out.tau = empty_tau(x, shape, K, st.acc);
   const int64_t tiles = plan.num_tiles;
@@ -436,7 +437,7 @@ Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTe
   const Tensor& x = st.x;
   Tensor out = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
+  const TilePlan plan = make_tile_plan(geo);
   if (plan.num_tiles == 0) return out;
   const AffineCoefs ac = affine_coefs(weight, bias, mean, var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
@@ -463,7 +464,7 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   const auto aopt = x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
+  const TilePlan plan = make_tile_plan(geo);
   const Tensor parts = at::empty({plan.num_tiles * 2 * K * C}, aopt);  // Sg | Sgx
   void* part_sg = parts.data_ptr();
   void* part_sgx = static_cast<char*>(part_sg) + plan.num_tiles * K * C * parts.element_size();
@@ -554,7 +555,7 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   const Tensor& x = st.x;
   Tensor dx = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo, TileUse::kStream);
+  const TilePlan plan = make_tile_plan(geo);
   if (plan.num_tiles == 0) return dx;
   const Tensor m = mean.contiguous();
   GradInputArgs ia{};
@@ -594,8 +595,7 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   const Shape& shape = st.shape;
   const Resp resp = st.resp;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan =
-      make_tile_plan(geo, resp == Resp::kSoft ? TileUse::kReread : TileUse::kStream);
+  const TilePlan plan = make_tile_plan(geo);
   Tensor tau = empty_tau(x, shape, K, st.acc);
   Tensor out = empty_like_input(x);
   if (shape.M() == 0) return {out, tau};

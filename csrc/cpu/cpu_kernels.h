@@ -29,7 +29,7 @@ struct Geometry {
   bool interleaved;
 };
 
-// Positions are cut into tiles that depend on the shape (and the operator's TileUse) alone,
+// Positions are cut into tiles that depend on the shape alone,
 // so that per-tile partial sums merged in tile order give bit-identical results for any
 // number of threads.
 //   interleaved: tile t holds positions [t len, min(M, (t+1) len)).
@@ -42,18 +42,11 @@ struct TilePlan {
   int64_t chunks;
 };
 
-// Which operator walks a planar tile, which sets the length of long samples' tiles
-// (make_tile_plan, measured on 2 cores):
-//   kStream: the training operators, and evaluation with one component per position:
-//     whole samples up to about 2 x 262144 / C positions (long rows for the hardware
-//     prefetchers; faster overall, although the soft M-step and input gradient read a
-//     tile twice and such a tile may not fit the L2 cache);
-//   kReread: evaluation with soft responsibilities, an E-step then a normalization that
-//     reads the tile again while y is written: chunks of 256 positions (or 16384 / C)
-//     that stay in the L2 cache.
-enum class TileUse { kStream, kReread };
-
-TilePlan make_tile_plan(const Geometry& g, TileUse use);
+// Planar tiles of long samples (make_tile_plan, measured on 2 cores): whole samples up to
+// about 2 x 262144 / C positions, long rows for the hardware prefetchers, for every
+// operator (faster overall, although the soft M-step, the input gradient and the soft
+// evaluation read a tile twice and such a tile may not fit the L2 cache).
+TilePlan make_tile_plan(const Geometry& g);
 
 // Pointers to float (float32/bfloat16/float16 input) or double (float64) data are
 // `acc` pointers; `x`, `y`, `grad`, `dx` have the input's dtype. Per-(k, c) arrays are
