@@ -146,12 +146,13 @@ def test_other_multiprocessor_counts(channels_last, mode, sms):
 @pytest.mark.parametrize("sms", [1, 132])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("K", [2, 3])
-@pytest.mark.parametrize("shape", [(3, 3, 7, 41), (4, 7, 1, 700)])
-def test_planar_fewer_channels_than_warps(shape, K, dtype, sms):
-    """NCHW with C < 8 (warps of the gradient sums' planar loop without a channel), C odd,
-    and samples of one or several tiles, on 1 and 132 multiprocessors: the row pointers
-    stepped per channel (csrc/cuda/backward.cu) give the reference's results, and the
-    same ones twice."""
+@pytest.mark.parametrize("shape", [(3, 3, 7, 41), (3, 11, 7, 41), (4, 7, 1, 700), (2, 19, 1, 700)])
+def test_planar_channel_rows(shape, K, dtype, sms):
+    """NCHW gradient sums, a warp per channel stepping its row pointers by 8 channels
+    (csrc/cuda/backward.cu): C = 3 and 7 (warps without a channel), 11 (warps 0-2 step once,
+    3-7 not at all) and 19 (some warps twice, some once); samples of one tile and of several
+    (700 positions), on 1 and 132 multiprocessors: the reference's results, and the same
+    ones twice."""
     emu = _emu()
     old = emu.set_multiprocessors(sms)
     try:

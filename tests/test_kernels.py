@@ -403,22 +403,25 @@ def test_deterministic(shape, mode, layout, device):
 
 # The CPU tiles of NCHW inputs are whole samples unless a sample is longer than
 # 2 max(256, 2^18 / C) positions; then chunks of it, kept when they make at least 32 tiles
-# (make_tile_plan). (11, 1024, 20, 30): 3 chunks of 208 positions a sample, 33 tiles: the
-# smallest kind of input that reaches that plan (5.6 M elements at least). float32, K = 2,
-# training: against the reference, and thread-count independent.
+# (make_tile_plan). (11, 1024, 20, 30): chunks of 208, 208 and 184 positions a sample, 33
+# tiles: about the smallest kind of input that reaches that plan (N = 11 and C x S just
+# above 2^19: 5.8 M elements). float32, K = 2, training and evaluation: against the
+# reference, and thread-count independent.
 def test_stream_chunks_cpu():
     shape, K = (11, 1024, 20, 30), 2
     case = make_stable_case(shape, K, torch.float32, seed=seed_of("stream-chunks"), device="cpu")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(Fc.compound_batch_norm, case, True)
-    finally:
-        torch.set_num_threads(threads)
-    ours = run(Fc.compound_batch_norm, case, True)
-    for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
-        assert torch.equal(getattr(ours, name), getattr(one, name)), name
-    compare(ours, run(R.compound_batch_norm, case, True, dtype=torch.float64), TOL[torch.float32])
+    for training in (True, False):
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = run(Fc.compound_batch_norm, case, training)
+        finally:
+            torch.set_num_threads(threads)
+        ours = run(Fc.compound_batch_norm, case, training)
+        for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
+            assert torch.equal(getattr(ours, name), getattr(one, name)), (training, name)
+        compare(ours, run(R.compound_batch_norm, case, training, dtype=torch.float64),
+                TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", device_params(emu=True))

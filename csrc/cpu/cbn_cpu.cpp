@@ -50,12 +50,14 @@ TilePlan base_tile_plan(const Geometry& g) {
   // 56x56) to 35-45 % less time (K = 1) than in chunks of 256, 3-15 % less at K = 2, 4
   // otherwise (bfloat16 and float32; minimum of 40-48 runs, 2 cores, 2026-11-29), although
   // such a tile (800 KiB of float) no longer fits the L2 cache. The soft evaluation, which
-  // reads the tile again after the E-step while y is written, kept chunks of 256 positions
-  // (in the L2 cache) until the E-step prefetched its rows (kPrefetchBytes); since then
-  // whole samples made it 5-20 % faster at 56x56 and 28x28 than those chunks (in-process
-  // A/B, K = 2, float32 and bfloat16, 8 rounds of 5, minimum and quartile times, 2 cores,
-  // 2026-11-29), and its normalization alone (E-step skipped) took twice BatchNorm's time
-  // in chunks of 256: its short row pieces, not the arithmetic.
+  // reads the tile again after the E-step while y is written, kept chunks of
+  // max(256, 16384 / C) positions (in the L2 cache) until the E-step prefetched its rows
+  // (kPrefetchBytes); since then whole samples made it 5-20 % faster at 56x56 and 28x28
+  // than those chunks (in-process A/B, batch 64, K = 2, float32 and bfloat16, 8 rounds of
+  // 5, minimum and quartile times, 2 cores, 2026-11-29), and its normalization alone
+  // (E-step skipped) took twice BatchNorm's time in chunks of 256: its short row pieces,
+  // not the arithmetic. (Batches of 1 to 16: as fast as with those chunks, given
+  // kMinTilesEval.)
   // So a sample is cut only when it is longer than 2 max(kMinChunk, chunk_elems / C)
   // positions, into chunks of nearly equal length: between about 2/3 and 1 times that
   // target, the last one shorter, even where a tile then exceeds chunk_elems.
@@ -88,13 +90,13 @@ TilePlan base_tile_plan(const Geometry& g) {
 }  // namespace
 
 // A few large samples (a batch of one at inference) make fewer tiles than threads: split
-// the samples into shorter chunks, down to kSplitChunk positions, until there are 32
-// tiles, so that a batch of 16 at 56x56 still gives 32 tiles (2 samples' chunks of 1568
-// positions) to a machine with more cores than this project's 2 (measured only on 2). By
-// shape only, so that any number of threads sums the same tiles in the same order.
-TilePlan make_tile_plan(const Geometry& g) {
+// the samples into shorter chunks, down to kSplitChunk positions, until there are
+// min_tiles tiles, so that a training batch of 16 at 56x56 still gives 32 tiles (2
+// samples' chunks of 1568 positions) to a machine with more cores than this project's 2
+// (measured only on 2). By shape and operator only, so that any number of threads sums
+// the same tiles in the same order.
+TilePlan make_tile_plan(const Geometry& g, int64_t min_tiles) {
   constexpr int64_t kSplitChunk = 64;
-  constexpr int64_t min_tiles = 32;
   TilePlan p = base_tile_plan(g);
   if (g.interleaved || p.num_tiles == 0 || p.num_tiles >= min_tiles || p.segs > 1) return p;
   const int64_t chunks = (min_tiles + g.N - 1) / g.N;
@@ -395,7 +397,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   const auto aopt = x.options().dtype(st.acc);
   const int64_t C = shape.C;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, kMinTiles);
   BatchStats out;
   out.tau = empty_tau(x, shape, K, st.acc);
   const int64_t tiles = plan.num_tiles;
@@ -437,7 +439,7 @@ Tensor normalize_impl(const ApplySetup& st, const OptTensor& groups, const OptTe
   const Tensor& x = st.x;
   Tensor out = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, kMinTiles);
   if (plan.num_tiles == 0) return out;
   const AffineCoefs ac = affine_coefs(weight, bias, mean, var, eps);
   const Tensor grp = defined(groups) ? groups->contiguous() : Tensor();
@@ -464,7 +466,7 @@ std::tuple<Tensor, Tensor> grad_sums_impl(const BackwardSetup& st, const Tensor&
   const auto aopt = x.options().dtype(st.acc);
   const int64_t K = st.K, C = st.shape.C;
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, kMinTiles);
   const Tensor parts = at::empty({plan.num_tiles * 2 * K * C}, aopt);  // Sg | Sgx
   void* part_sg = parts.data_ptr();
   void* part_sgx = static_cast<char*>(part_sg) + plan.num_tiles * K * C * parts.element_size();
@@ -555,7 +557,7 @@ Tensor grad_input_impl(const BackwardSetup& st, const Tensor& tau, const Tensor&
   const Tensor& x = st.x;
   Tensor dx = empty_like_input(x);
   const Geometry geo = geometry_of(st.shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, kMinTiles);
   if (plan.num_tiles == 0) return dx;
   const Tensor m = mean.contiguous();
   GradInputArgs ia{};
@@ -595,7 +597,7 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   const Shape& shape = st.shape;
   const Resp resp = st.resp;
   const Geometry geo = geometry_of(shape);
-  const TilePlan plan = make_tile_plan(geo);
+  const TilePlan plan = make_tile_plan(geo, resp == Resp::kSoft ? kMinTilesEval : kMinTiles);
   Tensor tau = empty_tau(x, shape, K, st.acc);
   Tensor out = empty_like_input(x);
   if (shape.M() == 0) return {out, tau};
