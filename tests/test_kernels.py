@@ -374,6 +374,16 @@ def test_empty_batch_in_eval(device):
     assert x.grad.shape == x.shape
 
 
+def _run_on_threads(n, case, training):
+    """run() with torch's thread count set to n, restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return run(Fc.compound_batch_norm, case, training)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # (8, 24, 12, 12): several samples a planar tile; (64, 16, 24, 24): one whole sample a
 # tile (make_tile_plan, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50): samples cut
 # into 11 chunks each (33 tiles).
@@ -389,13 +399,7 @@ def test_deterministic(shape, mode, layout, device):
                      seed=13, device=device, groups=mode.startswith("split"))
     training = mode != "eval"
     threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (threads, 1, threads):
-            torch.set_num_threads(n)
-            results.append(run(Fc.compound_batch_norm, case, training))
-    finally:
-        torch.set_num_threads(threads)
+    results = [_run_on_threads(n, case, training) for n in (threads, 1, threads)]
     for other in results[1:]:
         for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
             assert torch.equal(getattr(results[0], name), getattr(other, name)), name
@@ -411,12 +415,7 @@ def test_stream_chunks_cpu():
     shape, K = (11, 1024, 20, 30), 2
     case = make_stable_case(shape, K, torch.float32, seed=seed_of("stream-chunks"), device="cpu")
     for training in (True, False):
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = run(Fc.compound_batch_norm, case, training)
-        finally:
-            torch.set_num_threads(threads)
+        one = _run_on_threads(1, case, training)
         ours = run(Fc.compound_batch_norm, case, training)
         for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
             assert torch.equal(getattr(ours, name), getattr(one, name)), (training, name)

@@ -29,9 +29,9 @@ struct Geometry {
   bool interleaved;
 };
 
-// Positions are cut into tiles that depend on the shape alone,
-// so that per-tile partial sums merged in tile order give bit-identical results for any
-// number of threads.
+// Positions are cut into tiles that depend on the shape and the operator (min_tiles)
+// alone, so that per-tile partial sums merged in tile order give bit-identical results for
+// any number of threads.
 //   interleaved: tile t holds positions [t len, min(M, (t+1) len)).
 //   planar: tile t holds `segs` whole samples (len == S), or one chunk of `len`
 //   positions of one sample (segs == 1, chunks chunks per sample).
