@@ -9,6 +9,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #define CBN_CPU_ISA avx2
 #define CBN_CPU_F16C 1
+#define CBN_CPU_AVX2 1
 #include "kernels_impl.h"
 #pragma GCC pop_options
 #endif

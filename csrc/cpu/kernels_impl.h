@@ -213,6 +213,8 @@ C10_ALWAYS_INLINE void vstore_part(S* p, Vec<acc_of<S>> v, int64_t n) {
 enum Span : int { kWhole = 0, kOverlap = 1, kPart = 2 };
 template <int P>
 using SpanC = std::integral_constant<int, P>;
+template <int N>
+using IntC = std::integral_constant<int, N>;
 
 template <int P, typename S>
 C10_ALWAYS_INLINE Vec<acc_of<S>> ld(const S* p, int64_t n) {
@@ -286,28 +288,39 @@ C10_ALWAYS_INLINE void for_row(int64_t len, F&& body) {
   for_row_blocks<T>(len, int64_t(1) << 40, body, [] {});
 }
 
-// A planar row in groups of two vectors: g(std::integral_constant<int, NV>,
-// SpanC<P>, o0, o1, n) with NV vectors at offsets o0 (and o1). The last group ends at len
+// A planar row in groups of G (2 or 4) vectors: g(std::integral_constant<int, NV>,
+// SpanC<P>, o, n) with NV <= G vectors at offsets o[0 .. NV). The last group ends at len
 // (its vectors may overlap the group before, or each other); rows shorter than a vector
 // are one kPart vector of n lanes. Only for outputs per position (a repeated position is
 // computed again, with the same result).
-template <typename T, typename G>
-C10_ALWAYS_INLINE void for_row_groups(int64_t len, G&& g) {
+template <typename T, int G, typename F>
+C10_ALWAYS_INLINE void for_row_groups(int64_t len, F&& g) {
+  static_assert(G == 2 || G == 4, "groups of 2 or 4 vectors");
   constexpr int64_t W = kW<T>;
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
+  int64_t o[G];
   if (len < W) {
-    if (len > 0) g(One{}, SpanC<kPart>{}, int64_t(0), int64_t(0), len);
+    o[0] = 0;
+    if (len > 0) g(IntC<1>{}, SpanC<kPart>{}, o, len);
     return;
   }
   int64_t s = 0;
-  for (; s + 2 * W <= len; s += 2 * W) g(Two{}, SpanC<kWhole>{}, s, s + W, W);
+  for (; s + G * W <= len; s += G * W) {
+    for (int v = 0; v < G; ++v) o[v] = s + v * W;
+    g(IntC<G>{}, SpanC<kWhole>{}, o, W);
+  }
   const int64_t r = len - s;
   if (r == 0) return;
-  if (r <= W) {
-    g(One{}, SpanC<kWhole>{}, len - W, len - W, W);
-  } else {
-    g(Two{}, SpanC<kWhole>{}, s, len - W, W);
+  const int64_t nv = (r + W - 1) / W;  // 1 .. G
+  for (int v = 0; v < G; ++v) o[v] = std::min(s + v * W, len - W);
+  switch (nv) {
+    case 1: g(IntC<1>{}, SpanC<kWhole>{}, o, W); break;
+    case 2: g(IntC<2>{}, SpanC<kWhole>{}, o, W); break;
+    default:
+      if constexpr (G == 4) {
+        if (nv == 3) g(IntC<3>{}, SpanC<kWhole>{}, o, W);
+        else g(IntC<4>{}, SpanC<kWhole>{}, o, W);
+      }
+      break;
   }
 }
 
@@ -324,6 +337,49 @@ C10_ALWAYS_INLINE auto vsum_impl(V v) {
 }
 C10_ALWAYS_INLINE float vsum(Vec<float> v) { return vsum_impl(v); }
 C10_ALWAYS_INLINE double vsum(Vec<double> v) { return vsum_impl(v); }
+
+// Lane r: vsum(t[r]), for the W vectors t[0..W) (the same additions in the same order:
+// the same bits). With AVX, an 8 x 8 transpose and 7 vector additions in place of 8
+// chains of 7 lane extractions and scalar additions.
+template <typename V>
+C10_ALWAYS_INLINE V vsum_lanes_impl(const V* t) {
+  V o;
+  for (size_t r = 0; r < sizeof(V) / sizeof(o[0]); ++r) o[r] = vsum_impl(t[r]);
+  return o;
+}
+C10_ALWAYS_INLINE Vec<float> vsum_lanes(const Vec<float>* t) {
+#if defined(CBN_CPU_AVX2)
+  __m256 r[8];
+  std::memcpy(r, t, sizeof(r));
+  // a[2i] = (t2i[0] t2i+1[0] t2i[1] t2i+1[1] | lanes 4, 5), a[2i + 1] = lanes 2, 3 | 6, 7
+  __m256 a[8], q[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // q[4h + m]: lane m | lane m + 4 of rows 4h .. 4h + 3
+  for (int h = 0; h < 2; ++h) {
+    q[4 * h + 0] = _mm256_shuffle_ps(a[4 * h], a[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    q[4 * h + 1] = _mm256_shuffle_ps(a[4 * h], a[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    q[4 * h + 2] = _mm256_shuffle_ps(a[4 * h + 1], a[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    q[4 * h + 3] = _mm256_shuffle_ps(a[4 * h + 1], a[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // column m (lane m of rows 0 .. 7) and column m + 4
+  __m256 col[8];
+  for (int m = 0; m < 4; ++m) {
+    col[m] = _mm256_permute2f128_ps(q[m], q[4 + m], 0x20);
+    col[m + 4] = _mm256_permute2f128_ps(q[m], q[4 + m], 0x31);
+  }
+  __m256 s = col[0];
+  for (int m = 1; m < 8; ++m) s = _mm256_add_ps(s, col[m]);
+  Vec<float> o;
+  std::memcpy(&o, &s, sizeof(o));
+  return o;
+#else
+  return vsum_lanes_impl(t);
+#endif
+}
+C10_ALWAYS_INLINE Vec<double> vsum_lanes(const Vec<double>* t) { return vsum_lanes_impl(t); }
 
 // exp on 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial), about
 // 1 ulp; exp(x) = 0 below -88.38, NaN stays NaN.
@@ -396,9 +452,6 @@ C10_ALWAYS_INLINE void prefetch_ahead(const S* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
   __builtin_prefetch(reinterpret_cast<const void*>(a));
 }
-
-template <int N>
-using IntC = std::integral_constant<int, N>;
 
 // Calls f(IntC<KB>, k0) over blocks of at most 4 components.
 template <typename F>
@@ -543,16 +596,16 @@ void components_from_tau(const Geometry& g, const Tile& tl, int64_t K, const acc
 // E-step: l = b_k - sum_c 1/2 a (x - mu)^2, then tau = softmax over k.
 // ---------------------------------------------------------------------------------------
 
-// Interleaved: the sums sum_c 1/2 a_kc (x_c - mu_kc)^2 of one row, components [0, KB):
-// two vectors of channels a step (two accumulators a component), blocked over channels.
-// One row at a time, in memory order: two rows at once (each coefficient vector serving
-// both) ran 1.5x slower on float32 channels-last tiles, stalled on the loads of x.
+// Interleaved: the sums sum_c 1/2 a_kc (x_c - mu_kc)^2 of one row, components [0, KB),
+// as vectors whose lanes add up to them (vsum): two vectors of channels a step (two
+// accumulators a component), blocked over channels. One row at a time, in memory order:
+// two rows at once (each coefficient vector serving both) ran 1.5x slower on float32
+// channels-last tiles, stalled on the loads of x.
 template <int KB, typename S, typename acc_t>
 C10_ALWAYS_INLINE void mahalanobis_row(const S* xr, int64_t C, const acc_t* mu,
-                                       const acc_t* ha, acc_t (&out)[KB]) {
+                                       const acc_t* ha, Vec<acc_t> (&tot)[KB]) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
-  V tot[KB];
   for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
   for (int64_t c0 = 0; c0 < C; c0 += 2 * W * kChannelBlock) {
     const int64_t c1 = std::min(C, c0 + 2 * W * kChannelBlock);
@@ -576,30 +629,44 @@ C10_ALWAYS_INLINE void mahalanobis_row(const S* xr, int64_t C, const acc_t* mu,
     });
     for (int kb = 0; kb < KB; ++kb) tot[kb] += acc0[kb] + acc1[kb];
   }
-  for (int kb = 0; kb < KB; ++kb) out[kb] = vsum(tot[kb]);
 }
 
-// Interleaved: log-likelihoods of rows [j0, j0 + n) into l[k * ldl + j - j0].
+// Interleaved: the log-likelihoods b_k - sum_c 1/2 a_kc (x_c - mu_kc)^2 of the n <= W
+// rows at x, one vector a component: l[k], lane j for row j (lanes from n on: b_k). Each
+// row's sums as vectors (mahalanobis_row), their lanes added up W rows at a time by
+// vsum_lanes: the same additions, in the same order, as a vsum a row, without a chain of
+// scalar additions and lane extractions per row and component (a third of the
+// channels-last E-step's time at C = 64, by perf).
 template <typename S, typename acc_t>
-C10_ALWAYS_INLINE void loglik_interleaved(const S* x, int64_t j0, int64_t n, int64_t C,
-                                          int64_t K, const acc_t* mu, const acc_t* ha,
-                                          const acc_t* b, acc_t* l, int64_t ldl) {
-  for (int64_t j = 0; j < n; ++j) {
-    for_component_blocks(K, [&](auto kbc, int64_t k0) {
-      constexpr int KB = decltype(kbc)::value;
-      acc_t s[KB];
-      mahalanobis_row<KB>(x + (j0 + j) * C, C, mu + k0 * C, ha + k0 * C, s);
-      for (int kb = 0; kb < KB; ++kb) l[(k0 + kb) * ldl + j] = b[k0 + kb] - s[kb];
-    });
-  }
+C10_ALWAYS_INLINE void loglik_interleaved_group(const S* x, int64_t n, int64_t C, int64_t K,
+                                                const acc_t* mu, const acc_t* ha,
+                                                const acc_t* b, Vec<acc_t>* l) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kW<acc_t>;
+  for_component_blocks(K, [&](auto kbc, int64_t k0) {
+    constexpr int KB = decltype(kbc)::value;
+    V rows[KB][W];
+    for (int64_t j = 0; j < W; ++j) {
+      V tot[KB];
+      if (j < n) {
+        mahalanobis_row<KB>(x + j * C, C, mu + k0 * C, ha + k0 * C, tot);
+      } else {
+        for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+      }
+      for (int kb = 0; kb < KB; ++kb) rows[kb][j] = tot[kb];
+    }
+    for (int kb = 0; kb < KB; ++kb) l[k0 + kb] = vsplat(b[k0 + kb]) - vsum_lanes(rows[kb]);
+  });
 }
 
-// In place over loc (K rows of T): tau = softmax over k, W positions at a time.
-template <typename acc_t>
-void softmax_components(acc_t* loc, int64_t T, int64_t K, Vec<acc_t>* lanes) {
+// Interleaved: the tile's T rows' responsibilities into loc (K rows of T), W rows at a time.
+template <typename S, typename acc_t>
+void responsibilities_interleaved(const S* x, int64_t T, int64_t C, int64_t K,
+                                  const acc_t* mu, const acc_t* ha, const acc_t* b,
+                                  acc_t* loc, Vec<acc_t>* lanes) {
   for_vectors<acc_t>(T, [&](auto span, int64_t j, int64_t n) {
     constexpr int P = decltype(span)::value;
-    for (int64_t k = 0; k < K; ++k) lanes[k] = ld<P>(loc + k * T + j, n);
+    loglik_interleaved_group(x + j * C, n, C, K, mu, ha, b, lanes);
     math::softmax_in_place(lanes, K, 1, VExp{});
     for (int64_t k = 0; k < K; ++k) st<P>(loc + k * T + j, lanes[k], n);
   });
@@ -623,7 +690,10 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
       for (int v = 0; v < NV; ++v) acc[kb][v] = V{};
     for (int64_t c = c0; c < c1; ++c) {
       const S* r = xv.row(seg, c);
-      if (pf) prefetch_ahead(r + o[0]);
+      if (pf) {
+        prefetch_ahead(r + o[0]);
+        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) prefetch_ahead(r + o[NV - 1]);
+      }
       V xs[NV];
       for (int v = 0; v < NV; ++v) xs[v] = ld<P>(r + o[v], n);
       for (int kb = 0; kb < KB; ++kb) {
@@ -658,13 +728,13 @@ void responsibilities_planar(View<const S> xv, View<acc_t> tv, int64_t nseg, int
                              int64_t C, int64_t K, const acc_t* mu, const acc_t* ha,
                              const acc_t* b, Vec<acc_t>* lanes) {
   for (int64_t seg = 0; seg < nseg; ++seg) {
-    for_row_groups<acc_t>(len, [&](auto nvc, auto span, int64_t o0, int64_t o1, int64_t n) {
+    auto body = [&](auto nvc, auto span, const int64_t* o, int64_t n) {
       constexpr int NV = decltype(nvc)::value, P = decltype(span)::value;
-      const int64_t o[2] = {o0, o1};
       responsibilities_planar_group<NV, P>(xv, seg, o, n, C, K, mu, ha, b, lanes);
       for (int64_t k = 0; k < K; ++k)
         for (int v = 0; v < NV; ++v) st<P>(tv.row(seg, k) + o[v], lanes[k * NV + v], n);
-    });
+    };
+    for_row_groups<acc_t, 4>(len, body);
   }
 }
 
@@ -1098,42 +1168,31 @@ struct DxPtrs {
   const acc_t* mu;
 };
 
-// Interleaved: sum_c dtau_term of NP rows at x / gr, components [k0, k0 + KB); blocked
-// over channels, each coefficient vector serving the NP rows.
-template <int NP, int KB, typename S, typename acc_t>
-C10_ALWAYS_INLINE void dtau_rows(const S* x, const S* gr, int64_t C, int64_t k0,
-                                 DtauPtrs<acc_t> cf, acc_t (&out)[KB][NP]) {
+// Interleaved: sum_c dtau_term of the row at x / gr, components [k0, k0 + KB), as vectors
+// whose lanes add up to it (vsum); blocked over channels.
+template <int KB, typename S, typename acc_t>
+C10_ALWAYS_INLINE void dtau_row(const S* x, const S* gr, int64_t C, int64_t k0,
+                                DtauPtrs<acc_t> cf, Vec<acc_t> (&tot)[KB]) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
-  V tot[KB][NP];
-  for (int kb = 0; kb < KB; ++kb)
-    for (int p = 0; p < NP; ++p) tot[kb][p] = V{};
+  for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
   for (int64_t c0 = 0; c0 < C; c0 += W * kChannelBlock) {
     const int64_t c1 = std::min(C, c0 + W * kChannelBlock);
-    V acc[KB][NP];
-    for (int kb = 0; kb < KB; ++kb)
-      for (int p = 0; p < NP; ++p) acc[kb][p] = V{};
+    V acc[KB];
+    for (int kb = 0; kb < KB; ++kb) acc[kb] = V{};
     for_vectors<acc_t>(c1 - c0, [&](auto span, int64_t i, int64_t n) {
       constexpr int P = decltype(span)::value;
       const int64_t c = c0 + i;
-      V xs[NP], gs[NP];
-      for (int p = 0; p < NP; ++p) {
-        xs[p] = ld<P>(x + p * C + c, n);
-        gs[p] = ld<P>(gr + p * C + c, n);
-      }
+      const V xs = ld<P>(x + c, n), gs = ld<P>(gr + c, n);
       for (int kb = 0; kb < KB; ++kb) {
         const int64_t o = (k0 + kb) * C + c;
         const V m = ld<P>(cf.m + o, n), al = ld<P>(cf.al + o, n), be = ld<P>(cf.be + o, n),
                 e1 = ld<P>(cf.e1 + o, n), e2 = ld<P>(cf.e2 + o, n);
-        for (int p = 0; p < NP; ++p)
-          acc[kb][p] += math::dtau_term(gs[p], fresh<P>(xs[p] - m, n), al, be, e1, e2);
+        acc[kb] += math::dtau_term(gs, fresh<P>(xs - m, n), al, be, e1, e2);
       }
     });
-    for (int kb = 0; kb < KB; ++kb)
-      for (int p = 0; p < NP; ++p) tot[kb][p] += acc[kb][p];
+    for (int kb = 0; kb < KB; ++kb) tot[kb] += acc[kb];
   }
-  for (int kb = 0; kb < KB; ++kb)
-    for (int p = 0; p < NP; ++p) out[kb][p] = vsum(tot[kb][p]);
 }
 
 // Interleaved: dx of NP rows, soft responsibilities t[k][p] and dl[k][p].
@@ -1190,33 +1249,54 @@ C10_ALWAYS_INLINE void softmax_jacobian_rows(int64_t K, const acc_t (*t)[NP], ac
   }
 }
 
-// Interleaved, soft: rows [j, j + NP) of the tile: dtau, its softmax Jacobian, dx.
-// t, d: scratch of K x NP values.
-template <int NP, int KS, typename S, typename acc_t>
-C10_ALWAYS_INLINE void grad_input_rows(const S* x, const S* gr, S* dx, int64_t C, int64_t K,
-                                       const acc_t* tj, DtauPtrs<acc_t> dcf, DxPtrs<acc_t> xcf,
-                                       acc_t (*t)[NP], acc_t (*d)[NP]) {
+// Interleaved, soft: the n <= W rows at x / gr (tau at tj, K a row): dtau of each row
+// (dtau_row), its lanes added up W rows at a time (vsum_lanes, as in the E-step), the
+// softmax Jacobian, then dx row by row (each row's values in registers or on the stack).
+// t, d: scratch of K x W values; ts, ds: of K values.
+template <int KS, typename S, typename acc_t>
+C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t n, int64_t C,
+                                        int64_t K, const acc_t* tj, DtauPtrs<acc_t> dcf,
+                                        DxPtrs<acc_t> xcf, acc_t (*t)[kW<acc_t>],
+                                        acc_t (*d)[kW<acc_t>], acc_t* ts, acc_t* ds) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kW<acc_t>;
   for (int64_t k = 0; k < K; ++k)
-    for (int p = 0; p < NP; ++p) t[k][p] = tj[p * K + k];
+    for (int64_t p = 0; p < W; ++p) t[k][p] = p < n ? tj[p * K + k] : acc_t(0);
   for_component_pairs(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
-    acc_t s[KB][NP];
-    dtau_rows<NP, KB>(x, gr, C, k0, dcf, s);
-    for (int kb = 0; kb < KB; ++kb)
-      for (int p = 0; p < NP; ++p) d[k0 + kb][p] = s[kb][p] - dcf.ev[k0 + kb];
-  });
-  softmax_jacobian_rows<NP>(K, t, d);
-  if constexpr (KS != 0) {
-    // the responsibilities and dl as fixed-size arrays: registers or stack, not scratch
-    acc_t tr[KS][NP], dr[KS][NP];
-    for (int k = 0; k < KS; ++k)
-      for (int p = 0; p < NP; ++p) {
-        tr[k][p] = t[k][p];
-        dr[k][p] = d[k][p];
+    V rows[KB][W];
+    for (int64_t p = 0; p < W; ++p) {
+      V tot[KB];
+      if (p < n) {
+        dtau_row<KB>(x + p * C, gr + p * C, C, k0, dcf, tot);
+      } else {
+        for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
       }
-    dx_rows<NP, KS>(x, gr, dx, C, K, tr, dr, xcf);
-  } else {
-    dx_rows<NP, 0>(x, gr, dx, C, K, t, d, xcf);
+      for (int kb = 0; kb < KB; ++kb) rows[kb][p] = tot[kb];
+    }
+    for (int kb = 0; kb < KB; ++kb)
+      vstore(d[k0 + kb], vsum_lanes(rows[kb]) - vsplat(dcf.ev[k0 + kb]));
+  });
+  softmax_jacobian_rows<W>(K, t, d);
+  constexpr int KM = KS ? KS : 1;
+  for (int64_t p = 0; p < n; ++p) {
+    if constexpr (KS != 0) {
+      acc_t tr[KM][1], dr[KM][1];
+      for (int k = 0; k < KM; ++k) {
+        tr[k][0] = t[k][p];
+        dr[k][0] = d[k][p];
+      }
+      dx_rows<1, KS>(x + p * C, gr + p * C, dx + p * C, C, K, tr, dr, xcf);
+    } else {
+      // any K: the row's values as K x 1 arrays in ts, ds (scratch of K values each)
+      for (int64_t k = 0; k < K; ++k) {
+        ts[k] = t[k][p];
+        ds[k] = d[k][p];
+      }
+      dx_rows<1, 0>(x + p * C, gr + p * C, dx + p * C, C, K,
+                    reinterpret_cast<const acc_t(*)[1]>(ts),
+                    reinterpret_cast<const acc_t(*)[1]>(ds), xcf);
+    }
   }
 }
 
@@ -1270,9 +1350,8 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
   using V = Vec<acc_t>;
   const int64_t T = nseg * len;
   for (int64_t seg = 0; seg < nseg; ++seg) {
-    for_row_groups<acc_t>(len, [&](auto nvc, auto span, int64_t o0, int64_t o1, int64_t n) {
+    for_row_groups<acc_t, 2>(len, [&](auto nvc, auto span, const int64_t* o, int64_t n) {
       constexpr int NV = decltype(nvc)::value, P = decltype(span)::value;
-      const int64_t o[2] = {o0, o1};
       V* d = lanes;       // K x NV dtau
       V* t = lanes + 2 * K;  // K x NV tau
       for_component_pairs(K, [&](auto kbc, int64_t k0) {
@@ -1380,7 +1459,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> loc(g.interleaved && resp != Resp::kOne ? K * plan.len : 0);
     Scratch<A> sums(g.interleaved ? 3 * K * (C + kW<A>) : 0);
-    Scratch<Vec<A>> lanes(2 * K);
+    Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       const int64_t T = tl.T;
@@ -1394,8 +1473,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
           cnt[0] = A(T);
         } else {
           if (resp == Resp::kSoft) {
-            loglik_interleaved(xt, 0, T, C, K, mu, ha, b, loc.get(), T);
-            softmax_components(loc.get(), T, K, lanes.get());
+            responsibilities_interleaved(xt, T, C, K, mu, ha, b, loc.get(), lanes.get());
           } else {
             given_interleaved(g, tl, K, groups, loc.get());
           }
@@ -1494,7 +1572,7 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
   const auto* b = static_cast<const A*>(a.b);
   constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
-    Scratch<Vec<A>> lanes(2 * K);
+    Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
     Scratch<A> coef(2 * K);
     Scratch<const A*> rows(K);
     Scratch<A> lbuf(K * W);
@@ -1502,16 +1580,17 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       if (g.interleaved) {
-        // groups of W positions: log-likelihoods, softmax over k with positions in lanes,
-        // then the group's rows normalized while in the L1 cache
+        // groups of W positions: log-likelihoods, softmax over k with positions in lanes;
+        // then the tile's rows normalized while in the L2 cache (normalizing each group
+        // right after its E-step, from the L1 cache, was no faster: in-process A/B,
+        // bfloat16 and float32, C = 64 to 512)
         const S* xt = x + tl.p0 * C;
         S* yt = y + tl.p0 * C;
         A* tt = tau + tl.p0 * K;
         for (int64_t j0 = 0; j0 < tl.T; j0 += W) {
           const int64_t n = std::min(W, tl.T - j0);
-          loglik_interleaved(xt, j0, n, C, K, mu, ha, b, lbuf.get(), W);
           Vec<A>* l = lanes.get();
-          for (int64_t k = 0; k < K; ++k) l[k] = vload(lbuf.get() + k * W);
+          loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, l);
           math::softmax_in_place(l, K, 1, VExp{});
           for (int64_t k = 0; k < K; ++k) vstore(lbuf.get() + k * W, l[k]);
           for (int64_t j = 0; j < n; ++j)
@@ -1626,9 +1705,10 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
                       static_cast<const A*>(a.e1),    static_cast<const A*>(a.mean),
                       static_cast<const A*>(a.a),     static_cast<const A*>(a.mu)};
   const int64_t maxT = g.interleaved ? plan.len : plan.len * plan.segs;
+  constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(soft && !g.interleaved ? K * maxT : 0);
-    Scratch<A> tdl(4 * K);  // interleaved: tau and dl of two positions
+    Scratch<A> tdl(2 * K * (W + 1));  // interleaved: tau and dl of W positions, and of one
     Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<A> coef(6 * K);
     Scratch<Vec<A>> lanes(4 * K);
@@ -1653,13 +1733,13 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
           continue;
         }
         const A* tt = tau + tl.p0 * K;
-        // one row at a time (two rows sharing each coefficient vector stalled on the loads
-        // of x, as in the E-step)
-        for (int64_t j = 0; j < tl.T; ++j) {
-          auto* tp = reinterpret_cast<A(*)[1]>(tdl.get());
-          grad_input_rows<1, KS>(xt + j * C, gt + j * C, dt + j * C, C, K, tt + j * K, dcf, xcf,
-                                 tp, tp + K);
-        }
+        // W rows a group, each row's sums one row at a time (two rows sharing each
+        // coefficient vector stalled on the loads of x, as in the E-step)
+        auto* tg = reinterpret_cast<A(*)[W]>(tdl.get());
+        for (int64_t j = 0; j < tl.T; j += W)
+          grad_input_group<KS>(xt + j * C, gt + j * C, dt + j * C, std::min(W, tl.T - j), C, K,
+                               tt + j * K, dcf, xcf, tg, tg + K, tdl.get() + 2 * K * W,
+                               tdl.get() + 2 * K * W + K);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x), gv = planar_view(g, tl, gr);
