@@ -430,10 +430,10 @@ constexpr int64_t kChannelBlock = 32;   // channels per lane of a blocked sum ov
 constexpr int64_t kPositionBlock = 64;  // positions per lane of a blocked sum over p
 
 // The planar E-step and dtau sum over channels for a group of positions: they walk the C
-// rows of a tile side by side, one or two vectors of each row at a time, more streams than
-// the hardware prefetchers follow, so each row is prefetched kPrefetchBytes ahead of where
-// it is read, when rows are longer than that (shorter rows lie next to each other: one
-// stream). In-process A/B on 2 cores, 64 x C x H x W, K = 2, minimum times: a bfloat16
+// rows of a tile side by side, up to four (E-step) or two (dtau) vectors of each row at a
+// time, more streams than the hardware prefetchers follow, so each row is prefetched
+// kPrefetchBytes ahead of where it is read, every 64 bytes of it once, when rows are
+// longer than that (shorter rows lie next to each other: one stream). In-process A/B on 2 cores, 64 x C x H x W, K = 2, minimum times: a bfloat16
 // training step 7-30 % faster at 56x56 to 14x14, a float32 evaluation 15-30 %; at 7x7
 // (196-byte rows) the prefetch made the float32 evaluation 5 % slower. The other passes
 // walk one channel at a time (a few streams: x, the gradient, dx and the K tau or dl rows).
@@ -466,8 +466,9 @@ C10_ALWAYS_INLINE void for_component_blocks(int64_t K, F&& f) {
   }
 }
 
-// Calls f(IntC<KB>, k0) over blocks of at most 2 components (sums of two positions or
-// two vectors at once: 2 x 2 accumulators and their block totals fit the registers).
+// Calls f(IntC<KB>, k0) over blocks of at most 2 components (sums of two positions or of
+// two to four vectors at once: up to 2 x 4 accumulators stay in registers through the
+// inner loop over channels; block totals, touched once a block, may go to the stack).
 template <typename F>
 C10_ALWAYS_INLINE void for_component_pairs(int64_t K, F&& f) {
   int64_t k0 = 0;
@@ -692,7 +693,8 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
       const S* r = xv.row(seg, c);
       if (pf) {
         prefetch_ahead(r + o[0]);
-        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) prefetch_ahead(r + o[NV - 1]);
+        // a group longer than a line: each 64 bytes of the stream prefetched once
+        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) prefetch_ahead(r + o[0] + 64 / sizeof(S));
       }
       V xs[NV];
       for (int v = 0; v < NV; ++v) xs[v] = ld<P>(r + o[v], n);
@@ -1239,20 +1241,11 @@ C10_ALWAYS_INLINE void dx_row_fixed(const S* x, const S* gr, S* dx, int64_t C, i
   });
 }
 
-// dl = tau (dtau - sum_i tau_i dtau_i) for NP positions, in place over d.
-template <int NP, typename acc_t>
-C10_ALWAYS_INLINE void softmax_jacobian_rows(int64_t K, const acc_t (*t)[NP], acc_t (*d)[NP]) {
-  for (int p = 0; p < NP; ++p) {
-    acc_t dot = 0;
-    for (int64_t k = 0; k < K; ++k) dot += t[k][p] * d[k][p];
-    for (int64_t k = 0; k < K; ++k) d[k][p] = t[k][p] * (d[k][p] - dot);
-  }
-}
-
 // Interleaved, soft: the n <= W rows at x / gr (tau at tj, K a row): dtau of each row
 // (dtau_row), its lanes added up W rows at a time (vsum_lanes, as in the E-step), the
-// softmax Jacobian, then dx row by row (each row's values in registers or on the stack).
-// t, d: scratch of K x W values; ts, ds: of K values.
+// softmax Jacobian in lanes, then dx row by row (each row's tau and dl in registers or on
+// the stack for K <= 4, in ts / ds beyond). t, d: scratch of K x W values; ts, ds: of K
+// values.
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t n, int64_t C,
                                         int64_t K, const acc_t* tj, DtauPtrs<acc_t> dcf,
@@ -1277,7 +1270,10 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
     for (int kb = 0; kb < KB; ++kb)
       vstore(d[k0 + kb], vsum_lanes(rows[kb]) - vsplat(dcf.ev[k0 + kb]));
   });
-  softmax_jacobian_rows<W>(K, t, d);
+  // dl = tau (dtau - sum_i tau_i dtau_i), the W rows in lanes
+  V dot = {};
+  for (int64_t k = 0; k < K; ++k) dot += vload(t[k]) * vload(d[k]);
+  for (int64_t k = 0; k < K; ++k) vstore(d[k], vload(t[k]) * (vload(d[k]) - dot));
   constexpr int KM = KS ? KS : 1;
   for (int64_t p = 0; p < n; ++p) {
     if constexpr (KS != 0) {
@@ -1576,7 +1572,6 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
     Scratch<A> coef(2 * K);
     Scratch<const A*> rows(K);
     Scratch<A> lbuf(K * W);
-    std::fill_n(lbuf.get(), K * W, A(0));
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       if (g.interleaved) {
