@@ -1,6 +1,8 @@
 """The fused kernels against the float64 reference: forward, backward and running
 statistics, over components, dtypes, layouts, shapes and modes (train / eval / split)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -421,6 +423,25 @@ def test_stream_chunks_cpu():
             assert torch.equal(getattr(ours, name), getattr(one, name)), (training, name)
         compare(ours, run(R.compound_batch_norm, case, training, dtype=torch.float64),
                 TOL[torch.float32])
+
+
+# The channels-last E-step and input gradient take W rows at a time (8 for float, 4 for
+# double accumulation) and add up each row's sums by a transpose (vsum_lanes,
+# csrc/cpu/kernels_impl.h): a row's results must not depend on where it falls in its group
+# or on the rows beside it. In evaluation every output of a row depends on that row alone,
+# so dropping the first s rows must leave the others' y and dx bit-identical.
+@pytest.mark.parametrize("device", device_params(emu=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_rows_independent_of_their_group(K, dtype, device):
+    case = make_case((29, 37), K, dtype, seed=seed_of("row-groups", K, str(dtype)),
+                     device=device)
+    full = run(Fc.compound_batch_norm, case, training=False)
+    for s in range(1, 9):
+        part = dataclasses.replace(case, x=case.x[s:], grad=case.grad[s:])
+        ours = run(Fc.compound_batch_norm, part, training=False)
+        assert torch.equal(ours.y, full.y[s:]), s
+        assert torch.equal(ours.dx, full.dx[s:]), s
 
 
 @pytest.mark.parametrize("device", device_params(emu=True))
