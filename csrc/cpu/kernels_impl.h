@@ -327,6 +327,23 @@ C10_ALWAYS_INLINE void for_row_pairs(int64_t len, F&& body, G&& pair) {
   }
 }
 
+// A planar output row of len positions at out: out[s ..] = value(SpanC<P>, s, n) over the
+// row as for_row covers it; in bfloat16 its whole vectors two at a time (vstore2).
+template <typename acc_t, typename S, typename F>
+C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value) {
+  auto body = [&](auto span, int64_t s, int64_t n) {
+    st<decltype(span)::value>(out + s, value(span, s, n), n);
+  };
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    for_row_pairs<acc_t>(len, body, [&](int64_t s) {
+      constexpr int64_t W = kW<acc_t>;
+      vstore2(out + s, value(SpanC<kWhole>{}, s, W), value(SpanC<kWhole>{}, s + W, W));
+    });
+  } else {
+    for_row<acc_t>(len, body);
+  }
+}
+
 // A planar row in groups of G (2 or 4) vectors: g(std::integral_constant<int, NV>,
 // SpanC<P>, o, n) with NV <= G vectors at offsets o[0 .. NV). The last group ends at len
 // (its vectors may overlap the group before, or each other); rows shorter than a vector
@@ -1060,17 +1077,7 @@ C10_ALWAYS_INLINE void normalize_planar_row(const S* x, S* y, int64_t len, int64
       y0 += ld<P>(t[k] + s, n) * math::normalize_term(x0, al[k], de[k]);
     return y0;
   };
-  auto body = [&](auto span, int64_t s, int64_t n) {
-    st<decltype(span)::value>(y + s, value(span, s, n), n);
-  };
-  if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    for_row_pairs<acc_t>(len, body, [&](int64_t s) {
-      constexpr int64_t W = kW<acc_t>;
-      vstore2(y + s, value(SpanC<kWhole>{}, s, W), value(SpanC<kWhole>{}, s + W, W));
-    });
-  } else {
-    for_row<acc_t>(len, body);
-  }
+  store_row<acc_t>(y, len, value);
 }
 
 template <typename S, typename acc_t>
@@ -1434,17 +1441,7 @@ C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t l
     }
     return ld<P>(grr + s, n) * A + E;
   };
-  auto body = [&](auto span, int64_t s, int64_t n) {
-    st<decltype(span)::value>(dr + s, value(span, s, n), n);
-  };
-  if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    for_row_pairs<acc_t>(len, body, [&](int64_t s) {
-      constexpr int64_t W = kW<acc_t>;
-      vstore2(dr + s, value(SpanC<kWhole>{}, s, W), value(SpanC<kWhole>{}, s + W, W));
-    });
-  } else {
-    for_row<acc_t>(len, body);
-  }
+  store_row<acc_t>(dr, len, value);
 }
 
 template <int KS, typename S, typename acc_t>
