@@ -282,25 +282,30 @@ C10_ALWAYS_INLINE void for_vectors(int64_t n, F&& body) {
   if (i < n) body(SpanC<kPart>{}, i, n - i);
 }
 
+// Positions [i, end) of a planar row of len positions: body(SpanC<kWhole>, i, W) over
+// whole vectors, then the rest as one kOverlap vector at len - W (kPart when len < W).
+template <typename T, typename F>
+C10_ALWAYS_INLINE void row_span(int64_t len, int64_t i, int64_t end, F&& body) {
+  constexpr int64_t W = kW<T>;
+  for (; i + W <= end; i += W) body(SpanC<kWhole>{}, i, W);
+  if (i < end) {
+    if (len >= W) {
+      body(SpanC<kOverlap>{}, len - W, end - i);
+    } else {
+      body(SpanC<kPart>{}, i, end - i);
+    }
+  }
+}
+
 // A planar row of len positions in blocks of kW<T> * block_vectors positions:
 // body(SpanC<kWhole>, i, W) over whole vectors, the rest as one kOverlap vector at
 // len - W (or kPart when len < W); end_block() after each block.
 template <typename T, typename F, typename G>
 C10_ALWAYS_INLINE void for_row_blocks(int64_t len, int64_t block_vectors, F&& body,
                                       G&& end_block) {
-  constexpr int64_t W = kW<T>;
-  const int64_t B = W * block_vectors;
+  const int64_t B = kW<T> * block_vectors;
   for (int64_t b0 = 0; b0 < len; b0 += B) {
-    const int64_t b1 = std::min(len, b0 + B);
-    int64_t i = b0;
-    for (; i + W <= b1; i += W) body(SpanC<kWhole>{}, i, W);
-    if (i < b1) {
-      if (len >= W) {
-        body(SpanC<kOverlap>{}, len - W, b1 - i);
-      } else {
-        body(SpanC<kPart>{}, i, b1 - i);
-      }
-    }
+    row_span<T>(len, b0, std::min(len, b0 + B), body);
     end_block();
   }
 }
@@ -317,14 +322,7 @@ C10_ALWAYS_INLINE void for_row_pairs(int64_t len, F&& body, G&& pair) {
   constexpr int64_t W = kW<T>;
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) pair(i);
-  for (; i + W <= len; i += W) body(SpanC<kWhole>{}, i, W);
-  if (i < len) {
-    if (len >= W) {
-      body(SpanC<kOverlap>{}, len - W, len - i);
-    } else {
-      body(SpanC<kPart>{}, i, len - i);
-    }
-  }
+  row_span<T>(len, i, len, body);
 }
 
 // A planar output row of len positions at out: out[s ..] = value(SpanC<P>, s, n) over the
