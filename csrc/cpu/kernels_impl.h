@@ -435,6 +435,25 @@ C10_ALWAYS_INLINE Vec<float> vsum_lanes(const Vec<float>* t) {
 }
 C10_ALWAYS_INLINE Vec<double> vsum_lanes(const Vec<double>* t) { return vsum_lanes_impl(t); }
 
+// Sums over channels of the n <= W rows of a group, KB of them a row: row_sums(j, tot)
+// leaves row j's as vectors whose lanes add up to them; out[kb] gets them in lanes (lane
+// j: row j; lanes from n on: 0), added up by vsum_lanes.
+template <int KB, typename V, typename F>
+C10_ALWAYS_INLINE void group_sums(int64_t n, V (&out)[KB], F&& row_sums) {
+  constexpr int64_t W = sizeof(V) / sizeof(out[0][0]);
+  V rows[KB][W];
+  for (int64_t j = 0; j < W; ++j) {
+    V tot[KB];
+    if (j < n) {
+      row_sums(j, tot);
+    } else {
+      for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
+    }
+    for (int kb = 0; kb < KB; ++kb) rows[kb][j] = tot[kb];
+  }
+  for (int kb = 0; kb < KB; ++kb) out[kb] = vsum_lanes(rows[kb]);
+}
+
 // exp on 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial), about
 // 1 ulp; exp(x) = 0 below -88.38, NaN stays NaN.
 C10_ALWAYS_INLINE Vec<float> vexp(Vec<float> x) {
@@ -697,20 +716,13 @@ C10_ALWAYS_INLINE void loglik_interleaved_group(const S* x, int64_t n, int64_t C
                                                 const acc_t* mu, const acc_t* ha,
                                                 const acc_t* b, Vec<acc_t>* l) {
   using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
   for_component_blocks(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
-    V rows[KB][W];
-    for (int64_t j = 0; j < W; ++j) {
-      V tot[KB];
-      if (j < n) {
-        mahalanobis_row<KB>(x + j * C, C, mu + k0 * C, ha + k0 * C, tot);
-      } else {
-        for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
-      }
-      for (int kb = 0; kb < KB; ++kb) rows[kb][j] = tot[kb];
-    }
-    for (int kb = 0; kb < KB; ++kb) l[k0 + kb] = vsplat(b[k0 + kb]) - vsum_lanes(rows[kb]);
+    V s[KB];
+    group_sums<KB>(n, s, [&](int64_t j, V(&tot)[KB]) {
+      mahalanobis_row<KB>(x + j * C, C, mu + k0 * C, ha + k0 * C, tot);
+    });
+    for (int kb = 0; kb < KB; ++kb) l[k0 + kb] = vsplat(b[k0 + kb]) - s[kb];
   });
 }
 
@@ -1312,18 +1324,11 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
     for (int64_t p = 0; p < W; ++p) t[k][p] = p < n ? tj[p * K + k] : acc_t(0);
   for_component_pairs(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
-    V rows[KB][W];
-    for (int64_t p = 0; p < W; ++p) {
-      V tot[KB];
-      if (p < n) {
-        dtau_row<KB>(x + p * C, gr + p * C, C, k0, dcf, tot);
-      } else {
-        for (int kb = 0; kb < KB; ++kb) tot[kb] = V{};
-      }
-      for (int kb = 0; kb < KB; ++kb) rows[kb][p] = tot[kb];
-    }
-    for (int kb = 0; kb < KB; ++kb)
-      vstore(d[k0 + kb], vsum_lanes(rows[kb]) - vsplat(dcf.ev[k0 + kb]));
+    V s[KB];
+    group_sums<KB>(n, s, [&](int64_t p, V(&tot)[KB]) {
+      dtau_row<KB>(x + p * C, gr + p * C, C, k0, dcf, tot);
+    });
+    for (int kb = 0; kb < KB; ++kb) vstore(d[k0 + kb], s[kb] - vsplat(dcf.ev[k0 + kb]));
   });
   // dl = tau (dtau - sum_i tau_i dtau_i), the W rows in lanes
   V dot = {};
