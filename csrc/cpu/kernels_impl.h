@@ -1632,7 +1632,6 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
     Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
     Scratch<A> coef(2 * K);
     Scratch<const A*> rows(K);
-    Scratch<A> lbuf(K * W);
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       if (g.interleaved) {
@@ -1648,9 +1647,8 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
           Vec<A>* l = lanes.get();
           loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, l);
           math::softmax_in_place(l, K, 1, VExp{});
-          for (int64_t k = 0; k < K; ++k) vstore(lbuf.get() + k * W, l[k]);
           for (int64_t j = 0; j < n; ++j)
-            for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = lbuf.get()[k * W + j];
+            for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
         }
         normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta);
         continue;
