@@ -15,7 +15,8 @@
 //   stores of the inner loops, one vector at a time (vload / vstore below): no pass of its
 //   own over a tile, no scratch copy. The soft planar rows of y and dx in bfloat16 store
 //   their whole vectors two at a time (vstore2: one pack, one permute, one 32-byte store;
-//   in-process A/B 4-12 % faster NCHW evaluation).
+//   in-process A/B 4-12 % faster NCHW evaluation), and so do the interleaved rows of y
+//   and dx (store_rows: two vectors of channels of a row).
 // * A planar row (one channel of one sample in the tile) whose length is not a multiple of
 //   the vector width ends with a whole vector that overlaps the one before it (kOverlap):
 //   outputs per position are written twice with the same value, sums leave the repeated
@@ -25,7 +26,10 @@
 //   step, in memory order; their Sg / Sgx sums down the columns with the sums in
 //   registers. Two rows at once (each coefficient vector serving both) stalled on the
 //   loads of x and ran 1.3-1.5x slower in float32. Planar per-(k, c) coefficients are
-//   loaded once per row (a broadcast before the loop over positions).
+//   loaded once per row (a broadcast before the loop over positions); dx's as vectors in
+//   a scratch array (as broadcast scalars GCC spilled them and broadcast them again at
+//   every step), dtau's side by side per (c, k) (one pointer; five, each reloaded from
+//   the stack at every channel, before).
 // * Evaluation: the tile's E-step (softmax over components with positions in the lanes),
 //   then its normalization while the tile is in the L2 cache: x read once from memory, y
 //   written once.
@@ -339,6 +343,34 @@ C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value) {
     });
   } else {
     for_row<acc_t>(len, body);
+  }
+}
+
+// NP interleaved output rows of C channels at out (row p at out + p C): value(SpanC<P>,
+// c, n, v) gives the rows' vectors at channels [c, c + n) in v[0 .. NP); whole vectors
+// (in bfloat16 two of a row at once, vstore2), then a kPart tail.
+template <int NP, typename acc_t, typename S, typename F>
+C10_ALWAYS_INLINE void store_rows(S* out, int64_t C, F&& value) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kW<acc_t>;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    for (; c + 2 * W <= C; c += 2 * W) {
+      V a[NP], b[NP];
+      value(SpanC<kWhole>{}, c, W, a);
+      value(SpanC<kWhole>{}, c + W, W, b);
+      for (int p = 0; p < NP; ++p) vstore2(out + p * C + c, a[p], b[p]);
+    }
+  }
+  for (; c + W <= C; c += W) {
+    V v[NP];
+    value(SpanC<kWhole>{}, c, W, v);
+    for (int p = 0; p < NP; ++p) vstore(out + p * C + c, v[p]);
+  }
+  if (c < C) {
+    V v[NP];
+    value(SpanC<kPart>{}, c, C - c, v);
+    for (int p = 0; p < NP; ++p) vstore_part(out + p * C + c, v[p], C - c);
   }
 }
 
@@ -1023,9 +1055,9 @@ C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
                                       const acc_t* delta) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
-  for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+  store_rows<NP, acc_t>(y, C, [&](auto span, int64_t c, int64_t n, V (&ys)[NP]) {
     constexpr int P = decltype(span)::value;
-    V xs[NP], ys[NP];
+    V xs[NP];
     for (int p = 0; p < NP; ++p) {
       xs[p] = ld<P>(x + p * C + c, n);
       ys[p] = V{};
@@ -1034,7 +1066,6 @@ C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
       const V al = ld<P>(alpha + k * C + c, n), de = ld<P>(delta + k * C + c, n);
       for (int p = 0; p < NP; ++p) ys[p] += t[k][p] * math::normalize_term(xs[p], al, de);
     }
-    for (int p = 0; p < NP; ++p) st<P>(y + p * C + c, ys[p], n);
   });
 }
 
@@ -1270,7 +1301,7 @@ C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_
                                const acc_t (*t)[NP], const acc_t (*dl)[NP], DxPtrs<acc_t> cf) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
-  for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+  store_rows<NP, acc_t>(dx, C, [&](auto span, int64_t c, int64_t n, V (&out)[NP]) {
     constexpr int P = decltype(span)::value;
     V A[NP], E[NP], xs[NP];
     for (int p = 0; p < NP; ++p) {
@@ -1285,8 +1316,7 @@ C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_
         math::dx_accumulate_soft(t[k][p], dl[k][p], al, pp, e1, xs[p] - m, a, xs[p] - mu, A[p],
                                  E[p]);
     }
-    for (int p = 0; p < NP; ++p)
-      st<P>(dx + p * C + c, ld<P>(gr + p * C + c, n) * A[p] + E[p], n);
+    for (int p = 0; p < NP; ++p) out[p] = ld<P>(gr + p * C + c, n) * A[p] + E[p];
   });
 }
 
@@ -1360,8 +1390,9 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
 // [k0, k0 + KB), into out[kb * NV + v]; blocked over channels.
 template <int NV, int P, int KB, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int64_t seg,
-                                         const int64_t* o, int64_t n, int64_t C, int64_t k0,
-                                         DtauPtrs<acc_t> cf, Vec<acc_t>* out) {
+                                         const int64_t* o, int64_t n, int64_t C, int64_t K,
+                                         int64_t k0, const acc_t* pc, const acc_t* ev,
+                                         Vec<acc_t>* out) {
   using V = Vec<acc_t>;
   const bool pf = rows_need_prefetch<S>(xv.c_stride);
   V tot[KB][NV];
@@ -1385,8 +1416,8 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
         gs[v] = ld<P>(gr + o[v], n);
       }
       for (int kb = 0; kb < KB; ++kb) {
-        const int64_t i = (k0 + kb) * C + c;
-        const acc_t m = cf.m[i], al = cf.al[i], be = cf.be[i], e1 = cf.e1[i], e2 = cf.e2[i];
+        const acc_t* q = pc + (c * K + k0 + kb) * 5;  // m, alpha, beta, e1, e2
+        const acc_t m = q[0], al = q[1], be = q[2], e1 = q[3], e2 = q[4];
         for (int v = 0; v < NV; ++v) acc[kb][v] += math::dtau_term(gs[v], xs[v] - m, al, be, e1, e2);
       }
     }
@@ -1394,14 +1425,14 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
       for (int v = 0; v < NV; ++v) tot[kb][v] += acc[kb][v];
   }
   for (int kb = 0; kb < KB; ++kb)
-    for (int v = 0; v < NV; ++v) out[kb * NV + v] = tot[kb][v] - cf.ev[k0 + kb];
+    for (int v = 0; v < NV; ++v) out[kb * NV + v] = tot[kb][v] - ev[k0 + kb];
 }
 
 // Planar: dl of the tile into dl rows [k][T] (j = seg * len + s): dtau per group of
 // positions, then the softmax Jacobian in registers.
 template <typename S, typename acc_t>
 void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t nseg,
-               int64_t len, int64_t C, int64_t K, DtauPtrs<acc_t> cf, acc_t* dl,
+               int64_t len, int64_t C, int64_t K, const acc_t* pc, const acc_t* ev, acc_t* dl,
                Vec<acc_t>* lanes) {
   using V = Vec<acc_t>;
   const int64_t T = nseg * len;
@@ -1411,7 +1442,8 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
       V* d = lanes;       // K x NV dtau
       V* t = lanes + 2 * K;  // K x NV tau
       for_component_pairs(K, [&](auto kbc, int64_t k0) {
-        dtau_planar_group<NV, P, decltype(kbc)::value>(xv, gv, seg, o, n, C, k0, cf, d + k0 * NV);
+        dtau_planar_group<NV, P, decltype(kbc)::value>(xv, gv, seg, o, n, C, K, k0, pc, ev,
+                                                       d + k0 * NV);
       });
       for (int v = 0; v < NV; ++v) {
         V dot = {};
@@ -1430,7 +1462,7 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t len,
                                      int64_t Kd, const acc_t* const* t, const acc_t* const* d,
-                                     const acc_t* coef) {
+                                     const Vec<acc_t>* coef) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   auto value = [&](auto span, int64_t s, int64_t n) {
@@ -1438,7 +1470,7 @@ C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t l
     V A = {}, E = {};
     const V x0 = ld<P>(xr + s, n);
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t* q = coef + 6 * k;  // alpha, p, e1, m, a, mu
+      const V* q = coef + 6 * k;  // alpha, p, e1, m, a, mu
       math::dx_accumulate_soft(ld<P>(t[k] + s, n), ld<P>(d[k] + s, n), q[0], q[1], q[2],
                                x0 - q[3], q[4], x0 - q[5], A, E);
     }
@@ -1450,7 +1482,7 @@ C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t l
 template <int KS, typename S, typename acc_t>
 void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t> tv,
                int64_t nseg, int64_t len, int64_t C, int64_t K, const acc_t* dl,
-               const int64_t* kfix, DxPtrs<acc_t> cf, acc_t* coef, const acc_t** rows) {
+               const int64_t* kfix, DxPtrs<acc_t> cf, Vec<acc_t>* coef, const acc_t** rows) {
   using V = Vec<acc_t>;
   const int64_t T = nseg * len;
   for (int64_t seg = 0; seg < nseg; ++seg) {
@@ -1477,12 +1509,12 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
       }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t o = k * C + c;
-        coef[6 * k + 0] = cf.al[o];
-        coef[6 * k + 1] = cf.p[o];
-        coef[6 * k + 2] = cf.e1[o];
-        coef[6 * k + 3] = cf.mean[o];
-        coef[6 * k + 4] = cf.a[o];
-        coef[6 * k + 5] = cf.mu[o];
+        coef[6 * k + 0] = vsplat(cf.al[o]);
+        coef[6 * k + 1] = vsplat(cf.p[o]);
+        coef[6 * k + 2] = vsplat(cf.e1[o]);
+        coef[6 * k + 3] = vsplat(cf.mean[o]);
+        coef[6 * k + 4] = vsplat(cf.a[o]);
+        coef[6 * k + 5] = vsplat(cf.mu[o]);
       }
       dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef);
     }
@@ -1759,12 +1791,22 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
                       static_cast<const A*>(a.e1),    static_cast<const A*>(a.mean),
                       static_cast<const A*>(a.a),     static_cast<const A*>(a.mu)};
   const int64_t maxT = g.interleaved ? plan.len : plan.len * plan.segs;
+  // planar dtau: the coefficients of each (c, k) side by side (one pointer in its loop)
+  const bool planar_soft = soft && !g.interleaved;
+  Scratch<A> pco(planar_soft ? 5 * K * C : 0);
+  for (int64_t c = 0; c < (planar_soft ? C : 0); ++c)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k * C + c;
+      A* q = pco.get() + (c * K + k) * 5;
+      q[0] = dcf.m[i], q[1] = dcf.al[i], q[2] = dcf.be[i], q[3] = dcf.e1[i], q[4] = dcf.e2[i];
+    }
+  const A* const pc = pco.get();
   constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(soft && !g.interleaved ? K * maxT : 0);
     Scratch<A> tdl(2 * K * (W + 1));  // interleaved: tau and dl of W positions, and of one
     Scratch<int64_t> kfix(fixed_count(g, plan));
-    Scratch<A> coef(6 * K);
+    Scratch<Vec<A>> coef(6 * K);
     Scratch<Vec<A>> lanes(4 * K);
     Scratch<const A*> rows(2 * K);
     for (int64_t t = begin; t < end; ++t) {
@@ -1799,7 +1841,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
       const View<const S> xv = planar_view(g, tl, x), gv = planar_view(g, tl, gr);
       const View<S> dv = planar_view(g, tl, dx);
       const View<const A> tv = soft ? planar_tau(g, tl, K, tau) : View<const A>{};
-      if (soft) dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, dcf, dl.get(), lanes.get());
+      if (soft) dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, dcf.ev, dl.get(), lanes.get());
       dx_planar<KS>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
                     rows.get());
     }
