@@ -751,7 +751,9 @@ C10_ALWAYS_INLINE void loglik_interleaved_group(const S* x, int64_t n, int64_t C
   for_component_blocks(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
     V s[KB];
-    group_sums<KB>(n, s, [&](int64_t j, V(&tot)[KB]) {
+    // (inlined: as a call, GCC's choice, each row paid a vzeroupper and its sums' round
+    // trip through the stack)
+    group_sums<KB>(n, s, [&](int64_t j, V(&tot)[KB]) __attribute__((always_inline)) {
       mahalanobis_row<KB>(x + j * C, C, mu + k0 * C, ha + k0 * C, tot);
     });
     for (int kb = 0; kb < KB; ++kb) l[k0 + kb] = vsplat(b[k0 + kb]) - s[kb];
@@ -1355,7 +1357,7 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
   for_component_pairs(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
     V s[KB];
-    group_sums<KB>(n, s, [&](int64_t p, V(&tot)[KB]) {
+    group_sums<KB>(n, s, [&](int64_t p, V(&tot)[KB]) __attribute__((always_inline)) {
       dtau_row<KB>(x + p * C, gr + p * C, C, k0, dcf, tot);
     });
     for (int kb = 0; kb < KB; ++kb) vstore(d[k0 + kb], s[kb] - vsplat(dcf.ev[k0 + kb]));
