@@ -16,7 +16,8 @@ SHAPES = {
     "1d-seq": (4, 6, 9),          # (N, C, L)
     "2d-odd": (4, 10, 5, 7),      # odd spatial size
     "n1": (1, 12, 6, 5),          # N = 1, spatial > 1
-    "1x1": (48, 24, 1, 1),        # spatial 1x1
+    "1x1": (48, 24, 1, 1),        # spatial 1x1; C = 24: bfloat16 rows store a pair of
+                                  # vectors, then one (store_rows)
     "3d": (2, 6, 3, 4, 5),        # (N, C, D, H, W)
     "wide": (3, 64, 9, 9),        # whole SIMD blocks of channels
     "many": (40, 12, 3, 3),       # many small samples per tile
@@ -62,7 +63,7 @@ def test_matches_reference(dtype, shape_name, layout, K, mode, device):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape_name", ["1d", "2d-odd", "wide", "3d"])
+@pytest.mark.parametrize("shape_name", ["1d", "2d-odd", "wide", "3d", "1x1"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_matches_reference(dtype, shape_name, layout, K, mode, device):
     seed = seed_of(shape_name, layout, K, mode, str(dtype))

@@ -15,8 +15,9 @@
 //   stores of the inner loops, one vector at a time (vload / vstore below): no pass of its
 //   own over a tile, no scratch copy. The soft planar rows of y and dx in bfloat16 store
 //   their whole vectors two at a time (vstore2: one pack, one permute, one 32-byte store;
-//   in-process A/B 4-12 % faster NCHW evaluation), and so do the interleaved rows of y
-//   and dx (store_rows: two vectors of channels of a row).
+//   in-process A/B 4-12 % faster NCHW evaluation), and so do the soft interleaved rows
+//   of y and dx (store_rows: two vectors of channels of a row). The rows with one
+//   component (K = 1, given groups) store one vector at a time.
 // * A planar row (one channel of one sample in the tile) whose length is not a multiple of
 //   the vector width ends with a whole vector that overlaps the one before it (kOverlap):
 //   outputs per position are written twice with the same value, sums leave the repeated
@@ -28,8 +29,9 @@
 //   loads of x and ran 1.3-1.5x slower in float32. Planar per-(k, c) coefficients are
 //   loaded once per row (a broadcast before the loop over positions); dx's as vectors in
 //   a scratch array (as broadcast scalars GCC spilled them and broadcast them again at
-//   every step), dtau's side by side per (c, k) (one pointer; five, each reloaded from
-//   the stack at every channel, before).
+//   every step). dtau walks the channels for each group of positions, so its
+//   coefficients are read again for every group and channel: from one array, the five
+//   of a (k, c) side by side (five separate arrays cost a pointer reload each).
 // * Evaluation: the tile's E-step (softmax over components with positions in the lanes),
 //   then its normalization while the tile is in the L2 cache: x read once from memory, y
 //   written once.
@@ -651,7 +653,8 @@ View<T> planar_tau(const Geometry& g, const Tile& tl, int64_t K, T* tau) {
   return {tau + tl.n0 * K * g.S + tl.s0, K * g.S, g.S};
 }
 
-// Per-thread scratch, allocated once per chunk of tiles.
+// Scratch memory: per thread, allocated once per chunk of tiles (or, read only, once per
+// call before the parallel loop).
 template <typename T>
 struct Scratch {
   std::unique_ptr<T[]> data;
@@ -1418,7 +1421,7 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
         gs[v] = ld<P>(gr + o[v], n);
       }
       for (int kb = 0; kb < KB; ++kb) {
-        const acc_t* q = pc + (c * K + k0 + kb) * 5;  // m, alpha, beta, e1, e2
+        const acc_t* q = pc + (k0 * C + c * KB + kb) * 5;  // m, alpha, beta, e1, e2
         const acc_t m = q[0], al = q[1], be = q[2], e1 = q[3], e2 = q[4];
         for (int v = 0; v < NV; ++v) acc[kb][v] += math::dtau_term(gs[v], xs[v] - m, al, be, e1, e2);
       }
@@ -1793,15 +1796,20 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
                       static_cast<const A*>(a.e1),    static_cast<const A*>(a.mean),
                       static_cast<const A*>(a.a),     static_cast<const A*>(a.mu)};
   const int64_t maxT = g.interleaved ? plan.len : plan.len * plan.segs;
-  // planar dtau: the coefficients of each (c, k) side by side (one pointer in its loop)
+  // planar dtau (dtau_planar_group): the five coefficients of each (k, c) side by side,
+  // in the order its loops read them: per pair of components (for_component_pairs),
+  // channel after channel, the pair's components within a channel. One array per call,
+  // shared by the threads (read only).
   const bool planar_soft = soft && !g.interleaved;
   Scratch<A> pco(planar_soft ? 5 * K * C : 0);
-  for (int64_t c = 0; c < (planar_soft ? C : 0); ++c)
-    for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < (planar_soft ? K : 0); ++k) {
+    const int64_t k0 = k & ~int64_t(1), KB = std::min<int64_t>(2, K - k0);
+    for (int64_t c = 0; c < C; ++c) {
       const int64_t i = k * C + c;
-      A* q = pco.get() + (c * K + k) * 5;
+      A* q = pco.get() + (k0 * C + c * KB + (k - k0)) * 5;
       q[0] = dcf.m[i], q[1] = dcf.al[i], q[2] = dcf.be[i], q[3] = dcf.e1[i], q[4] = dcf.e2[i];
     }
+  }
   const A* const pc = pco.get();
   constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
