@@ -1053,7 +1053,8 @@ acc_t count_planar(View<const acc_t> tv, int64_t nseg, int64_t len, int64_t k) {
 // Normalization: y = sum_k tau_k (alpha_kc x + delta_kc).
 // ---------------------------------------------------------------------------------------
 
-// Interleaved: NP rows at x (tau scalars t[k][p]) or one component per row (kf).
+// Interleaved: NP rows at x, soft (tau scalars t[k][p]; one component per row:
+// normalize_row_fixed).
 template <int NP, int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
                                       const acc_t (*t)[NP], const acc_t* alpha,
@@ -1392,10 +1393,12 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
 }
 
 // Planar: dtau of a group of NV vectors of positions (segment seg), components
-// [k0, k0 + KB), into out[kb * NV + v]; blocked over channels.
+// [k0, k0 + KB), into out[kb * NV + v]; blocked over channels. k0 and KB: a block of
+// for_component_pairs, whose coefficients pc holds in the layout that
+// mixture_grad_input_kernel gives it.
 template <int NV, int P, int KB, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int64_t seg,
-                                         const int64_t* o, int64_t n, int64_t C, int64_t K,
+                                         const int64_t* o, int64_t n, int64_t C,
                                          int64_t k0, const acc_t* pc, const acc_t* ev,
                                          Vec<acc_t>* out) {
   using V = Vec<acc_t>;
@@ -1447,7 +1450,7 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
       V* d = lanes;       // K x NV dtau
       V* t = lanes + 2 * K;  // K x NV tau
       for_component_pairs(K, [&](auto kbc, int64_t k0) {
-        dtau_planar_group<NV, P, decltype(kbc)::value>(xv, gv, seg, o, n, C, K, k0, pc, ev,
+        dtau_planar_group<NV, P, decltype(kbc)::value>(xv, gv, seg, o, n, C, k0, pc, ev,
                                                        d + k0 * NV);
       });
       for (int v = 0; v < NV; ++v) {
