@@ -102,8 +102,8 @@ C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v) {
 // Half-precision data to and from float, 8 values at a time (16 in vstore2's bfloat16
 // stores), inside the loads and stores of the inner loops: bfloat16 by integer shifts
 // (rounding to nearest even, NaN kept), float16 by F16C where compiled in, else by c10's
-// own bit manipulations on whole vectors. Bit-identical to c10's scalar conversions, which handle rows shorter than a
-// vector.
+// own bit manipulations on whole vectors. Bit-identical to c10's scalar conversions,
+// which handle rows shorter than a vector.
 // ---------------------------------------------------------------------------------------
 
 typedef uint16_t U16x8 __attribute__((vector_size(16), aligned(2), may_alias));
@@ -349,31 +349,27 @@ C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value) {
 }
 
 // NP interleaved output rows of C channels at out (row p at out + p C): value(SpanC<P>,
-// c, n, v) gives the rows' vectors at channels [c, c + n) in v[0 .. NP); whole vectors
-// (in bfloat16 two of a row at once, vstore2), then a kPart tail.
+// c, n, v) gives the rows' vectors at channels [c, c + n) in v[0 .. NP); in bfloat16 two
+// whole vectors of a row at once (vstore2), the rest as for_vectors covers it.
 template <int NP, typename acc_t, typename S, typename F>
 C10_ALWAYS_INLINE void store_rows(S* out, int64_t C, F&& value) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
-  int64_t c = 0;
+  int64_t c0 = 0;
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    for (; c + 2 * W <= C; c += 2 * W) {
+    for (; c0 + 2 * W <= C; c0 += 2 * W) {
       V a[NP], b[NP];
-      value(SpanC<kWhole>{}, c, W, a);
-      value(SpanC<kWhole>{}, c + W, W, b);
-      for (int p = 0; p < NP; ++p) vstore2(out + p * C + c, a[p], b[p]);
+      value(SpanC<kWhole>{}, c0, W, a);
+      value(SpanC<kWhole>{}, c0 + W, W, b);
+      for (int p = 0; p < NP; ++p) vstore2(out + p * C + c0, a[p], b[p]);
     }
   }
-  for (; c + W <= C; c += W) {
+  for_vectors<acc_t>(C - c0, [&](auto span, int64_t i, int64_t n) {
+    constexpr int P = decltype(span)::value;
     V v[NP];
-    value(SpanC<kWhole>{}, c, W, v);
-    for (int p = 0; p < NP; ++p) vstore(out + p * C + c, v[p]);
-  }
-  if (c < C) {
-    V v[NP];
-    value(SpanC<kPart>{}, c, C - c, v);
-    for (int p = 0; p < NP; ++p) vstore_part(out + p * C + c, v[p], C - c);
-  }
+    value(span, c0 + i, n, v);
+    for (int p = 0; p < NP; ++p) st<P>(out + p * C + c0 + i, v[p], n);
+  });
 }
 
 // A planar row in groups of G (2 or 4) vectors: g(std::integral_constant<int, NV>,
@@ -1816,7 +1812,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   const A* const pc = pco.get();
   constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
-    Scratch<A> dl(soft && !g.interleaved ? K * maxT : 0);
+    Scratch<A> dl(planar_soft ? K * maxT : 0);
     Scratch<A> tdl(2 * K * (W + 1));  // interleaved: tau and dl of W positions, and of one
     Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<Vec<A>> coef(6 * K);
