@@ -11,6 +11,8 @@ grad.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -185,8 +187,10 @@ _register("cbn_ext")
 
 # The emulated CUDA backend, when this build has it (CBN_CUDA_EMULATION=1). Only its
 # absence is tolerated: a module that is there but does not load is an error.
+# (importlib, not `from . import _emu`: that form turns a missing submodule into a plain
+# ImportError about the package, which the test below could not tell from a broken one.)
 try:
-    from . import _emu  # noqa: F401  (registers torch.ops.cbn_ext_emu)
+    _emu = importlib.import_module(f"{__package__}._emu")  # registers torch.ops.cbn_ext_emu
 except ModuleNotFoundError as e:
     if e.name != f"{__package__}._emu":
         raise
