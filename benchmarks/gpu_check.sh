@@ -266,7 +266,10 @@ san_lane() {  # TOOL: the quick smoke under compute-sanitizer --tool TOOL
   local -a envs=()
   case $tool in memcheck|initcheck) envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;; esac
   lim=$(limit $L_SAN "$PHASE_END")
+  # device backtraces only: the host's, symbolised through torch's libraries for every
+  # report, made the first GPU run's initcheck (100 reports) run out of time
   local cmd=("$CBN_SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 100
+             --show-backtrace device
              --kernel-name-exclude "$SAN_FILTER" "$PY" benchmarks/gpu_smoke.py "${SAN_SMOKE[@]}")
   echo "### tool $tool (limit $lim s): ${envs[*]} ${cmd[*]}" > "$log"
   run "$log" "$lim" env "${envs[@]}" "${cmd[@]}"
@@ -284,6 +287,11 @@ san_lane() {  # TOOL: the quick smoke under compute-sanitizer --tool TOOL
 
 TIMEOUT_OPT=()
 [ "${CBN_PYTEST_TIMEOUT:-0}" = 1 ] && TIMEOUT_OPT=(--timeout=60)
+# With pytest-xdist, each chunk's tests run in one worker process (-n 1): a test that
+# crashes the process (a segfault) is then reported as failed, the worker replaced, and
+# the chunk goes on; without it, a crash ends the chunk (the first GPU run lost the rest
+# of test_kernels.py so). Its -v lines read "[gw0] [ 5%] PASSED tests/...".
+[ "${CBN_PYTEST_XDIST:-0}" = 1 ] && TIMEOUT_OPT+=(-n 1)
 chunk() {  # NAME LIMIT PYTEST-ARGS...: one pytest run, every failure listed
   local name=$1 lim
   lim=$(limit "$2" "$PHASE_END")

@@ -176,7 +176,7 @@ def preflight(device, json_path, env_path):
     import sysconfig
     header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
     info["python_headers"] = os.path.isfile(header)
-    for mod in ("pytest", "pytest_timeout", "numpy"):
+    for mod in ("pytest", "pytest_timeout", "xdist", "numpy"):
         try:
             __import__(mod)
             info[mod] = True
@@ -184,6 +184,7 @@ def preflight(device, json_path, env_path):
             info[mod] = False
     env["CBN_PYTEST_TIMEOUT"] = "1" if info["pytest_timeout"] else "0"
     env["CBN_HAVE_PYTEST"] = "1" if info["pytest"] else "0"
+    env["CBN_PYTEST_XDIST"] = "1" if info["xdist"] else "0"
     if device == "cuda":
         if not info.get("cuda_available"):
             fatal.append("no GPU visible to torch")
@@ -212,7 +213,8 @@ def preflight(device, json_path, env_path):
         version = f" -- {t['version']}" if t["version"] else ""
         print(f"preflight: {tool}: {t['path'] or 'missing'}{version}")
     print(f"preflight: Python headers {'found' if info['python_headers'] else 'MISSING'}; "
-          f"pytest {info['pytest']}, pytest-timeout {info['pytest_timeout']}")
+          f"pytest {info['pytest']}, pytest-timeout {info['pytest_timeout']}, "
+          f"pytest-xdist {info['xdist']}")
     ident = info["identity"]
     dirty = f" ({ident['dirty_files']} files changed)" if ident["dirty_files"] else ""
     print(f"preflight: commit {ident['commit'] or 'unknown (no .git)'}{dirty}; "
@@ -313,15 +315,20 @@ def parse_pytest(text):
     for chunk, (body, end) in sections(text, "chunk").items():
         rc, secs = end_fields(end)
         res = {"rc": rc, "seconds": secs, "timeout": rc in (124, 137), "counts": {},
-               "failed": [], "errors": [], "last_test": None,
+               "failed": [], "errors": [], "last_test": None, "crashed": None,
                "skipped_stage": "skipped" in (end or "")}
+        seen = {}  # the -v lines' results, for a run that ends without its summary line
         for line in body.splitlines():
             m = re.match(r"^(FAILED|ERROR) (\S+)", line)
             if m:
                 (res["failed"] if m.group(1) == "FAILED" else res["errors"]).append(m.group(2))
-            m = re.match(r"^(\S+::\S+)", line)
+            m = re.match(r"^(?:\[gw\d+\] (?:\[ *\d+%\] )?(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) )?"
+                         r"(\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))?", line)
             if m and not line.startswith(("FAILED", "ERROR")):
-                res["last_test"] = m.group(1)
+                res["last_test"] = m.group(2)
+                what = m.group(1) or m.group(3)
+                if what:
+                    seen[m.group(2)] = what
         for line in reversed(body.splitlines()):
             if re.search(r"\b(passed|failed|skipped|deselected|errors?|no tests ran)\b", line) \
                     and re.search(r" in [\d.]+s", line):
@@ -329,6 +336,15 @@ def parse_pytest(text):
                         r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", line):
                     res["counts"][what.rstrip("s") if what.startswith("error") else what] = int(n)
                 break
+        # a crash (a segfault, say: rc 128 + signal, "Fatal Python error") ends pytest before
+        # its summary: the test it was in, and the results of the -v lines before it
+        if not res["timeout"] and not res["counts"] and (
+                (rc is not None and rc > 128) or "Fatal Python error" in body):
+            res["crashed"] = res["last_test"] if seen.get(res["last_test"]) is None else "?"
+            for what in seen.values():
+                key = {"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped",
+                       "ERROR": "error", "XFAIL": "xfailed", "XPASS": "xpassed"}[what]
+                res["counts"][key] = res["counts"].get(key, 0) + 1
         res["failed"] = list(dict.fromkeys(res["failed"]))
         res["errors"] = list(dict.fromkeys(res["errors"]))
         out[chunk] = res
@@ -508,8 +524,12 @@ def summarize(out_dir, scratch, limit_total=None):
             c = r["counts"]
             counts = ", ".join(f"{v} {k}" for k, v in c.items() if k != "deselected")
             state = ("TIMEOUT" if r["timeout"] else
-                     "skipped" if r["skipped_stage"] else f"rc {r['rc']}")
+                     "skipped" if r["skipped_stage"] else
+                     f"CRASHED (rc {r['rc']}) in {r['crashed']}" if r.get("crashed") else
+                     f"rc {r['rc']}")
             last = f"; last test {r['last_test']}" if r["timeout"] and r["last_test"] else ""
+            if r.get("crashed"):
+                last = "; the tests after it did not run"
             lines.append(f"  {chunk:<12} {counts or 'no result line'}; {state}, "
                          f"{r['seconds'] or 0:.0f} s{last}")
             groups = list(group_failures(r["failed"] + r["errors"]).items())
@@ -517,8 +537,10 @@ def summarize(out_dir, scratch, limit_total=None):
                 lines.append(f"      {n} x {base}")
             if len(groups) > 4:
                 lines.append(f"      ... {len(groups) - 4} more tests with failures")
-        nfail = sum(len(r["failed"]) + len(r["errors"]) for r in tests.values())
-        lines.append(f"  failures in all: {nfail} (every one listed in tests.log)")
+        nfail = sum(len(r["failed"]) + len(r["errors"]) + bool(r.get("crashed"))
+                    for r in tests.values())
+        lines.append(f"  failures in all: {nfail} (every one listed in tests.log; a crash "
+                     "counts as one)")
 
     # benchmark
     bench = load_json(os.path.join(out_dir, "bench.json"))
@@ -582,7 +604,7 @@ def stage_status(kind, text):
     for name, r in res.items():
         c = r["counts"]
         parts.append(f"{name} {c.get('passed', 0)}/{c.get('failed', 0) + c.get('error', 0)}"
-                     + ("/TIMEOUT" if r["timeout"] else ""))
+                     + ("/TIMEOUT" if r["timeout"] else "/CRASHED" if r.get("crashed") else ""))
         if r["timeout"]:
             status = "TIMEOUT"
         elif r["rc"] not in (0, 5, None) and status == "ok":

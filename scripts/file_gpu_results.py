@@ -135,6 +135,22 @@ def file_run(run_dir, results_dir, commit=None, allow_rehearsal=False, max_kib=1
     return dest
 
 
+def run_tests(folder: str, meta: dict) -> dict:
+    """The run's tests per chunk: parsed again from its tests.log where it has one, so that
+    a run filed before the parser learned something (a crash, say) is read the same way as a
+    new one; else meta.json's."""
+    log = os.path.join(folder, "tests.log")
+    if os.path.isfile(log):
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        try:
+            import gpu_check_report
+        finally:
+            sys.path.pop(0)
+        with open(log, errors="replace") as f:
+            return gpu_check_report.parse_pytest(f.read())
+    return meta.get("tests", {})
+
+
 def run_row(folder: str, meta: dict, readme_dir: str) -> str:
     fm = meta.get("filed", {})
     m = meta.get("machine", {})
@@ -149,18 +165,21 @@ def run_row(folder: str, meta: dict, readme_dir: str) -> str:
         if not r or r.get("skipped"):
             return "-"
         if r.get("timeout"):
-            return "timeout"
+            found = sum((r.get("kinds") or {}).values())
+            return f"timeout, {found} errors before it" if found else "timeout"
         n = r.get("errors")
         if n is None and r.get("hazards"):
             n = r["hazards"].get("errors")
         return "?" if n is None else str(n)
 
-    tests = meta.get("tests", {})
+    tests = run_tests(folder, meta)
     passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
     failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
     timeouts = sum(1 for r in tests.values() if r.get("timeout"))
+    crashes = [r["crashed"] for r in tests.values() if r.get("crashed")]
     tcell = f"{passed} / {failed}" + (f" ({timeouts} chunks timed out)" if timeouts else "") \
-        if tests else "-"
+        + (f" + {len(crashes)} crash ({', '.join(c.split('::')[-1] for c in crashes)}: the "
+           "rest of its chunk did not run)" if crashes else "") if tests else "-"
     bench_cell = "-"
     bench_path = os.path.join(folder, "bench.json")
     if os.path.isfile(bench_path):
@@ -225,11 +244,14 @@ def status_line(results_dir: str) -> str:
         return NO_RUN_STATUS
     meta = newest[1]
     fm = meta.get("filed", {})
-    tests = meta.get("tests", {})
+    tests = run_tests(os.path.join(results_dir, newest[0][1]), meta)
     passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
     failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
-    verdict = "all CUDA tests passed" if tests and failed == 0 else (
-        f"{failed} CUDA test(s) failed, {passed} passed" if tests else "no test results")
+    crashes = sum(1 for r in tests.values() if r.get("crashed"))
+    verdict = "all CUDA tests passed" if tests and failed + crashes == 0 else (
+        f"{failed} CUDA test(s) failed, {passed} passed"
+        + (f", {crashes} chunk(s) of tests crashed" if crashes else "") if tests
+        else "no test results")
     return (f"- **On a GPU: last run {fm.get('date', '?')}** on {fm.get('device', '?')} (commit "
             f"`{(fm.get('commit') or '?')[:10]}`): {verdict}; sanitizer, benchmark and Nsight\n"
             f"  Compute figures in [the GPU table](#gpu). Later commits are checked by CI and the "

@@ -121,17 +121,33 @@ def test_compile_fullgraph(channels_last, device):
     if channels_last:
         eager = eager.to(memory_format=torch.channels_last)
         compiled_model = compiled_model.to(memory_format=torch.channels_last)
+    # the float64 truth for gradients that cancel: conv1's bias gradient sums dx of bn1,
+    # which is close to zero by channel (a normalization removes each component's mean);
+    # there eager and compiled float32 differ by 1.5e-4 on an H200 (2026-11-29), each
+    # summing differently rounded terms
+    exact = SmallCNN(K).to(device, torch.float64)
+    exact.load_state_dict(eager.state_dict())
+    if channels_last:
+        exact = exact.to(memory_format=torch.channels_last)
     compiled = torch.compile(compiled_model, fullgraph=True)
     for step in range(3):
         x = torch.randn(6, 3, 8, 8, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ye, yc = eager(x), compiled(x)
+        ye, yc, yx = eager(x), compiled(x), exact(x.double())
         assert rel_err(yc, ye) <= 1e-5, step
         ye.square().sum().backward()
         yc.square().sum().backward()
-        for (name, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-            assert rel_err(pc.grad, pe.grad) <= 1e-4, (step, name)
+        yx.square().sum().backward()
+        for (name, pe), (_, pc), (_, px) in zip(eager.named_parameters(),
+                                                compiled_model.named_parameters(),
+                                                exact.named_parameters()):
+            # compiled as eager; or, where the float32 gradient is that far from float64
+            # for eager too, compiled's error at most twice eager's (the SPEC's rule for
+            # what PyTorch's own arithmetic cannot reach)
+            err_c, err_e = rel_err(pc.grad, px.grad), rel_err(pe.grad, px.grad)
+            assert rel_err(pc.grad, pe.grad) <= 1e-4 or err_c <= 2 * err_e, (
+                step, name, rel_err(pc.grad, pe.grad), err_c, err_e)
         for (name, be), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
             assert rel_err(bc, be) <= 1e-5, (step, name)
     assert compiled_model.bn1.num_batches_tracked.item() == 3

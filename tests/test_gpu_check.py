@@ -277,6 +277,38 @@ tests/test_autograd_ops.py::test_compile_fullgraph[False-cuda]
     assert status == "TIMEOUT" and "kernels 1/3" in note
 
 
+def test_pytest_log_parser_crash_and_xdist():
+    """A chunk that a segfault ended (no summary line: the first GPU run's test_kernels.py)
+    counts its -v lines and names the test it crashed in; a chunk run with pytest-xdist
+    (-n 1) has its own -v lines."""
+    text = """### chunk kernels (limit 120 s): pytest tests/test_kernels.py -k cuda
+tests/test_kernels.py::test_a[x-cuda] PASSED                [ 33%]
+tests/test_kernels.py::test_a[y-cuda] SKIPPED (needs K > 1)   [ 66%]
+tests/test_kernels.py::test_b[2-cuda] Fatal Python error: Segmentation fault
+
+Current thread 0x00007f6154504140 (most recent call first):
+  File "/work/main/tests/test_kernels.py", line 536 in test_b
+### chunk kernels: rc=139, 22.6 s
+### chunk misc (limit 35 s): pytest tests -n 1
+[gw0] [ 50%] PASSED tests/test_cuda.py::test_c[cuda]
+[gw0] node down: Not properly terminated
+[gw0] [100%] FAILED tests/test_cuda.py::test_d[cuda]
+=========================== short test summary info ============================
+FAILED tests/test_cuda.py::test_d[cuda] - worker 'gw0' crashed while running 'tests/test_cuda.py::test_d[cuda]'
+============ 1 failed, 1 passed in 9.1s ============
+### chunk misc: rc=1, 9.5 s
+"""
+    res = gpu_check_report.parse_pytest(text)
+    k = res["kernels"]
+    assert k["crashed"] == "tests/test_kernels.py::test_b[2-cuda]"
+    assert k["counts"] == {"passed": 1, "skipped": 1} and not k["timeout"]
+    m = res["misc"]
+    assert m["crashed"] is None and m["counts"] == {"failed": 1, "passed": 1}
+    assert m["failed"] == ["tests/test_cuda.py::test_d[cuda]"]
+    status, note = gpu_check_report.stage_status("tests", text)
+    assert status == "FAIL" and "kernels 1/0/CRASHED" in note and "misc 1/1" in note
+
+
 def test_ncu_parser_on_the_sample():
     (name, rows), = ncu_check.parse_file(
         os.path.join(ROOT, "benchmarks", "samples", "ncu_sample.csv"), sms=132)
