@@ -624,6 +624,62 @@ def stage_note(kind, path):
                      f"{v['totals']['design_read_x']:.2f})" for name, v in data.items())
 
 
+# An operator's error whose message formats integers: check_tau's "tau has shape [2, 2,
+# 16], expected [2, 2, 4, 4]" goes through std::ostream's num_put facet.
+CXX_PROBE = """
+import torch, cbn_ext
+x = torch.randn(2, 3, 4, 4)
+try:
+    torch.ops.cbn_ext.normalize(x, None, None, torch.zeros(2, 2, 16), torch.zeros(2, 3),
+                                torch.ones(2, 3), None, 1e-5)
+except ValueError as e:
+    print("cxx-runtime: the error's message:", str(e).splitlines()[0][:120])
+"""
+
+
+def cxx_runtime(python=sys.executable):
+    """Whether the built extension formats an error message with integers without crashing,
+    in a child process; where it crashes, what the C++ toolchain was (printed for
+    build.log). The second GPU run (H200, 2026-11-29) built with /opt/gcc/bin/g++ an
+    extension in which every such message segfaulted: cuda-gdb placed the crash in code of
+    libstdc++ inside _C.so itself, and messages of text alone worked -- the mark of a
+    second C++ runtime in the process, whose functions (bound in the extension by
+    -Bsymbolic-functions) meet the first one's locale data."""
+    r = subprocess.run([python, "-c", CXX_PROBE], capture_output=True, text=True, timeout=120)
+    ok = r.returncode == 0 and "tau has shape" in r.stdout
+    print(r.stdout.strip() or "(no output)")
+    if ok:
+        print("cxx-runtime: ok (an error message with integers formats in the extension)")
+        return 0
+    print(f"cxx-runtime: FAILED: rc {r.returncode}; {r.stderr.strip()[-600:]}")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or "c++"
+    print(f"cxx-runtime: CC={os.environ.get('CC')!r} CXX={os.environ.get('CXX')!r}; "
+          f"c++ is {shutil.which('c++')}, g++ is {shutil.which('g++')}")
+    for args in ([cxx, "--version"], [cxx, "-print-file-name=libstdc++.so"],
+                 [cxx, "-print-file-name=libstdc++.a"], ["file", "-L", shutil.which(cxx) or cxx]):
+        rc, out = _run(args)
+        print(f"cxx-runtime: {' '.join(args)}: {out.strip().splitlines()[0] if out.strip() else rc}")
+    path = shutil.which(cxx) or cxx
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1500)
+        if head.startswith(b"#!"):
+            print(f"cxx-runtime: {path} is a script:")
+            print(head.decode(errors="replace"))
+    except OSError:
+        pass
+    import glob
+    for so in glob.glob(os.path.join(ROOT, "cbn_ext", "_C*.so")):
+        rc, out = _run(["nm", "-C", "--defined-only", so])
+        n = sum(1 for line in out.splitlines() if "std::locale::" in line)
+        print(f"cxx-runtime: {os.path.basename(so)} defines {n} std::locale symbols (nm rc {rc};"
+              " a shared libstdc++ leaves none in the extension)")
+        rc, out = _run(["ldd", so])
+        print("cxx-runtime: ldd: " + "; ".join(line.strip() for line in out.splitlines()
+                                             if "stdc++" in line or "gcc_s" in line))
+    return 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -642,10 +698,14 @@ def main(argv=None):
     st = sub.add_parser("status", help="STATUS<tab>NOTE of the sanitizer or tests stage")
     st.add_argument("kind", choices=["sanitizer", "tests"])
     st.add_argument("log")
+    sub.add_parser("cxx-runtime", help="does an error message with integers format, "
+                   "or crash the process (a second C++ runtime)")
     nt = sub.add_parser("note", help="a line on the bench or ncu stage")
     nt.add_argument("kind", choices=["bench", "ncu"])
     nt.add_argument("json")
     args = p.parse_args(argv)
+    if args.cmd == "cxx-runtime":
+        return cxx_runtime()
     if args.cmd == "note":
         print(stage_note(args.kind, args.json))
         return 0

@@ -228,7 +228,12 @@ def parse_ncu_csv(text: str):
 
 
 def short_name(kernel: str) -> str:
-    """'void cbn_ext::cuda::(anonymous namespace)::foo_kernel<float, 4>(P)' -> 'foo_kernel'."""
+    """'void cbn_ext::cuda::(anonymous namespace)::foo_kernel<float, 4>(P)' -> 'foo_kernel'.
+    The anonymous namespace is dropped first in each of its spellings: ncu's demangled
+    base names write it "unnamed>::" (H200, 2026-11-29), whose lone '>' had closed the
+    parameter list early and named collect_mixture_stats_kernel<...>(unnamed>::StatsParams<T2>)
+    "StatsParams"."""
+    kernel = re.sub(r"\(anonymous namespace\)::|<?unnamed>::|\{anonymous\}::", "", kernel)
     depth, out = 0, []
     for ch in kernel:
         if ch in "<(":

@@ -151,6 +151,25 @@ def run_tests(folder: str, meta: dict) -> dict:
     return meta.get("tests", {})
 
 
+def run_ncu(folder: str, meta: dict) -> dict:
+    """The run's Nsight Compute totals per configuration: from its ncu.csv with today's
+    parser where it has one (the runs of 2026-11-29 were summarized on the device by a
+    parser that took four of our kernels for PyTorch's), else meta.json's."""
+    path = os.path.join(folder, "ncu.csv")
+    if os.path.isfile(path) and "ncu" not in (meta.get("canned") or []):
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        try:
+            import ncu_check
+        finally:
+            sys.path.pop(0)
+        sms = (meta.get("machine") or {}).get("sms") or 132
+        try:
+            return {name: ncu_check.totals(rows) for name, rows in ncu_check.parse_file(path, sms)}
+        except Exception as e:  # a CSV this parser cannot read: what the device made of it
+            print(f"file_gpu_results: {path}: {type(e).__name__}: {e}", file=sys.stderr)
+    return meta.get("ncu") or {}
+
+
 def run_row(folder: str, meta: dict, readme_dir: str) -> str:
     fm = meta.get("filed", {})
     m = meta.get("machine", {})
@@ -192,8 +211,10 @@ def run_row(folder: str, meta: dict, readme_dir: str) -> str:
         cp = [r["train"]["ext_copy_fraction"] for r in recs if r.get("K") == 2]
         if k2:
             bench_cell = f"{min(k2):.2f}-{max(k2):.2f} ({100 * min(cp):.0f}-{100 * max(cp):.0f}%)"
-    ncu = meta.get("ncu") or {}
-    ncu_cell = "; ".join(f"{t['read_x']:.1f}/{t['design_read_x']:.1f}" for t in ncu.values()) or "-"
+    ncu = run_ncu(folder, meta)
+    ncu_cell = "; ".join(f"{t['read_x']:.1f}/{t['design_read_x']:.1f} in {t['time_us']:.0f} us"
+                         if t.get("time_us") else f"{t['read_x']:.1f}/{t['design_read_x']:.1f}"
+                         for t in ncu.values()) or "-"
     if "ncu" in canned:
         ncu_cell = "(sample)"
     smoke = (meta.get("smoke") or {}).get("result") or "-"
@@ -224,8 +245,59 @@ def readme_table(results_dir: str, readme_path: str) -> str:
     rows = [head, "|" + " --- |" * 11]
     rows += [run_row(folder, meta, os.path.dirname(os.path.abspath(readme_path)))
              for folder, meta in runs]
-    return ("Runs of `bash benchmarks/gpu_check.sh` (filed with `scripts/file_gpu_results.py`; "
+    text = ("Runs of `bash benchmarks/gpu_check.sh` (filed with `scripts/file_gpu_results.py`; "
             "newest first; each folder holds the run's summary and logs):\n\n" + "\n".join(rows))
+    for folder, meta in runs:  # the newest run's benchmark, whole
+        table = bench_table(folder, meta)
+        if table:
+            return text + "\n\n" + table
+    return text
+
+
+def bench_table(folder: str, meta: dict) -> str:
+    """The run's benchmark (bench.json) as a table: per shape, dtype and layout, training
+    (forward + backward) and evaluation time against nn.BatchNorm2d for each K, the share
+    of the copy bandwidth at K = 2 (the step's least bytes over its time), and the
+    pure-PyTorch reference's time over ours."""
+    path = os.path.join(folder, "bench.json")
+    if not os.path.isfile(path) or "bench" in (meta.get("canned") or []):
+        return ""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError:
+        return ""
+    recs = [r for r in data.get("records", []) if r.get("device") == "cuda"]
+    if not recs:
+        return ""
+    groups = {}
+    for r in recs:
+        key = ("x".join(map(str, r["shape"])), r["dtype"], r["layout"])
+        groups.setdefault(key, {})[r["K"]] = r
+    Ks = sorted({r["K"] for r in recs})
+    ks = "/".join(map(str, Ks))
+
+    def cells(g, mode, field, fmt):
+        return " / ".join(fmt.format(g[k][mode][field]) if k in g and g[k].get(mode)
+                          and g[k][mode].get(field) is not None else "-" for k in Ks)
+
+    fm = meta.get("filed", {})
+    copy = (data.get("machines", {}).get("cuda") or {}).get("copy_GBps")
+    lines = [f"Its benchmark ({fm.get('date', '?')}, {fm.get('device', '?')}, commit "
+             f"`{(fm.get('commit') or '?')[:10]}`; copy bandwidth "
+             f"{copy:.0f} GB/s; medians of {recs[0].get('repeats')} calls after "
+             f"{recs[0].get('warmup')}; K = {ks}):" if copy else "Its benchmark:", "",
+             f"| shape | dtype | layout | train ext/BN, K = {ks} | train % of copy, K = 2 | "
+             f"eval ext/BN, K = {ks} | reference / ext (train), K = {ks} |",
+             "|" + " --- |" * 7]
+    for (shape, dtype, layout), g in groups.items():
+        k2 = g.get(2, {}).get("train", {}).get("ext_copy_fraction")
+        ref = cells(g, "train", "ref_over_ext", "{:.1f}x")
+        lines.append(f"| {shape} | {dtype} | {layout} | {cells(g, 'train', 'ext_over_bn', '{:.2f}')} "
+                     f"| {'-' if k2 is None else f'{100 * k2:.0f}'} | "
+                     f"{cells(g, 'eval', 'ext_over_bn', '{:.2f}')} | "
+                     f"{'-' if set(ref.split(' / ')) == {'-'} else ref} |")
+    return "\n".join(lines)
 
 
 def status_line(results_dir: str) -> str:

@@ -64,6 +64,7 @@ def test_rehearsal_summary_and_meta(rehearsal):
     for name in ("preflight", "build", "smoke", "tests", "bench", "ncu"):
         assert stages[name]["status"] == "ok", stages[name]
         assert re.search(rf"^{name} +ok ", summary, flags=re.M)
+    assert "cxx-runtime: ok" in (out / "build.log").read_text()
     assert stages["sanitizer"]["status"] == "skipped"
     assert meta["smoke"]["result"] == "12/12"
     assert meta["machine"]["identity"]["csrc_tree"]
@@ -73,8 +74,8 @@ def test_rehearsal_summary_and_meta(rehearsal):
         assert r["rc"] == 0 and r["counts"].get("passed", 0) >= 1 and not r["failed"], (chunk, r)
     # the sanitizer lanes ran the smoke under each (stand-in) tool
     assert set(meta["canned"]) == {"sanitizer", "ncu"} and "CANNED SAMPLE" in summary
-    assert set(meta["sanitizer"]) == {"memcheck", "racecheck"}  # two of the four here
-    for tool in ("memcheck", "racecheck"):
+    assert set(meta["sanitizer"]) == {"memcheck", "initcheck", "racecheck"}  # 3 of the 4
+    for tool in ("memcheck", "initcheck", "racecheck"):
         r = meta["sanitizer"][tool]
         assert r["rc"] == 0 and r["smoke"] == "1/1", (tool, r)
         assert (r["errors"] if tool != "racecheck" else r["hazards"]["errors"]) == 0
@@ -178,6 +179,8 @@ def test_gpu_run_uses_every_sanitizer_tool():
     text = open(SCRIPT).read()
     assert 'SAN_TOOLS="memcheck initcheck racecheck synccheck"' in text
     assert "memcheck|initcheck) envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)" in text
+    # initcheck sees what every kernel writes only if every kernel is instrumented
+    assert '[ "$tool" = initcheck ] && filter=()' in text
 
 
 def test_two_ncu_configs_by_default():
@@ -575,4 +578,44 @@ def test_summary_and_filing_of_a_gpu_like_run(tmp_path):
     row = [line for line in readme.read_text().splitlines()
            if "NVIDIA H200" in line and line.startswith("|")][0]
     assert "| 11/12 | 0 / 2 / 1 / 0 | 1190 / 2 (1 chunks timed out) |" in row
-    assert "| 1.60-1.60 (50-50%) | 6.4/6.4 |" in row
+    assert "| 1.60-1.60 (50-50%) | 6.4/6.4 in 46 us |" in row
+
+
+def test_cxx_runtime_check(monkeypatch, capsys):
+    """The build stage's C++ runtime check passes on this build (an error message with
+    integers formats), and where the probe crashes (a segfault, as the second GPU run's
+    build did) it fails and prints the toolchain for build.log."""
+    assert gpu_check_report.cxx_runtime() == 0
+    assert "tau has shape [2, 2, 16]" in capsys.readouterr().out
+    monkeypatch.setattr(gpu_check_report, "CXX_PROBE",
+                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert gpu_check_report.cxx_runtime() == 1
+    out = capsys.readouterr().out
+    assert "cxx-runtime: FAILED: rc -11" in out and "-print-file-name=libstdc++.so" in out
+    assert "std::locale symbols" in out
+
+
+def test_ncu_short_names_of_the_gpu_run():
+    """Kernel names as ncu (--print-kernel-base demangled) and compute-sanitizer wrote them
+    on the H200 (2026-11-29): the anonymous namespace spelled "unnamed>::" had made the
+    parser name four of our kernels after their parameter structs (StatsParams, ...), so
+    that the per-step total left out 388 of the step's 440 us."""
+    names = {
+        "void unnamed>::collect_mixture_stats_kernel<c10::BFloat16, float, 4, 1>"
+        "(unnamed>::StatsParams<T2>)": "collect_mixture_stats_kernel",
+        "void unnamed>::grad_input_soft_kernel<c10::BFloat16, float, 4, 8>"
+        "(unnamed>::GradInputParams<T2>)": "grad_input_soft_kernel",
+        "void unnamed>::grad_coefs_kernel<float>(unnamed>::CoefParams<T1>)": "grad_coefs_kernel",
+        "void unnamed>::estep_coefs_kernel<float>(const T1 *, const T1 *, T1, long, T1 *)":
+            "estep_coefs_kernel",
+        "void cbn_ext::cuda::<unnamed>::tile_moments<double, double, (int)2, (bool)0>(const "
+        "cbn_ext::cuda::<unnamed>::StatsParams<T2> &, long, bool)": "tile_moments",
+        "void cbn_ext::cuda::(anonymous namespace)::normalize_mixture_kernel<float, float, 4>"
+        "(const float*, float*)": "normalize_mixture_kernel",
+    }
+    for full, short in names.items():
+        assert ncu_check.short_name(full) == short, full
+        if short.endswith("_kernel"):
+            assert ncu_check.is_ours(full), full
+    assert not ncu_check.is_ours("void at::native::vectorized_elementwise_kernel<4, "
+                                 "at::native::FillFunctor<float>>(int, T2)")

@@ -353,13 +353,6 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<acc_t, KB>))
   CBN_DYNAMIC_SMEM(acc_t, ts);
   acc_t* cnt = ts + p.geo.len * p.geo.K;
   acc_t* red = cnt + 2 * p.geo.K;
-  // The block's row of counts starts at zero. Its value is not used for the first tile
-  // (first ? 0 : part_n[...]), but the compiler may load it there all the same (a select,
-  // not a branch): compute-sanitizer's initcheck reported those loads of memory never
-  // written (H200, 2026-11-29).
-  for (int64_t k = threadIdx.x; k < p.geo.K; k += kThreads)
-    p.part_n[blockIdx.x * p.geo.K + k] = acc_t(0);
-  __syncthreads();
   for (int64_t t = blockIdx.x; t < p.geo.num; t += gridDim.x) {
     const TileGeo tg = tile_geo(p.geo, t);
     if (p.resp != Resp::kOne)
