@@ -86,7 +86,15 @@ ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 # What ncu should collect: the sections give occupancy and launch statistics (registers,
 # shared memory, grid), the metrics DRAM traffic, L2 traffic and time.
-NCU_SECTIONS = ["LaunchStats", "Occupancy"]
+# SpeedOfLight and WarpStateStats (a pass or two more per kernel): the SM's share of its
+# peak and why warps stalled, for kernels that are not limited by DRAM -- the H200 run of
+# 2026-11-29 found collect_mixture_stats_kernel at 3 % of DRAM (187 us) with no more to go on
+NCU_SECTIONS = ["LaunchStats", "Occupancy", "SpeedOfLight", "WarpStateStats"]
+# the stall reasons, as WarpStateStats names them (cycles a warp waits per issued
+# instruction, by reason)
+STALL_RE = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_([a-z0-9_]+?)"
+                      r"_per_issue_active\.ratio$")
+SM_PCT = "sm__throughput.avg.pct_of_peak_sustained_elapsed"
 NCU_METRICS = ["gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
                "lts__t_bytes.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed"]
 
@@ -434,7 +442,7 @@ def summarize(name: str, launches, sms: int):
             row = by_name[kname] = {"kernel": kname, "ours": is_ours(rec["kernel"]), "calls": 0,
                                     "time_s": 0.0, "read": 0.0, "write": 0.0, "l2": 0.0,
                                     "dram_pct": [], "occ": [], "occ_theory": [], "regs": set(),
-                                    "smem": set(), "design": None}
+                                    "smem": set(), "design": None, "stalls": {}, "sm_pct": []}
             rows.append(row)
             if name in CONFIGS:
                 row["design"] = design_bytes(rec["kernel"], name, sms)
@@ -448,6 +456,12 @@ def summarize(name: str, launches, sms: int):
                          ("sm__maximum_warps_per_active_cycle_pct", "occ_theory")):
             if not math.isnan(rec.get(key, math.nan)):
                 row[dst].append(rec[key])
+        if not math.isnan(rec.get(SM_PCT, math.nan)):
+            row["sm_pct"].append(rec[SM_PCT])
+        for key, value in rec.items():
+            m = STALL_RE.match(key) if isinstance(value, float) else None
+            if m and not math.isnan(value):
+                row["stalls"].setdefault(m.group(1), []).append(value)
         if not math.isnan(rec.get("launch__registers_per_thread", math.nan)):
             row["regs"].add(int(rec["launch__registers_per_thread"]))
         smem = nz(rec.get("launch__shared_mem_per_block_dynamic")) + nz(
@@ -499,6 +513,10 @@ def fmt_table(name: str, rows, sms: int) -> str:
         t[3] += r.get("design_read_x", 0.0) * X
         t[4] += r.get("design_write_x", 0.0) * X
         note = r.get("design_note", "no design entry" if r["ours"] else "(not cbn_ext)")
+        if r["ours"] and (r["sm_pct"] or r["stalls"]):
+            top = sorted(((avg(v), k) for k, v in r["stalls"].items()), reverse=True)[:2]
+            note += (f" | SM {avg(r['sm_pct']):.0f}%" if r["sm_pct"] else " |") + "".join(
+                f", {k} {v:.1f}" for v, k in top if v >= 0.05)
         lines.append(
             f"{r['kernel'][:36]:<36} {r['calls']:>2} {f(1e6 * r['time_s'], '8.1f')} "
             f"{f(r['read_x'], '6.2f')} {f(r.get('design_read_x', math.nan), '6.2f')} "

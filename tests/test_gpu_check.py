@@ -361,6 +361,30 @@ def test_ncu_parser_long_layout_and_units():
     assert ncu_check.to_number("1500", "", "gpu__time_duration.sum") == pytest.approx(1.5e-6)
 
 
+def test_ncu_stall_reasons_and_sm_share():
+    """WarpStateStats' stall reasons (cycles per issued instruction) and SpeedOfLight's SM
+    share, where the CSV has them, go into our kernels' notes: the two largest reasons."""
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+            '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"')
+    k = ('"0","1","python","h","void unnamed>::collect_mixture_stats_kernel<c10::BFloat16, '
+         'float, 4, 1>(unnamed>::StatsParams<T2>)","1","7","(256, 1, 1)","(528, 1, 1)","0","9.0"')
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    text = "\n".join([
+        head,
+        f'{k},"","gpu__time_duration.sum","usecond","186.9"',
+        f'{k},"","dram__bytes_read.sum","Mbyte","25.69"',
+        f'{k},"SpeedOfLight","{ncu_check.SM_PCT}","%","31.5"',
+        f'{k},"WarpStateStats","{stall.format("long_scoreboard")}","","9.25"',
+        f'{k},"WarpStateStats","{stall.format("barrier")}","","4.5"',
+        f'{k},"WarpStateStats","{stall.format("short_scoreboard")}","","0.75"'])
+    (row,) = ncu_check.summarize("custom", ncu_check.parse_ncu_csv(text), 132)
+    assert row["kernel"] == "collect_mixture_stats_kernel" and row["ours"]
+    table = ncu_check.fmt_table("custom", [row], 132)
+    assert "| SM 32%, long_scoreboard 9.2, barrier 4.5" in table, table
+    assert "short_scoreboard" not in table
+
+
 def test_plan_tiles_mirror():
     """Cases worked by hand from plan_tiles, partial_rows and reduce_groups in
     csrc/cuda/cuda_utils.cuh (132 SMs: target = 2 x 132 = 264 tiles; float32 accumulation:
