@@ -973,26 +973,40 @@ C10_ALWAYS_INLINE void moments_planar_row(View<const S> xv, View<const acc_t> tv
       for (int kb = 0; kb < KB; ++kb) t[kb] = One ? nullptr : tv.row(seg, k0 + kb);
       for (int64_t b0 = 0; b0 < len; b0 += B) {
         const int64_t b1 = std::min(len, b0 + B);
-        V s0[KB];
-        for (int kb = 0; kb < KB; ++kb) s0[kb] = V{};
+        // for one or two components, two vectors a step, each into sums of its own: the
+        // sums' additions (a chain per component) are then the loop's critical path, which
+        // two chains each halve (three or four components already give as many chains)
+        V s0[KB], s1[KB];
+        for (int kb = 0; kb < KB; ++kb) s0[kb] = s1[kb] = V{};
         int64_t i = b0;
+        for (; KB <= 2 && i + 2 * W <= b1; i += 2 * W) {
+          const V x0 = vload(r + i), x1 = vload(r + i + W);
+          for (int kb = 0; kb < KB; ++kb) {
+            s0[kb] += term(x0, kb, One ? V{} : vload(t[kb] + i));
+            s1[kb] += term(x1, kb, One ? V{} : vload(t[kb] + i + W));
+          }
+        }
         for (; i + W <= b1; i += W) {
           const V x0 = vload(r + i);
           for (int kb = 0; kb < KB; ++kb) s0[kb] += term(x0, kb, One ? V{} : vload(t[kb] + i));
         }
         if (i < b1) {
+          // the tail's terms into u, added to s0 here: a lambda that captured s0 itself kept
+          // the block sums on the stack through the loops above, a store a vector
+          V u[KB];
           const auto tail = [&](auto span, int64_t s, int64_t n) {
             constexpr int P = decltype(span)::value;
             const V x0 = ld<P>(r + s, n);
             for (int kb = 0; kb < KB; ++kb)
-              s0[kb] += fresh<P>(term(x0, kb, One ? V{} : ld<P>(t[kb] + s, n)), n);
+              u[kb] = fresh<P>(term(x0, kb, One ? V{} : ld<P>(t[kb] + s, n)), n);
           };
           if (len >= W)
             tail(SpanC<kOverlap>{}, len - W, b1 - i);
           else
             tail(SpanC<kPart>{}, i, b1 - i);
+          for (int kb = 0; kb < KB; ++kb) s0[kb] += u[kb];
         }
-        for (int kb = 0; kb < KB; ++kb) tot[kb] += s0[kb];
+        for (int kb = 0; kb < KB; ++kb) tot[kb] += KB <= 2 ? s0[kb] + s1[kb] : s0[kb];
       }
     }
   };
