@@ -209,6 +209,11 @@ echo "---- build" >> "$OUT/build.log"
 if [ "$DEV" = cuda ]; then
   [ -n "${CBN_PATH_PREPEND:-}" ] && export PATH="$CBN_PATH_PREPEND:$PATH"
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  if [ -f build/.cbn_cxx ]; then  # a rerun where the C++ runtime check chose the compiler
+    read -r CBN_CC CBN_CXX < build/.cbn_cxx
+    export CC=$CBN_CC CXX=$CBN_CXX
+    echo "the compiler of the last build that passed the C++ runtime check: $CXX" >> "$OUT/build.log"
+  fi
   lim=$(limit $L_BUILD)
   run "$OUT/build.log" "$lim" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${CBN_ARCH:-9.0}" \
     "$PY" benchmarks/build_inplace.py
@@ -239,13 +244,17 @@ fi
 # GPU run's build, by /opt/gcc/bin/g++, segfaulted on every such message, in code of
 # libstdc++ inside the extension. Where the check fails and another g++ is installed
 # (/usr/bin/g++...), the extension is built once more with it, from scratch (about as long
-# as the first build; the global deadline still holds); the stage fails either way, and
-# the check goes on.
+# as the first build; the global deadline still holds), the first build kept aside and put
+# back if the second does not pass. The stage is ok only if the second build passes (its
+# note says why there were two); the check goes on either way. A compiler that passed is
+# remembered in build/.cbn_cxx for a rerun on the same machine (used by the build above).
 cxx_note=""
 echo "---- C++ runtime" >> "$OUT/build.log"
-run "$OUT/build.log" 120 "$PY" benchmarks/gpu_check_report.py cxx-runtime
+run "$OUT/build.log" "$(limit 120)" "$PY" benchmarks/gpu_check_report.py cxx-runtime
 if [ "$RC" != 0 ]; then
-  used=$(command -v "${CXX:-c++}" 2>/dev/null || true)
+  # the compiler that linked the extension, from the build's link line
+  used=$(grep -m1 -E -- ' -shared .*_C\.' "$OUT/build.log" | awk '{print $1}')
+  [ -z "$used" ] && used=$(command -v "${CXX:-c++}" 2>/dev/null || true)
   alt=""
   for c in /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12; do
     if [ -x "$c" ] && [ -x "${c/g++/gcc}" ] &&
@@ -254,23 +263,30 @@ if [ "$RC" != 0 ]; then
       break
     fi
   done
-  cxx_note="an error message with integers crashes the extension (built by ${used:-?}): see build.log"
+  cxx_note="an error message with integers crashes the extension (linked by ${used:-?}): see build.log"
   if [ "$DEV" = cuda ] && [ -n "$alt" ]; then
     echo "---- build again, by $alt and ${alt/g++/gcc}" >> "$OUT/build.log"
-    rm -rf build cbn_ext/_C*.so
+    mkdir -p "$SCR/first_build"
+    mv build cbn_ext/_C*.so "$SCR/first_build/" 2>/dev/null
     run "$OUT/build.log" "$(limit $L_BUILD)" env CC="${alt/g++/gcc}" CXX="$alt" FORCE_CUDA=1 \
       TORCH_CUDA_ARCH_LIST="${CBN_ARCH:-9.0}" "$PY" benchmarks/build_inplace.py
     rebuild_rc=$RC
     build_secs=$(awk -v a="$build_secs" -v b="$SECS" 'BEGIN { printf "%.1f", a + b }')
-    [ "$rebuild_rc" = 0 ] && run "$OUT/build.log" 120 "$PY" benchmarks/gpu_check_report.py cxx-runtime
-    if [ "$rebuild_rc" = 0 ] && [ "$RC" = 0 ]; then
+    if [ "$rebuild_rc" = 0 ]; then
+      run "$OUT/build.log" "$(limit 120)" "$PY" benchmarks/gpu_check_report.py cxx-runtime
+      [ "$RC" = 0 ] && "$PY" -c "import cbn_ext, sys; sys.exit(not cbn_ext.build_info()['cuda'])" \
+        >> "$OUT/build.log" 2>&1 && cxx_ok=1
+    fi
+    if [ "${cxx_ok:-0}" = 1 ]; then
       cxx_note="$cxx_note; built again by $alt, which passes"
-      cxx_ok=1
+      echo "${alt/g++/gcc} $alt" > build/.cbn_cxx
     else
-      cxx_note="$cxx_note; built again by $alt (rc $rebuild_rc): still failing"
+      cxx_note="$cxx_note; built again by $alt (rc $rebuild_rc): still failing, the first build kept"
+      rm -rf build cbn_ext/_C*.so
+      mv "$SCR/first_build/build" . 2>/dev/null
+      mv "$SCR"/first_build/_C*.so cbn_ext/ 2>/dev/null
     fi
   fi
-  # ok only when the second build passes (the note says why there were two)
   record build "$([ "${cxx_ok:-0}" = 1 ] && echo ok || echo FAIL)" 0 "$build_secs" "$L_BUILD" \
     "$cxx_note"
   if ! "$PY" -c "import cbn_ext" >> "$OUT/build.log" 2>&1; then
@@ -335,8 +351,8 @@ san_lane() {  # TOOL: the quick smoke under compute-sanitizer --tool TOOL
     # a tool that does not take the filter: once more without it (PyTorch's kernels are
     # then checked too, which is slower but still within the lane's limit)
     echo "(the kernel filter was refused: again without it)" >> "$log"
-    cmd=("$CBN_SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 100 "$PY"
-         benchmarks/gpu_smoke.py "${SAN_SMOKE[@]}")
+    cmd=("$CBN_SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 100
+         --show-backtrace device "$PY" benchmarks/gpu_smoke.py "${SAN_SMOKE[@]}")
     run "$log" "$(limit $L_SAN "$PHASE_END")" env "${envs[@]}" "${cmd[@]}"
   fi
   echo "### tool $tool: rc=$RC, $SECS s" >> "$log"
@@ -348,7 +364,8 @@ TIMEOUT_OPT=()
 # crashes the process (a segfault) is then reported as failed, the worker replaced, and
 # the chunk goes on; without it, a crash ends the chunk (the first GPU run lost the rest
 # of test_kernels.py so). Its -v lines read "[gw0] [ 5%] PASSED tests/...".
-[ "${CBN_PYTEST_XDIST:-0}" = 1 ] && TIMEOUT_OPT+=(-n 1)
+# (--max-worker-restart: xdist's default, 4 for one worker, would end the chunk at the fifth)
+[ "${CBN_PYTEST_XDIST:-0}" = 1 ] && TIMEOUT_OPT+=(-n 1 --max-worker-restart=100)
 chunk() {  # NAME LIMIT PYTEST-ARGS...: one pytest run, every failure listed
   local name=$1 lim
   lim=$(limit "$2" "$PHASE_END")

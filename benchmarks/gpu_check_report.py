@@ -345,6 +345,9 @@ def parse_pytest(text):
                 key = {"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped",
                        "ERROR": "error", "XFAIL": "xfailed", "XPASS": "xpassed"}[what]
                 res["counts"][key] = res["counts"].get(key, 0) + 1
+        # pytest-xdist: a test that crashed its worker is reported failed, and named so
+        res["worker_crashes"] = list(dict.fromkeys(
+            re.findall(r"worker '?gw\d+'? crashed while running '([^']+)'", body)))
         res["failed"] = list(dict.fromkeys(res["failed"]))
         res["errors"] = list(dict.fromkeys(res["errors"]))
         out[chunk] = res
@@ -530,6 +533,9 @@ def summarize(out_dir, scratch, limit_total=None):
             last = f"; last test {r['last_test']}" if r["timeout"] and r["last_test"] else ""
             if r.get("crashed"):
                 last = "; the tests after it did not run"
+            if r.get("worker_crashes"):
+                last += (f"; {len(r['worker_crashes'])} of the failures crashed the process: "
+                         + ", ".join(t.split("::")[-1] for t in r["worker_crashes"][:3]))
             lines.append(f"  {chunk:<12} {counts or 'no result line'}; {state}, "
                          f"{r['seconds'] or 0:.0f} s{last}")
             groups = list(group_failures(r["failed"] + r["errors"]).items())

@@ -135,6 +135,13 @@ def file_run(run_dir, results_dir, commit=None, allow_rehearsal=False, max_kib=1
     return dest
 
 
+def run_number(folder: str) -> int:
+    """The n of a run's folder <date>_<device>_<n> (1 without the suffix): the order of a
+    day's runs, 10 after 9."""
+    m = re.search(r"_(\d+)$", os.path.basename(folder))
+    return int(m.group(1)) if m else 1
+
+
 def run_tests(folder: str, meta: dict) -> dict:
     """The run's tests per chunk: parsed again from its tests.log where it has one, so that
     a run filed before the parser learned something (a crash, say) is read the same way as a
@@ -196,7 +203,9 @@ def run_row(folder: str, meta: dict, readme_dir: str) -> str:
     failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
     timeouts = sum(1 for r in tests.values() if r.get("timeout"))
     crashes = [r["crashed"] for r in tests.values() if r.get("crashed")]
+    worker = sum(len(r.get("worker_crashes") or []) for r in tests.values())
     tcell = f"{passed} / {failed}" + (f" ({timeouts} chunks timed out)" if timeouts else "") \
+        + (f" ({worker} of them crashed the process)" if worker else "") \
         + (f" + {len(crashes)} crash ({', '.join(c.split('::')[-1] for c in crashes)}: the "
            "rest of its chunk did not run)" if crashes else "") if tests else "-"
     bench_cell = "-"
@@ -238,7 +247,8 @@ def readme_table(results_dir: str, readme_path: str) -> str:
                     runs.append((os.path.join(results_dir, name), json.load(f)))
     if not runs:
         return NO_RUN
-    runs.sort(key=lambda r: (r[1].get("filed", {}).get("date", ""), r[0]), reverse=True)
+    runs.sort(key=lambda r: (r[1].get("filed", {}).get("date", ""), run_number(r[0])),
+              reverse=True)
     head = ("| date | device | driver | torch / CUDA | commit | smoke | sanitizer errors: mem / "
             "init / race / sync | tests passed / failed | train ext/BN, K = 2 (% of copy) | "
             "ncu: x read per step / design | files |")
@@ -309,14 +319,14 @@ def status_line(results_dir: str) -> str:
             if os.path.isfile(p):
                 with open(p) as f:
                     meta = json.load(f)
-                key = (meta.get("filed", {}).get("date", ""), name)
+                key = (meta.get("filed", {}).get("date", ""), run_number(name), name)
                 if newest is None or key > newest[0]:
                     newest = (key, meta)
     if newest is None:
         return NO_RUN_STATUS
     meta = newest[1]
     fm = meta.get("filed", {})
-    tests = run_tests(os.path.join(results_dir, newest[0][1]), meta)
+    tests = run_tests(os.path.join(results_dir, newest[0][2]), meta)
     passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
     failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
     crashes = sum(1 for r in tests.values() if r.get("crashed"))

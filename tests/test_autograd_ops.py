@@ -139,15 +139,23 @@ def test_compile_fullgraph(channels_last, device):
         ye.square().sum().backward()
         yc.square().sum().backward()
         yx.square().sum().backward()
+        eager_grads = dict(eager.named_parameters())
         for (name, pe), (_, pc), (_, px) in zip(eager.named_parameters(),
                                                 compiled_model.named_parameters(),
                                                 exact.named_parameters()):
             # compiled as eager; or, where the float32 gradient is that far from float64
             # for eager too, compiled's error at most twice eager's (the SPEC's rule for
-            # what PyTorch's own arithmetic cannot reach)
+            # what PyTorch's own arithmetic cannot reach); or, for a convolution's bias
+            # (ahead of a normalization, which removes its gradient's mean), the difference
+            # small beside the gradient of the convolution's weight (the same upstream
+            # gradient, summed without the cancellation)
             err_c, err_e = rel_err(pc.grad, px.grad), rel_err(pe.grad, px.grad)
-            assert rel_err(pc.grad, pe.grad) <= 1e-4 or err_c <= 2 * err_e, (
-                step, name, rel_err(pc.grad, pe.grad), err_c, err_e)
+            conv_bias = name.startswith("conv") and name.endswith(".bias")
+            scale = (eager_grads[name[:-len("bias")] + "weight"].grad.norm().item()
+                     if conv_bias else 0.0)
+            assert (rel_err(pc.grad, pe.grad) <= 1e-4 or err_c <= 2 * err_e
+                    or (pc.grad - pe.grad).norm().item() <= 1e-4 * scale), (
+                step, name, rel_err(pc.grad, pe.grad), err_c, err_e, scale)
         for (name, be), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
             assert rel_err(bc, be) <= 1e-5, (step, name)
     assert compiled_model.bn1.num_batches_tracked.item() == 3

@@ -307,7 +307,7 @@ FAILED tests/test_cuda.py::test_d[cuda] - worker 'gw0' crashed while running 'te
     assert k["counts"] == {"passed": 1, "skipped": 1} and not k["timeout"]
     m = res["misc"]
     assert m["crashed"] is None and m["counts"] == {"failed": 1, "passed": 1}
-    assert m["failed"] == ["tests/test_cuda.py::test_d[cuda]"]
+    assert m["failed"] == m["worker_crashes"] == ["tests/test_cuda.py::test_d[cuda]"]
     status, note = gpu_check_report.stage_status("tests", text)
     assert status == "FAIL" and "kernels 1/0/CRASHED" in note and "misc 1/1" in note
 
