@@ -46,13 +46,13 @@
 #                    the H200 (2026-11-29): 112 s, kernels_baseline.o the longest (107 s).
 #                    Then the C++ runtime check (an error message with integers, ~5 s);
 #                    where it fails, a second build by another g++ (~110 s more).
-#  smoke         30  ~15: the 12 quick cases (every kernel: forwards, both backwards,
+#  smoke         30  ~15: the 14 quick cases (every kernel: forwards, both backwards,
 #                    running update) against the CPU kernels, then a torch.profiler pass
 #                    that lists the kernels they launched; 13-16 s on the CPU here.
 #  correctness  140  lanes side by side (each check has its own process; the GPU and 16
 #                    cores have room), every one ending by its own limit:
 #     sanitizers   memcheck, initcheck, racecheck, synccheck, each a lane of 120, ~40-60:
-#                    the quick smoke (12 cases, ~100 launches of ours) under the tool:
+#                    the quick smoke (14 cases, ~120 launches of ours) under the tool:
 #                    its start with torch (it instruments each module loaded, ~20-30 s)
 #                    plus 10-100x the sub-millisecond kernels and the CPU comparison
 #                    (~12 s). memcheck and initcheck without PyTorch's caching allocator;
@@ -314,7 +314,7 @@ record smoke "$(status_of $RC)" "$RC" "$SECS" "$L_SMOKE" \
 PHASE_END=$(( $(date +%s) + $(limit $L_PHASE) ))
 phase_t0=$(date +%s.%N)
 
-# Each tool runs the quick smoke (12 cases, every kernel), with a kernel filter that leaves
+# Each tool runs the quick smoke (14 cases, every kernel), with a kernel filter that leaves
 # out PyTorch's own kernels (at::native: "native" is in their mangled and demangled names,
 # in none of ours), so ours need no list that a renaming would outdate -- except initcheck:
 # a kernel left out is not instrumented, so what it writes (the inputs PyTorch's kernels

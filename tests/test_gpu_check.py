@@ -66,7 +66,9 @@ def test_rehearsal_summary_and_meta(rehearsal):
         assert re.search(rf"^{name} +ok ", summary, flags=re.M)
     assert "cxx-runtime: ok" in (out / "build.log").read_text()
     assert stages["sanitizer"]["status"] == "skipped"
-    assert meta["smoke"]["result"] == "12/12"
+    import gpu_smoke
+    n = len(gpu_smoke.QUICK_CASES)
+    assert meta["smoke"]["result"] == f"{n}/{n}"
     assert meta["machine"]["identity"]["csrc_tree"]
     # every test lane ran and passed
     for chunk in ("kernels", "misc", "autograd", "compile"):
@@ -126,7 +128,9 @@ def test_filing_a_run(rehearsal, tmp_path):
     assert file_gpu_results.NO_RUN_STATUS not in text
     assert re.search(r"\*\*On a GPU: last run \d{4}-\d\d-\d\d\*\* on rehearsal-cpu", text)
     row = [line for line in text.splitlines() if "rehearsal-cpu" in line and line.startswith("|")]
-    assert len(row) == 1 and "(sample)" in row[0] and "| 12/12 |" in row[0]
+    import gpu_smoke
+    n = len(gpu_smoke.QUICK_CASES)
+    assert len(row) == 1 and "(sample)" in row[0] and f"| {n}/{n} |" in row[0]
     assert re.search(r"\| [\d.]+-[\d.]+ \(\d+-\d+%\) \|", row[0])  # the benchmark's cell
     # a second run of the same day gets its own folder; the table lists both
     assert file_gpu_results.main(args + ["--allow-rehearsal"]) == 0
@@ -213,6 +217,21 @@ def test_quick_smoke_covers_every_kernel_path():
 
 
 # ---- parsers ----------------------------------------------------------------------------
+
+def test_quick_smoke_launches_every_kernel_emulated():
+    """The quick smoke's cases, run by the emulated backend, launch every __global__ of
+    csrc/cuda: the sanitizers on a GPU check only the kernels these cases launch (the first
+    GPU runs' smoke never launched check_group_ids_kernel and finish_sums_kernel)."""
+    emu = pytest.importorskip("cbn_ext._emu")
+    import gpu_smoke
+    before = emu.launched()
+    for shape, layout, dtype, K, mode, _ in gpu_smoke.QUICK_CASES:
+        assert gpu_smoke.check_case("emu", shape, layout, dtype, K, mode) == {}, (shape, K, mode)
+    after = emu.launched()
+    ran = {name for name, n in after.items() if n > before.get(name, 0)}
+    assert set(gpu_check_report.cuda_kernel_names()) <= ran, (
+        sorted(set(gpu_check_report.cuda_kernel_names()) - ran))
+
 
 def test_sanitizer_parser_on_the_sample():
     text = open(os.path.join(ROOT, "benchmarks", "samples", "sanitizer_sample.log")).read()

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -74,6 +75,7 @@ std::mutex g_mutex;
 Run* g_run = nullptr;
 uint64_t g_seed = 0x9E3779B97F4A7C15ull;
 Stats g_stats;
+std::map<std::string, uint64_t> g_launched;  // launches per kernel name (launched())
 std::unordered_map<const void*, size_t> g_max_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
 std::vector<std::pair<void*, size_t>> g_shared;      // static shared variables
 
@@ -103,6 +105,15 @@ uint64_t next_random(uint64_t& s) {
   s ^= s << 25;
   s ^= s >> 27;
   return s * 0x2545F4914F6CDD1Dull;
+}
+
+// The kernel's name from a launch as written: "foo_kernel<T, KB>, grid, ..." -> "foo_kernel".
+std::string kernel_name(const char* what) {
+  std::string name;
+  for (const char* p = what; *p != 0 && *p != '<' && *p != '(' && *p != ','; ++p)
+    if (*p != ' ') name += *p;
+  const size_t colon = name.rfind("::");
+  return colon == std::string::npos ? name : name.substr(colon + 2);
 }
 
 // "name (file:line)" from a launch as written: its text up to the first top-level comma.
@@ -500,6 +511,7 @@ void run_grid(const void* kernel, const char* what, const char* file, int line, 
                    ? " (above 48 KiB needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize))"
                    : ""));
   ++g_stats.launches;
+  ++g_launched[kernel_name(what)];
   Run r;
   r.name = name;
   r.body = body;
@@ -547,6 +559,10 @@ uint64_t get_seed() {
 std::tuple<uint64_t, uint64_t, uint64_t> stats() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return {g_stats.launches, g_stats.blocks, g_stats.switches};
+}
+std::map<std::string, uint64_t> launched() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_launched;
 }
 size_t shared_variables() {
   std::lock_guard<std::mutex> lock(g_mutex);

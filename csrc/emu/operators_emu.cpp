@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <tuple>
 
 #include <string>
@@ -24,6 +25,7 @@ void set_seed(uint64_t seed);
 uint64_t get_seed();
 int set_multiprocessors(int n);
 std::tuple<uint64_t, uint64_t, uint64_t> stats();
+std::map<std::string, uint64_t> launched();
 size_t shared_variables();
 
 // Kernels with planted defects, for the self-test: each must be caught.
@@ -124,6 +126,19 @@ PyObject* stats(PyObject*, PyObject*) {
                        (unsigned long long)std::get<2>(s));
 }
 
+// launched() -> {kernel name: launches} since the library was loaded: which of csrc/cuda's
+// kernels a workload runs (gpu_smoke's quick cases must run them all: the sanitizers on a
+// GPU check only the kernels those cases launch).
+PyObject* launched(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  for (const auto& [name, n] : cbn_ext::emu::launched()) {
+    PyObject* v = PyLong_FromUnsignedLongLong(n);
+    PyDict_SetItemString(d, name.c_str(), v);
+    Py_DECREF(v);
+  }
+  return d;
+}
+
 // device() -> the emulated device's properties.
 PyObject* device(PyObject*, PyObject*) {
   const auto& p = cbn_ext::emu::device_props();
@@ -195,6 +210,7 @@ PyMethodDef methods[] = {
     {"set_multiprocessors", set_multiprocessors, METH_O,
      "Set the emulated device's multiprocessor count; returns the old one."},
     {"stats", stats, METH_NOARGS, "Launches, blocks and fiber switches so far."},
+    {"launched", launched, METH_NOARGS, "Launches per kernel name so far."},
     {"device", device, METH_NOARGS, "The emulated device's properties."},
     {nullptr, nullptr, 0, nullptr},
 };
