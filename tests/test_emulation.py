@@ -37,6 +37,46 @@ def test_built_when_asked():
         pytest.skip("CBN_CUDA_EMULATION is not set")
 
 
+# A build without the emulated backend (any user's pip install): cbn_ext._emu is missing,
+# which a finder stands in for here (CI builds the backend). The first GPU run found the
+# package not importing in that case: `from . import _emu` raises a plain ImportError for
+# a missing submodule, not the ModuleNotFoundError that ops.py tolerated.
+_WITHOUT_EMU = """
+import importlib.abc, sys
+class NoEmu(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "cbn_ext._emu":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoEmu())
+import cbn_ext
+print("has_emulation", cbn_ext.ops.has_emulation())
+"""
+
+_BROKEN_EMU = """
+import importlib.abc, sys
+class BrokenEmu(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "cbn_ext._emu":
+            raise ModuleNotFoundError("No module named 'a_dependency'", name="a_dependency")
+sys.meta_path.insert(0, BrokenEmu())
+import cbn_ext
+"""
+
+
+def test_imports_without_the_emulated_backend():
+    """The package imports without cbn_ext._emu (has_emulation() is then False), and an
+    _emu that is there but cannot load (a dependency missing) is an error, not a silent
+    absence."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_EMU], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "has_emulation False" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", _BROKEN_EMU], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode != 0 and "a_dependency" in r.stderr, (r.stdout, r.stderr[-2000:])
+
+
 @needs_emu
 def test_planted_defects_are_caught():
     """Kernels with a defect each (csrc/emu/operators_emu.cpp): the emulation reports or
