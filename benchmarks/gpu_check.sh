@@ -209,14 +209,19 @@ echo "---- build" >> "$OUT/build.log"
 if [ "$DEV" = cuda ]; then
   [ -n "${CBN_PATH_PREPEND:-}" ] && export PATH="$CBN_PATH_PREPEND:$PATH"
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  if [ -f build/.cbn_cxx ]; then  # a rerun where the C++ runtime check chose the compiler
-    read -r CBN_CC CBN_CXX < build/.cbn_cxx
-    export CC=$CBN_CC CXX=$CBN_CXX
-    echo "the compiler of the last build that passed the C++ runtime check: $CXX" >> "$OUT/build.log"
+  # a rebuild cut short last time: its first build back; a compiler that passed the C++
+  # runtime check last time (benchmarks/cxx_rebuild.sh): for the build alone
+  bash benchmarks/cxx_rebuild.sh --restore .cbn_first_build >> "$OUT/build.log" 2>&1
+  compilers=()
+  if [ -f build/.cbn_cxx ]; then
+    read -r cbn_cc cbn_cxx < build/.cbn_cxx
+    compilers=(CC="$cbn_cc" CXX="$cbn_cxx")
+    echo "the compiler of the last build that passed the C++ runtime check: $cbn_cxx" \
+      >> "$OUT/build.log"
   fi
   lim=$(limit $L_BUILD)
-  run "$OUT/build.log" "$lim" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${CBN_ARCH:-9.0}" \
-    "$PY" benchmarks/build_inplace.py
+  run "$OUT/build.log" "$lim" env "${compilers[@]}" FORCE_CUDA=1 \
+    TORCH_CUDA_ARCH_LIST="${CBN_ARCH:-9.0}" "$PY" benchmarks/build_inplace.py
   build_rc=$RC
   build_secs=$SECS
 else
@@ -254,7 +259,8 @@ run "$OUT/build.log" "$(limit 120)" "$PY" benchmarks/gpu_check_report.py cxx-run
 if [ "$RC" != 0 ]; then
   # the compiler that linked the extension, from the build's link line
   used=$(grep -m1 -E -- ' -shared .*_C\.' "$OUT/build.log" | awk '{print $1}')
-  [ -z "$used" ] && used=$(command -v "${CXX:-c++}" 2>/dev/null || true)
+  [ -z "$used" ] && used=${CXX:-c++}
+  used=$(command -v "$used" 2>/dev/null || echo "$used")
   alt=""
   for c in /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12; do
     if [ -x "$c" ] && [ -x "${c/g++/gcc}" ] &&
@@ -265,26 +271,21 @@ if [ "$RC" != 0 ]; then
   done
   cxx_note="an error message with integers crashes the extension (linked by ${used:-?}): see build.log"
   if [ "$DEV" = cuda ] && [ -n "$alt" ]; then
-    echo "---- build again, by $alt and ${alt/g++/gcc}" >> "$OUT/build.log"
-    mkdir -p "$SCR/first_build"
-    mv build cbn_ext/_C*.so "$SCR/first_build/" 2>/dev/null
-    run "$OUT/build.log" "$(limit $L_BUILD)" env CC="${alt/g++/gcc}" CXX="$alt" FORCE_CUDA=1 \
-      TORCH_CUDA_ARCH_LIST="${CBN_ARCH:-9.0}" "$PY" benchmarks/build_inplace.py
+    echo "---- build again, by $alt and ${alt/g++/gcc} (benchmarks/cxx_rebuild.sh)" >> "$OUT/build.log"
+    run "$OUT/build.log" "$(limit $L_BUILD)" env \
+      CBN_REBUILD_CMD="FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${CBN_ARCH:-9.0} $PY benchmarks/build_inplace.py" \
+      CBN_REBUILD_CHECK="$PY benchmarks/gpu_check_report.py cxx-runtime && $PY -c \
+'import cbn_ext, sys; sys.exit(not cbn_ext.build_info()[\"cuda\"])'" \
+      bash benchmarks/cxx_rebuild.sh "$alt" .cbn_first_build
     rebuild_rc=$RC
     build_secs=$(awk -v a="$build_secs" -v b="$SECS" 'BEGIN { printf "%.1f", a + b }')
+    # killed at its limit: the first build back
+    bash benchmarks/cxx_rebuild.sh --restore .cbn_first_build >> "$OUT/build.log" 2>&1
     if [ "$rebuild_rc" = 0 ]; then
-      run "$OUT/build.log" "$(limit 120)" "$PY" benchmarks/gpu_check_report.py cxx-runtime
-      [ "$RC" = 0 ] && "$PY" -c "import cbn_ext, sys; sys.exit(not cbn_ext.build_info()['cuda'])" \
-        >> "$OUT/build.log" 2>&1 && cxx_ok=1
-    fi
-    if [ "${cxx_ok:-0}" = 1 ]; then
       cxx_note="$cxx_note; built again by $alt, which passes"
-      echo "${alt/g++/gcc} $alt" > build/.cbn_cxx
+      cxx_ok=1
     else
       cxx_note="$cxx_note; built again by $alt (rc $rebuild_rc): still failing, the first build kept"
-      rm -rf build cbn_ext/_C*.so
-      mv "$SCR/first_build/build" . 2>/dev/null
-      mv "$SCR"/first_build/_C*.so cbn_ext/ 2>/dev/null
     fi
   fi
   record build "$([ "${cxx_ok:-0}" = 1 ] && echo ok || echo FAIL)" 0 "$build_secs" "$L_BUILD" \

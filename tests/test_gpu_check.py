@@ -662,3 +662,52 @@ def test_ncu_short_names_of_the_gpu_run():
             assert ncu_check.is_ours(full), full
     assert not ncu_check.is_ours("void at::native::vectorized_elementwise_kernel<4, "
                                  "at::native::FillFunctor<float>>(int, T2)")
+
+
+def test_cxx_rebuild_keeps_or_replaces_the_first_build(tmp_path):
+    """benchmarks/cxx_rebuild.sh, which no CPU rehearsal reaches: the first build is put
+    back where the second fails to build, fails its check, or is cut short (--restore);
+    replaced, with the compiler remembered, where it passes."""
+    script = os.path.join(ROOT, "benchmarks", "cxx_rebuild.sh")
+
+    def first_build():
+        import shutil
+        shutil.rmtree(tmp_path / "build", ignore_errors=True)
+        (tmp_path / "build").mkdir()
+        (tmp_path / "build" / "first.o").write_text("1")
+        (tmp_path / "cbn_ext").mkdir(exist_ok=True)
+        for so in (tmp_path / "cbn_ext").glob("_C*.so"):
+            so.unlink()
+        (tmp_path / "cbn_ext" / "_C.x.so").write_text("first")
+
+    build = ("mkdir -p build && echo 2 > build/second.o && echo \"$CC $CXX\" > build/cc "
+             "&& echo second > cbn_ext/_C.x.so")
+
+    def run(check, cmd=build, *args):
+        env = dict(os.environ, CBN_REBUILD_CMD=cmd, CBN_REBUILD_CHECK=check)
+        return subprocess.run(["bash", script, *(args or ("/usr/bin/g++-13", ".save"))],
+                              cwd=tmp_path, env=env, capture_output=True, text=True).returncode
+
+    def is_first():
+        return ((tmp_path / "cbn_ext" / "_C.x.so").read_text() == "first"
+                and (tmp_path / "build" / "first.o").exists()
+                and not (tmp_path / "build" / "second.o").exists()
+                and not (tmp_path / ".save").exists())
+
+    first_build()
+    assert run("false") == 1 and is_first()          # the check fails
+    assert run("true", "echo partial > build/x; exit 3") == 1 and is_first()  # the build fails
+    assert run("true") == 0                          # passes: replaced, remembered
+    assert (tmp_path / "cbn_ext" / "_C.x.so").read_text().strip() == "second"
+    assert (tmp_path / "build" / "cc").read_text().split() == ["/usr/bin/gcc-13", "/usr/bin/g++-13"]
+    assert (tmp_path / "build" / ".cbn_cxx").read_text().split() == [
+        "/usr/bin/gcc-13", "/usr/bin/g++-13"]
+    assert not (tmp_path / ".save").exists()
+    # cut short: the second build half done, the first set aside; --restore puts it back
+    first_build()
+    (tmp_path / ".save").mkdir()
+    (tmp_path / "build").rename(tmp_path / ".save" / "build")
+    (tmp_path / "cbn_ext" / "_C.x.so").rename(tmp_path / ".save" / "_C.x.so")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "second.o").write_text("half")
+    assert run("true", build, "--restore", ".save") == 0 and is_first()
