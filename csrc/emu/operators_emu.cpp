@@ -131,10 +131,15 @@ PyObject* stats(PyObject*, PyObject*) {
 // GPU check only the kernels those cases launch).
 PyObject* launched(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
   for (const auto& [name, n] : cbn_ext::emu::launched()) {
     PyObject* v = PyLong_FromUnsignedLongLong(n);
-    PyDict_SetItemString(d, name.c_str(), v);
-    Py_DECREF(v);
+    const int rc = v == nullptr ? -1 : PyDict_SetItemString(d, name.c_str(), v);
+    Py_XDECREF(v);
+    if (rc != 0) {
+      Py_DECREF(d);
+      return nullptr;
+    }
   }
   return d;
 }
