@@ -359,14 +359,14 @@ san_lane() {  # TOOL: the quick smoke under compute-sanitizer --tool TOOL
   echo "### tool $tool: rc=$RC, $SECS s" >> "$log"
 }
 
-TIMEOUT_OPT=()
-[ "${CBN_PYTEST_TIMEOUT:-0}" = 1 ] && TIMEOUT_OPT=(--timeout=60)
+PYTEST_OPT=()
+[ "${CBN_PYTEST_TIMEOUT:-0}" = 1 ] && PYTEST_OPT=(--timeout=60)
 # With pytest-xdist, each chunk's tests run in one worker process (-n 1): a test that
 # crashes the process (a segfault) is then reported as failed, the worker replaced, and
 # the chunk goes on; without it, a crash ends the chunk (the first GPU run lost the rest
 # of test_kernels.py so). Its -v lines read "[gw0] [ 5%] PASSED tests/...".
 # (--max-worker-restart: xdist's default, 4 for one worker, would end the chunk at the fifth)
-[ "${CBN_PYTEST_XDIST:-0}" = 1 ] && TIMEOUT_OPT+=(-n 1 --max-worker-restart=100)
+[ "${CBN_PYTEST_XDIST:-0}" = 1 ] && PYTEST_OPT+=(-n 1 --max-worker-restart=100)
 chunk() {  # NAME LIMIT PYTEST-ARGS...: one pytest run, every failure listed
   local name=$1 lim
   lim=$(limit "$2" "$PHASE_END")
@@ -377,7 +377,7 @@ chunk() {  # NAME LIMIT PYTEST-ARGS...: one pytest run, every failure listed
     echo "### chunk $name: rc=0, 0 s, skipped: no pytest" >> "$log"
     return
   fi
-  run "$log" "$lim" "$PY" -m pytest -v -rfE -p no:cacheprovider "${TIMEOUT_OPT[@]}" "$@"
+  run "$log" "$lim" "$PY" -m pytest -v -rfE -p no:cacheprovider "${PYTEST_OPT[@]}" "$@"
   echo "### chunk $name: rc=$RC, $SECS s" >> "$log"
 }
 

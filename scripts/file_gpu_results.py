@@ -29,6 +29,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check_report  # noqa: E402  (the parsers of a run's logs, standard library only)
+import ncu_check  # noqa: E402
 BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 NO_RUN = "No GPU run yet: `bash benchmarks/gpu_check.sh` on a GPU machine, then this script."
 # the GPU line of the README's status paragraph
@@ -148,11 +151,6 @@ def run_tests(folder: str, meta: dict) -> dict:
     new one; else meta.json's."""
     log = os.path.join(folder, "tests.log")
     if os.path.isfile(log):
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        try:
-            import gpu_check_report
-        finally:
-            sys.path.pop(0)
         with open(log, errors="replace") as f:
             return gpu_check_report.parse_pytest(f.read())
     return meta.get("tests", {})
@@ -164,17 +162,33 @@ def run_ncu(folder: str, meta: dict) -> dict:
     parser that took four of our kernels for PyTorch's), else meta.json's."""
     path = os.path.join(folder, "ncu.csv")
     if os.path.isfile(path) and "ncu" not in (meta.get("canned") or []):
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        try:
-            import ncu_check
-        finally:
-            sys.path.pop(0)
         sms = (meta.get("machine") or {}).get("sms") or 132
         try:
             return {name: ncu_check.totals(rows) for name, rows in ncu_check.parse_file(path, sms)}
         except Exception as e:  # a CSV this parser cannot read: what the device made of it
             print(f"file_gpu_results: {path}: {type(e).__name__}: {e}", file=sys.stderr)
     return meta.get("ncu") or {}
+
+
+def test_totals(tests: dict):
+    """(passed, failed, crashed chunks) of a run's tests per chunk."""
+    passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
+    failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
+    return passed, failed, [r["crashed"] for r in tests.values() if r.get("crashed")]
+
+
+def load_runs(results_dir: str):
+    """[(folder, meta)] of the runs filed, newest first: by date, then by the day's number."""
+    runs = []
+    if os.path.isdir(results_dir):
+        for name in os.listdir(results_dir):
+            p = os.path.join(results_dir, name, "meta.json")
+            if os.path.isfile(p):
+                with open(p) as f:
+                    runs.append((os.path.join(results_dir, name), json.load(f)))
+    runs.sort(key=lambda r: (r[1].get("filed", {}).get("date", ""), run_number(r[0]), r[0]),
+              reverse=True)
+    return runs
 
 
 def run_row(folder: str, meta: dict, readme_dir: str) -> str:
@@ -199,10 +213,8 @@ def run_row(folder: str, meta: dict, readme_dir: str) -> str:
         return "?" if n is None else str(n)
 
     tests = run_tests(folder, meta)
-    passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
-    failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
+    passed, failed, crashes = test_totals(tests)
     timeouts = sum(1 for r in tests.values() if r.get("timeout"))
-    crashes = [r["crashed"] for r in tests.values() if r.get("crashed")]
     worker = sum(len(r.get("worker_crashes") or []) for r in tests.values())
     tcell = f"{passed} / {failed}" + (f" ({timeouts} chunks timed out)" if timeouts else "") \
         + (f" ({worker} of them crashed the process)" if worker else "") \
@@ -238,17 +250,9 @@ def run_row(folder: str, meta: dict, readme_dir: str) -> str:
 
 
 def readme_table(results_dir: str, readme_path: str) -> str:
-    runs = []
-    if os.path.isdir(results_dir):
-        for name in os.listdir(results_dir):
-            p = os.path.join(results_dir, name, "meta.json")
-            if os.path.isfile(p):
-                with open(p) as f:
-                    runs.append((os.path.join(results_dir, name), json.load(f)))
+    runs = load_runs(results_dir)
     if not runs:
         return NO_RUN
-    runs.sort(key=lambda r: (r[1].get("filed", {}).get("date", ""), run_number(r[0])),
-              reverse=True)
     head = ("| date | device | driver | torch / CUDA | commit | smoke | sanitizer errors: mem / "
             "init / race / sync | tests passed / failed | train ext/BN, K = 2 (% of copy) | "
             "ncu: x read per step / design | files |")
@@ -312,24 +316,14 @@ def bench_table(folder: str, meta: dict) -> str:
 
 def status_line(results_dir: str) -> str:
     """The status paragraph's GPU line, from the newest run filed."""
-    newest = None
-    if os.path.isdir(results_dir):
-        for name in sorted(os.listdir(results_dir)):
-            p = os.path.join(results_dir, name, "meta.json")
-            if os.path.isfile(p):
-                with open(p) as f:
-                    meta = json.load(f)
-                key = (meta.get("filed", {}).get("date", ""), run_number(name), name)
-                if newest is None or key > newest[0]:
-                    newest = (key, meta)
-    if newest is None:
+    runs = load_runs(results_dir)
+    if not runs:
         return NO_RUN_STATUS
-    meta = newest[1]
+    folder, meta = runs[0]
     fm = meta.get("filed", {})
-    tests = run_tests(os.path.join(results_dir, newest[0][2]), meta)
-    passed = sum(r.get("counts", {}).get("passed", 0) for r in tests.values())
-    failed = sum(len(r.get("failed", [])) + len(r.get("errors", [])) for r in tests.values())
-    crashes = sum(1 for r in tests.values() if r.get("crashed"))
+    tests = run_tests(folder, meta)
+    passed, failed, crashed = test_totals(tests)
+    crashes = len(crashed)
     verdict = "all CUDA tests passed" if tests and failed + crashes == 0 else (
         f"{failed} CUDA test(s) failed, {passed} passed"
         + (f", {crashes} chunk(s) of tests crashed" if crashes else "") if tests
