@@ -26,10 +26,14 @@ _ops = torch.ops.cbn_ext
 def build_info() -> dict:
     """What the compiled extension contains: ``{"cpu": True, "cuda": bool, "torch": str,
     "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str,
-    "cuda_emulation": bool}``; ``cpu_isa``
+    "cpu_stream_min_bytes": int | None, "cuda_emulation": bool}``; ``cpu_isa``
     is the instruction set of the CPU kernels chosen for this processor ("avx2" or
-    "baseline"); ``cuda_emulation``: whether the emulated CUDA backend (the CUDA kernels
-    run on the CPU, ``torch.ops.cbn_ext_emu``, for the tests) was built."""
+    "baseline"); ``cpu_stream_min_bytes``: the AVX2 CPU kernels write outputs (y, dx) of
+    at least this many bytes whose rows are whole cache lines by non-temporal stores (the
+    last-level cache's size, or the environment variable ``CBN_EXT_STREAM_MIN_BYTES``, read
+    once per process; None: never); ``cuda_emulation``:
+    whether the emulated CUDA backend (the CUDA kernels run on the CPU,
+    ``torch.ops.cbn_ext_emu``, for the tests) was built."""
     info = _C.build_info()
     info["cuda_emulation"] = has_emulation()
     return info

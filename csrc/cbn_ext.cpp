@@ -26,6 +26,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 
 #include "cbn_autograd.h"
@@ -39,6 +40,8 @@
 namespace cbn_ext {
 namespace cpu {
 const char* cpu_isa();
+int64_t stream_min_bytes();
+int64_t streamed_output_count();
 }
 }  // namespace cbn_ext
 
@@ -56,7 +59,8 @@ namespace {
 #define CBN_STR(x) CBN_STR2(x)
 
 // What this binary was built with: {"cpu": True, "cuda": bool, "torch": str,
-// "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str}.
+// "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str,
+// "cpu_stream_min_bytes": int | None}.
 PyObject* build_info(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (d == nullptr) return nullptr;
@@ -83,11 +87,31 @@ PyObject* build_info(PyObject*, PyObject*) {
                                     std::to_string(TORCH_VERSION_PATCH);
   set("torch", PyUnicode_FromString(torch_version.c_str()));
   set("cpu_isa", PyUnicode_FromString(cbn_ext::cpu::cpu_isa()));
+  // None where nothing is streamed, or where CBN_EXT_STREAM_MIN_BYTES is not a number
+  // (then the CPU operators raise, saying so; build_info itself does not)
+  int64_t stream = INT64_MAX;
+  try {
+    stream = cbn_ext::cpu::stream_min_bytes();
+  } catch (...) {
+  }
+  if (stream == INT64_MAX) {
+    Py_INCREF(Py_None);
+    set("cpu_stream_min_bytes", Py_None);
+  } else {
+    set("cpu_stream_min_bytes", PyLong_FromLongLong(stream));
+  }
   return d;
+}
+
+// How many outputs the CPU kernels have written by non-temporal stores in this process.
+PyObject* stream_count(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(cbn_ext::cpu::streamed_output_count());
 }
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this binary was built with."},
+    {"_stream_count", stream_count, METH_NOARGS,
+     "How many outputs the CPU kernels have written by non-temporal stores (tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

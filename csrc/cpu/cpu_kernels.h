@@ -53,6 +53,12 @@ constexpr int64_t kMinTiles = 32;
 constexpr int64_t kMinTilesEval = 8;
 TilePlan make_tile_plan(const Geometry& g, int64_t min_tiles);
 
+// Outputs of at least this many bytes may be written by non-temporal stores
+// (cbn_cpu.cpp, stream_output); INT64_MAX: never (also in the baseline build).
+int64_t stream_min_bytes();
+// How many outputs this process has written by non-temporal stores (for the tests).
+int64_t streamed_output_count();
+
 // Pointers to float (float32/bfloat16/float16 input) or double (float64) data are
 // `acc` pointers; `x`, `y`, `grad`, `dx` have the input's dtype. Per-(k, c) arrays are
 // K x C, row-major. tau has the layout of x with C replaced by K.
@@ -88,6 +94,7 @@ struct NormalizeArgs {
   const void* alpha;      // gamma r
   const void* delta;      // beta - alpha m
   void* y;
+  bool stream;            // y by non-temporal stores (stream_output)
 };
 
 struct GradStatsArgs {
@@ -129,6 +136,7 @@ struct GradInputArgs {
   const void* a;
   const void* mu;
   void* dx;
+  bool stream;  // dx by non-temporal stores (stream_output)
 };
 
 #define CBN_DECLARE_CPU_KERNELS(isa)                              \

@@ -35,6 +35,10 @@
 // * Evaluation: the tile's E-step (softmax over components with positions in the lanes),
 //   then its normalization while the tile is in the L2 cache: x read once from memory, y
 //   written once.
+// * Outputs larger than the last-level cache (y, dx; cbn_cpu.cpp, stream_output) are
+//   written by non-temporal stores in the AVX2 build: the kernel is instantiated for that
+//   (NT, a compile-time constant, so that the ordinary stores of the common case test
+//   nothing), and each thread fences its stores (for_each_tile).
 // * The work on a tile is done by functions that take their pointers as parameters
 //   (locals the compiler can keep in registers: a store through a float pointer cannot
 //   then force their reload).
@@ -93,8 +97,31 @@ C10_ALWAYS_INLINE Vec<T> vload(const T* p) {
   return *reinterpret_cast<const typename VecTraits<T>::U*>(p);
 }
 
+// Stores of an output that streams past the caches (nt: NormalizeArgs::stream,
+// GradInputArgs::stream): with AVX2, non-temporal stores where p is aligned to the
+// store's size, ordinary stores elsewhere (and in the baseline build).
+C10_ALWAYS_INLINE bool aligned_to(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
 template <typename T>
-C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v) {
+C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v, bool nt = false) {
+#if defined(CBN_CPU_AVX2)
+  if (nt && aligned_to(p, 32)) {
+    if constexpr (std::is_same_v<T, float>) {
+      __m256 w;
+      std::memcpy(&w, &v, sizeof(w));
+      _mm256_stream_ps(p, w);
+    } else {
+      __m256d w;
+      std::memcpy(&w, &v, sizeof(w));
+      _mm256_stream_pd(p, w);
+    }
+    return;
+  }
+#else
+  (void)nt;
+#endif
   *reinterpret_cast<typename VecTraits<T>::U*>(p) = v;
 }
 
@@ -137,15 +164,19 @@ C10_ALWAYS_INLINE U32x8 widen(const void* p) {
 #endif
 }
 
-C10_ALWAYS_INLINE void narrow_store(void* p, U32x8 v) {
+C10_ALWAYS_INLINE void narrow_store(void* p, U32x8 v, bool nt = false) {
 #if defined(CBN_CPU_F16C)
   __m256i w;
   std::memcpy(&w, &v, sizeof(w));
   // packus saturates to [0, 2^16): the lanes are already there; the 64-bit permute puts
   // the two 128-bit halves' packs in order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
-  _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  if (nt && aligned_to(p, 16))
+    _mm_stream_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  else
+    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 #else
+  (void)nt;
   *reinterpret_cast<U16x8*>(p) = __builtin_convertvector(v, U16x8);
 #endif
 }
@@ -159,7 +190,9 @@ C10_ALWAYS_INLINE U32x8 bf16_bits(Vec<float> f) {
   return f != f ? U32x8{} + 0x7FC0u : r;
 }
 
-C10_ALWAYS_INLINE void vstore(c10::BFloat16* p, Vec<float> f) { narrow_store(p, bf16_bits(f)); }
+C10_ALWAYS_INLINE void vstore(c10::BFloat16* p, Vec<float> f, bool nt = false) {
+  narrow_store(p, bf16_bits(f), nt);
+}
 
 C10_ALWAYS_INLINE Vec<float> vload(const c10::Half* p) {
 #if defined(CBN_CPU_F16C)
@@ -179,14 +212,18 @@ C10_ALWAYS_INLINE Vec<float> vload(const c10::Half* p) {
 #endif
 }
 
-C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f) {
+C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f, bool nt = false) {
 #if defined(CBN_CPU_F16C)
   // NaN as c10's conversion (and the baseline build below) writes it: sign | 0x7E00, not
   // the payload that vcvtps2ph would keep
   f = f != f ? float_from_bits((bits_of(f) & 0x80000000u) | 0x7FC00000u) : f;
   __m256 v;
   std::memcpy(&v, &f, sizeof(v));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  if (nt && aligned_to(p, 16))
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
 #else
   // c10::detail::fp16_ieee_from_fp32_value, lane by lane (no FMA here to fuse its
   // multiply and add differently)
@@ -198,14 +235,14 @@ C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f) {
   bias = bias < 0x71000000u ? U32x8{} + 0x71000000u : bias;
   const U32x8 bits = bits_of(float_from_bits((bias >> 1) + 0x07800000u) + base0);
   const U32x8 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  narrow_store(p, (sign >> 16) | (shl1_w > 0xFF000000u ? U32x8{} + 0x7E00u : nonsign));
+  narrow_store(p, (sign >> 16) | (shl1_w > 0xFF000000u ? U32x8{} + 0x7E00u : nonsign), nt);
 #endif
 }
 
 // Two vectors of floats to 16 consecutive bfloat16 values. With AVX2: both rounded, then
 // one pack, one permute and one 32-byte store (in place of two of each and two 16-byte
 // stores).
-C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b) {
+C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b, bool nt = false) {
 #if defined(CBN_CPU_AVX2)
   __m256i wa, wb;
   const U32x8 ra = bf16_bits(a), rb = bf16_bits(b);
@@ -213,10 +250,13 @@ C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b) {
   std::memcpy(&wb, &rb, sizeof(wb));
   // packus: (a0-3, b0-3 | a4-7, b4-7) in 64-bit quarters; the permute puts them in order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(wa, wb), 0xD8);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  if (nt && aligned_to(p, 32))
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
 #else
-  vstore(p, a);
-  vstore(p + 8, b);
+  vstore(p, a, nt);
+  vstore(p + 8, b, nt);
 #endif
 }
 
@@ -254,11 +294,11 @@ C10_ALWAYS_INLINE Vec<acc_of<S>> ld(const S* p, int64_t n) {
 }
 
 template <int P, typename S>
-C10_ALWAYS_INLINE void st(S* p, Vec<acc_of<S>> v, int64_t n) {
+C10_ALWAYS_INLINE void st(S* p, Vec<acc_of<S>> v, int64_t n, bool nt = false) {
   if constexpr (P == kPart) {
     vstore_part(p, v, n);
   } else {
-    vstore(p, v);
+    vstore(p, v, nt);
   }
 }
 
@@ -334,14 +374,14 @@ C10_ALWAYS_INLINE void for_row_pairs(int64_t len, F&& body, G&& pair) {
 // A planar output row of len positions at out: out[s ..] = value(SpanC<P>, s, n) over the
 // row as for_row covers it; in bfloat16 its whole vectors two at a time (vstore2).
 template <typename acc_t, typename S, typename F>
-C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value) {
+C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value, bool nt) {
   auto body = [&](auto span, int64_t s, int64_t n) {
-    st<decltype(span)::value>(out + s, value(span, s, n), n);
+    st<decltype(span)::value>(out + s, value(span, s, n), n, nt);
   };
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     for_row_pairs<acc_t>(len, body, [&](int64_t s) {
       constexpr int64_t W = kW<acc_t>;
-      vstore2(out + s, value(SpanC<kWhole>{}, s, W), value(SpanC<kWhole>{}, s + W, W));
+      vstore2(out + s, value(SpanC<kWhole>{}, s, W), value(SpanC<kWhole>{}, s + W, W), nt);
     });
   } else {
     for_row<acc_t>(len, body);
@@ -352,7 +392,7 @@ C10_ALWAYS_INLINE void store_row(S* out, int64_t len, F&& value) {
 // c, n, v) gives the rows' vectors at channels [c, c + n) in v[0 .. NP); in bfloat16 two
 // whole vectors of a row at once (vstore2), the rest as for_vectors covers it.
 template <int NP, typename acc_t, typename S, typename F>
-C10_ALWAYS_INLINE void store_rows(S* out, int64_t C, F&& value) {
+C10_ALWAYS_INLINE void store_rows(S* out, int64_t C, F&& value, bool nt) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
   int64_t c0 = 0;
@@ -361,14 +401,14 @@ C10_ALWAYS_INLINE void store_rows(S* out, int64_t C, F&& value) {
       V a[NP], b[NP];
       value(SpanC<kWhole>{}, c0, W, a);
       value(SpanC<kWhole>{}, c0 + W, W, b);
-      for (int p = 0; p < NP; ++p) vstore2(out + p * C + c0, a[p], b[p]);
+      for (int p = 0; p < NP; ++p) vstore2(out + p * C + c0, a[p], b[p], nt);
     }
   }
   for_vectors<acc_t>(C - c0, [&](auto span, int64_t i, int64_t n) {
     constexpr int P = decltype(span)::value;
     V v[NP];
     value(span, c0 + i, n, v);
-    for (int p = 0; p < NP; ++p) st<P>(out + p * C + c0 + i, v[p], n);
+    for (int p = 0; p < NP; ++p) st<P>(out + p * C + c0 + i, v[p], n, nt);
   });
 }
 
@@ -589,6 +629,20 @@ C10_ALWAYS_INLINE void with_small_K(int64_t K, F&& f) {
     case 4: f(IntC<4>{}); break;
     default: f(IntC<0>{}); break;
   }
+}
+
+// with_small_K, and whether the kernel's output is streamed (NormalizeArgs::stream,
+// GradInputArgs::stream) as a compile-time constant: the stores of the common, cached
+// case test nothing.
+template <typename F>
+C10_ALWAYS_INLINE void with_small_K_stream(int64_t K, bool stream, F&& f) {
+  with_small_K(K, [&](auto kc) {
+    if (stream) {
+      f(kc, std::true_type{});
+    } else {
+      f(kc, std::false_type{});
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1068,7 +1122,7 @@ acc_t count_planar(View<const acc_t> tv, int64_t nseg, int64_t len, int64_t k) {
 template <int NP, int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
                                       const acc_t (*t)[NP], const acc_t* alpha,
-                                      const acc_t* delta) {
+                                      const acc_t* delta, bool nt) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   store_rows<NP, acc_t>(y, C, [&](auto span, int64_t c, int64_t n, V (&ys)[NP]) {
@@ -1082,15 +1136,16 @@ C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
       const V al = ld<P>(alpha + k * C + c, n), de = ld<P>(delta + k * C + c, n);
       for (int p = 0; p < NP; ++p) ys[p] += t[k][p] * math::normalize_term(xs[p], al, de);
     }
-  });
+  }, nt);
 }
 
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_row_fixed(const S* x, S* y, int64_t C, const acc_t* al,
-                                           const acc_t* de) {
+                                           const acc_t* de, bool nt) {
   for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
     constexpr int P = decltype(span)::value;
-    st<P>(y + c, math::normalize_term(ld<P>(x + c, n), ld<P>(al + c, n), ld<P>(de + c, n)), n);
+    st<P>(y + c, math::normalize_term(ld<P>(x + c, n), ld<P>(al + c, n), ld<P>(de + c, n)), n,
+          nt);
   });
 }
 
@@ -1098,7 +1153,8 @@ C10_ALWAYS_INLINE void normalize_row_fixed(const S* x, S* y, int64_t C, const ac
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_interleaved_rows(const S* x, S* y, int64_t n, int64_t C,
                                                   int64_t K, const acc_t* tj,
-                                                  const acc_t* alpha, const acc_t* delta) {
+                                                  const acc_t* alpha, const acc_t* delta,
+                                                  bool nt) {
   constexpr int KM = KS ? KS : 1;
   int64_t j = 0;
   if constexpr (KS != 0) {
@@ -1108,13 +1164,13 @@ C10_ALWAYS_INLINE void normalize_interleaved_rows(const S* x, S* y, int64_t n, i
         t[k][0] = tj[j * K + k];
         t[k][1] = tj[(j + 1) * K + k];
       }
-      normalize_rows<2, KS>(x + j * C, y + j * C, C, K, t, alpha, delta);
+      normalize_rows<2, KS>(x + j * C, y + j * C, C, K, t, alpha, delta, nt);
     }
   }
   for (; j < n; ++j) {
     // any K: one row, its responsibilities read as a K x 1 array
     normalize_rows<1, KS>(x + j * C, y + j * C, C, K,
-                          reinterpret_cast<const acc_t(*)[1]>(tj + j * K), alpha, delta);
+                          reinterpret_cast<const acc_t(*)[1]>(tj + j * K), alpha, delta, nt);
   }
 }
 
@@ -1123,7 +1179,7 @@ C10_ALWAYS_INLINE void normalize_interleaved_rows(const S* x, S* y, int64_t n, i
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_planar_row(const S* x, S* y, int64_t len, int64_t Kd,
                                             const acc_t* const* t, const acc_t* al,
-                                            const acc_t* de) {
+                                            const acc_t* de, bool nt) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   auto value = [&](auto span, int64_t s, int64_t n) {
@@ -1134,20 +1190,20 @@ C10_ALWAYS_INLINE void normalize_planar_row(const S* x, S* y, int64_t len, int64
       y0 += ld<P>(t[k] + s, n) * math::normalize_term(x0, al[k], de[k]);
     return y0;
   };
-  store_row<acc_t>(y, len, value);
+  store_row<acc_t>(y, len, value, nt);
 }
 
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_planar_row_fixed(const S* x, S* y, int64_t len, acc_t al,
-                                                  acc_t de) {
+                                                  acc_t de, bool nt) {
   for_row<acc_t>(len, [&](auto span, int64_t s, int64_t n) {
     constexpr int P = decltype(span)::value;
-    st<P>(y + s, math::normalize_term(ld<P>(x + s, n), al, de), n);
+    st<P>(y + s, math::normalize_term(ld<P>(x + s, n), al, de), n, nt);
   });
 }
 
 // Planar tile: y from x and the tile's tau rows (soft) or one component per segment.
-template <int KS, typename S, typename acc_t>
+template <int KS, bool nt, typename S, typename acc_t>
 void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_t nseg,
                       int64_t len, int64_t C, int64_t K, const int64_t* kfix,
                       const acc_t* alpha, const acc_t* delta, acc_t* coef,
@@ -1157,7 +1213,7 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
       const acc_t* al = alpha + kfix[seg] * C;
       const acc_t* de = delta + kfix[seg] * C;
       for (int64_t c = 0; c < C; ++c)
-        normalize_planar_row_fixed(xv.row(seg, c), yv.row(seg, c), len, al[c], de[c]);
+        normalize_planar_row_fixed(xv.row(seg, c), yv.row(seg, c), len, al[c], de[c], nt);
       continue;
     }
     for (int64_t k = 0; k < K; ++k) rows[k] = tv.row(seg, k);
@@ -1166,7 +1222,8 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
         coef[k] = alpha[k * C + c];
         coef[K + k] = delta[k * C + c];
       }
-      normalize_planar_row<KS>(xv.row(seg, c), yv.row(seg, c), len, K, rows, coef, coef + K);
+      normalize_planar_row<KS>(xv.row(seg, c), yv.row(seg, c), len, K, rows, coef, coef + K,
+                               nt);
     }
   }
 }
@@ -1314,7 +1371,8 @@ C10_ALWAYS_INLINE void dtau_row(const S* x, const S* gr, int64_t C, int64_t k0,
 // Interleaved: dx of NP rows, soft responsibilities t[k][p] and dl[k][p].
 template <int NP, int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_t Kd,
-                               const acc_t (*t)[NP], const acc_t (*dl)[NP], DxPtrs<acc_t> cf) {
+                               const acc_t (*t)[NP], const acc_t (*dl)[NP], DxPtrs<acc_t> cf,
+                               bool nt) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   store_rows<NP, acc_t>(dx, C, [&](auto span, int64_t c, int64_t n, V (&out)[NP]) {
@@ -1333,14 +1391,14 @@ C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_
                                  E[p]);
     }
     for (int p = 0; p < NP; ++p) out[p] = ld<P>(gr + p * C + c, n) * A[p] + E[p];
-  });
+  }, nt);
 }
 
 // Interleaved: dx of one row with a single component (given groups, K = 1), on the
 // component's own mean: alpha g + e1 + p (x - mean).
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_row_fixed(const S* x, const S* gr, S* dx, int64_t C, int64_t o,
-                                    DxPtrs<acc_t> cf) {
+                                    DxPtrs<acc_t> cf, bool nt) {
   using V = Vec<acc_t>;
   for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
     constexpr int P = decltype(span)::value;
@@ -1350,7 +1408,7 @@ C10_ALWAYS_INLINE void dx_row_fixed(const S* x, const S* gr, S* dx, int64_t C, i
     st<P>(dx + c,
           math::dx_combine(ld<P>(gr + c, n), ld<P>(x + c, n) - ld<P>(cf.mean + o + c, n), A, B,
                            E),
-          n);
+          n, nt);
   });
 }
 
@@ -1363,12 +1421,12 @@ template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t n, int64_t C,
                                         int64_t K, const acc_t* tj, DtauPtrs<acc_t> dcf,
                                         DxPtrs<acc_t> xcf, acc_t (*t)[kW<acc_t>],
-                                        acc_t (*d)[kW<acc_t>], acc_t* ts, acc_t* ds) {
+                                        acc_t (*d)[kW<acc_t>], acc_t* ts, acc_t* ds, bool nt) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
   for (int64_t k = 0; k < K; ++k)
     for (int64_t p = 0; p < W; ++p) t[k][p] = p < n ? tj[p * K + k] : acc_t(0);
-  for_component_pairs(K, [&](auto kbc, int64_t k0) {
+  for_component_pairs(K, [&](auto kbc, int64_t k0) __attribute__((always_inline)) {
     constexpr int KB = decltype(kbc)::value;
     V s[KB];
     group_sums<KB>(n, s, [&](int64_t p, V(&tot)[KB]) __attribute__((always_inline)) {
@@ -1388,7 +1446,7 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
         tr[k][0] = t[k][p];
         dr[k][0] = d[k][p];
       }
-      dx_rows<1, KS>(x + p * C, gr + p * C, dx + p * C, C, K, tr, dr, xcf);
+      dx_rows<1, KS>(x + p * C, gr + p * C, dx + p * C, C, K, tr, dr, xcf, nt);
     } else {
       // any K: the row's values as K x 1 arrays in ts, ds (scratch of K values each)
       for (int64_t k = 0; k < K; ++k) {
@@ -1397,7 +1455,7 @@ C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t 
       }
       dx_rows<1, 0>(x + p * C, gr + p * C, dx + p * C, C, K,
                     reinterpret_cast<const acc_t(*)[1]>(ts),
-                    reinterpret_cast<const acc_t(*)[1]>(ds), xcf);
+                    reinterpret_cast<const acc_t(*)[1]>(ds), xcf, nt);
     }
   }
 }
@@ -1480,7 +1538,7 @@ void dl_planar(View<const S> xv, View<const S> gv, View<const acc_t> tv, int64_t
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t len,
                                      int64_t Kd, const acc_t* const* t, const acc_t* const* d,
-                                     const Vec<acc_t>* coef) {
+                                     const Vec<acc_t>* coef, bool nt) {
   using V = Vec<acc_t>;
   const int64_t K = KS ? KS : Kd;
   auto value = [&](auto span, int64_t s, int64_t n) {
@@ -1494,10 +1552,10 @@ C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t l
     }
     return ld<P>(grr + s, n) * A + E;
   };
-  store_row<acc_t>(dr, len, value);
+  store_row<acc_t>(dr, len, value, nt);
 }
 
-template <int KS, typename S, typename acc_t>
+template <int KS, bool nt, typename S, typename acc_t>
 void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t> tv,
                int64_t nseg, int64_t len, int64_t C, int64_t K, const acc_t* dl,
                const int64_t* kfix, DxPtrs<acc_t> cf, Vec<acc_t>* coef, const acc_t** rows) {
@@ -1521,7 +1579,8 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
           constexpr int P = decltype(span)::value;
           V A = {}, B = {}, E = {};
           math::dx_accumulate(acc_t(1), al, p, e1, A, B, E);
-          st<P>(dr + s, math::dx_combine(ld<P>(grr + s, n), ld<P>(xr + s, n) - m, A, B, E), n);
+          st<P>(dr + s, math::dx_combine(ld<P>(grr + s, n), ld<P>(xr + s, n) - m, A, B, E), n,
+                nt);
         });
         continue;
       }
@@ -1534,14 +1593,23 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
         coef[6 * k + 4] = vsplat(cf.a[o]);
         coef[6 * k + 5] = vsplat(cf.mu[o]);
       }
-      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef);
+      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef, nt);
     }
   }
 }
 
+// The tiles in parallel. stream: f wrote non-temporal stores (vstore's nt), which are
+// weakly ordered: each thread fences them before its part counts as done.
 template <typename F>
-void for_each_tile(const TilePlan& plan, F&& f) {
-  at::parallel_for(0, plan.num_tiles, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
+void for_each_tile(const TilePlan& plan, F&& f, bool stream = false) {
+  at::parallel_for(0, plan.num_tiles, 1, [&](int64_t begin, int64_t end) {
+    f(begin, end);
+#if defined(CBN_CPU_AVX2)
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1622,7 +1690,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
 }
 
 // Training: y from the batch statistics (alpha, delta) and the forward's tau.
-template <int KS, typename S, typename A>
+template <int KS, bool NT, typename S, typename A>
 void normalize_mixture_kernel(const NormalizeArgs& a) {
   const Geometry g = a.geo;
   const TilePlan plan = a.plan;
@@ -1634,6 +1702,7 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
   const auto* alpha = static_cast<const A*>(a.alpha);
   const auto* delta = static_cast<const A*>(a.delta);
   const int64_t* groups = a.groups;
+  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<A> coef(2 * K);
@@ -1650,21 +1719,22 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
         S* yt = y + tl.p0 * C;
         if (kf != nullptr) {
           for (int64_t j = 0; j < tl.T; ++j)
-            normalize_row_fixed(xt + j * C, yt + j * C, C, alpha + kf[j] * C, delta + kf[j] * C);
+            normalize_row_fixed(xt + j * C, yt + j * C, C, alpha + kf[j] * C, delta + kf[j] * C,
+                                nt);
         } else {
-          normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tau + tl.p0 * K, alpha, delta);
+          normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tau + tl.p0 * K, alpha, delta, nt);
         }
         continue;
       }
       const View<const A> tv = kf ? View<const A>{} : planar_tau(g, tl, K, tau);
-      normalize_planar<KS>(planar_view(g, tl, x), planar_view(g, tl, y), tv, tl.nseg, tl.len, C,
-                           K, kf, alpha, delta, coef.get(), rows.get());
+      normalize_planar<KS, NT>(planar_view(g, tl, x), planar_view(g, tl, y), tv, tl.nseg, tl.len,
+                               C, K, kf, alpha, delta, coef.get(), rows.get());
     }
-  });
+  }, nt);
 }
 
 // Evaluation: E-step (soft) and normalization in one pass over each tile.
-template <int KS, typename S, typename A>
+template <int KS, bool NT, typename S, typename A>
 void estep_normalize_kernel(const NormalizeArgs& a) {
   const Geometry g = a.geo;
   const TilePlan plan = a.plan;
@@ -1678,6 +1748,7 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
   const auto* ha = static_cast<const A*>(a.half_a);
   const auto* b = static_cast<const A*>(a.b);
   constexpr int64_t W = kW<A>;
+  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
     Scratch<A> coef(2 * K);
@@ -1700,23 +1771,26 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
           for (int64_t j = 0; j < n; ++j)
             for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
         }
-        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta);
+        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, nt);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x);
       const View<S> yv = planar_view(g, tl, y);
       const View<A> tv = planar_tau(g, tl, K, tau);
       responsibilities_planar(xv, tv, tl.nseg, tl.len, C, K, mu, ha, b, lanes.get());
-      normalize_planar<KS>(xv, yv, View<const A>{tv.base, tv.seg_stride, tv.c_stride}, tl.nseg,
-                           tl.len, C, K, nullptr, alpha, delta, coef.get(), rows.get());
+      normalize_planar<KS, NT>(xv, yv, View<const A>{tv.base, tv.seg_stride, tv.c_stride},
+                               tl.nseg, tl.len, C, K, nullptr, alpha, delta, coef.get(),
+                               rows.get());
     }
-  });
+  }, nt);
 }
 
 template <typename S, typename A>
 void normalize_mixture_impl(const NormalizeArgs& a, bool estep) {
   if (estep && a.resp == Resp::kSoft) {
-    with_small_K(a.K, [&](auto kc) { estep_normalize_kernel<decltype(kc)::value, S, A>(a); });
+    with_small_K_stream(a.K, a.stream, [&](auto kc, auto ntc) {
+      estep_normalize_kernel<decltype(kc)::value, decltype(ntc)::value, S, A>(a);
+    });
     return;
   }
   // evaluation with given (or single) responsibilities: tau as in training, then y
@@ -1737,7 +1811,9 @@ void normalize_mixture_impl(const NormalizeArgs& a, bool estep) {
       }
     });
   }
-  with_small_K(a.K, [&](auto kc) { normalize_mixture_kernel<decltype(kc)::value, S, A>(a); });
+  with_small_K_stream(a.K, a.stream, [&](auto kc, auto ntc) {
+    normalize_mixture_kernel<decltype(kc)::value, decltype(ntc)::value, S, A>(a);
+  });
 }
 
 template <typename S, typename A>
@@ -1791,7 +1867,7 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
   });
 }
 
-template <int KS, typename S, typename A>
+template <int KS, bool NT, typename S, typename A>
 void mixture_grad_input_kernel(const GradInputArgs& a) {
   const Geometry g = a.geo;
   const TilePlan plan = a.plan;
@@ -1825,6 +1901,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   }
   const A* const pc = pco.get();
   constexpr int64_t W = kW<A>;
+  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(planar_soft ? K * maxT : 0);
     Scratch<A> tdl(2 * K * (W + 1));  // interleaved: tau and dl of W positions, and of one
@@ -1848,7 +1925,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
         S* dt = dx + tl.p0 * C;
         if (kf != nullptr) {
           for (int64_t j = 0; j < tl.T; ++j)
-            dx_row_fixed(xt + j * C, gt + j * C, dt + j * C, C, kf[j] * C, xcf);
+            dx_row_fixed(xt + j * C, gt + j * C, dt + j * C, C, kf[j] * C, xcf, nt);
           continue;
         }
         const A* tt = tau + tl.p0 * K;
@@ -1858,22 +1935,24 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
         for (int64_t j = 0; j < tl.T; j += W)
           grad_input_group<KS>(xt + j * C, gt + j * C, dt + j * C, std::min(W, tl.T - j), C, K,
                                tt + j * K, dcf, xcf, tg, tg + K, tdl.get() + 2 * K * W,
-                               tdl.get() + 2 * K * W + K);
+                               tdl.get() + 2 * K * W + K, nt);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x), gv = planar_view(g, tl, gr);
       const View<S> dv = planar_view(g, tl, dx);
       const View<const A> tv = soft ? planar_tau(g, tl, K, tau) : View<const A>{};
       if (soft) dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, dcf.ev, dl.get(), lanes.get());
-      dx_planar<KS>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
-                    rows.get());
+      dx_planar<KS, NT>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
+                        rows.get());
     }
-  });
+  }, nt);
 }
 
 template <typename S, typename A>
 void mixture_grad_input_impl(const GradInputArgs& a) {
-  with_small_K(a.K, [&](auto kc) { mixture_grad_input_kernel<decltype(kc)::value, S, A>(a); });
+  with_small_K_stream(a.K, a.stream, [&](auto kc, auto ntc) {
+    mixture_grad_input_kernel<decltype(kc)::value, decltype(ntc)::value, S, A>(a);
+  });
 }
 
 template <template <typename, typename> class F, typename Args, typename... Extra>
