@@ -181,8 +181,9 @@ int64_t last_level_cache_bytes() {
 // leave the caches to the inputs. The size of the last-level cache, or
 // CBN_EXT_STREAM_MIN_BYTES (bytes; negative: never), read once; below it an output would
 // still be in the cache for the next layer. Never where the size is unknown.
-// In-process A/B against ordinary stores, 2 cores (Zen 4, 32 MiB L3), 2026-11-29:
-// float32 evaluation, 64 x 64 x 56 x 56 (51 MB), K = 2, 16-18 % faster in both layouts;
+// A/B against ordinary stores (alternating processes, medians of 5-8 rounds), 2 cores
+// (Zen 4, 32 MiB L3), 2026-11-29/30: float32 evaluation, 64 x 64 x 56 x 56 (51 MB),
+// K = 2, 12-21 % faster in both layouts;
 // bfloat16 at that shape (26 MB) made no faster with the threshold lowered; 64 x 256 x
 // 14 x 14 float32 (13 MB, cache resident) streamed for a test: 2.3x slower.
 int64_t stream_threshold() {
