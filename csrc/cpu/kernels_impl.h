@@ -242,7 +242,7 @@ C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f, bool nt = false) {
 // Two vectors of floats to 16 consecutive bfloat16 values. With AVX2: both rounded, then
 // one pack, one permute and one 32-byte store (in place of two of each and two 16-byte
 // stores).
-C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b, bool nt = false) {
+C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b, bool nt) {
 #if defined(CBN_CPU_AVX2)
   __m256i wa, wb;
   const U32x8 ra = bf16_bits(a), rb = bf16_bits(b);
@@ -1203,7 +1203,7 @@ C10_ALWAYS_INLINE void normalize_planar_row_fixed(const S* x, S* y, int64_t len,
 }
 
 // Planar tile: y from x and the tile's tau rows (soft) or one component per segment.
-template <int KS, bool nt, typename S, typename acc_t>
+template <int KS, bool NT, typename S, typename acc_t>
 void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_t nseg,
                       int64_t len, int64_t C, int64_t K, const int64_t* kfix,
                       const acc_t* alpha, const acc_t* delta, acc_t* coef,
@@ -1213,7 +1213,7 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
       const acc_t* al = alpha + kfix[seg] * C;
       const acc_t* de = delta + kfix[seg] * C;
       for (int64_t c = 0; c < C; ++c)
-        normalize_planar_row_fixed(xv.row(seg, c), yv.row(seg, c), len, al[c], de[c], nt);
+        normalize_planar_row_fixed(xv.row(seg, c), yv.row(seg, c), len, al[c], de[c], NT);
       continue;
     }
     for (int64_t k = 0; k < K; ++k) rows[k] = tv.row(seg, k);
@@ -1223,7 +1223,7 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
         coef[K + k] = delta[k * C + c];
       }
       normalize_planar_row<KS>(xv.row(seg, c), yv.row(seg, c), len, K, rows, coef, coef + K,
-                               nt);
+                               NT);
     }
   }
 }
@@ -1555,7 +1555,7 @@ C10_ALWAYS_INLINE void dx_planar_row(const S* xr, const S* grr, S* dr, int64_t l
   store_row<acc_t>(dr, len, value, nt);
 }
 
-template <int KS, bool nt, typename S, typename acc_t>
+template <int KS, bool NT, typename S, typename acc_t>
 void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t> tv,
                int64_t nseg, int64_t len, int64_t C, int64_t K, const acc_t* dl,
                const int64_t* kfix, DxPtrs<acc_t> cf, Vec<acc_t>* coef, const acc_t** rows) {
@@ -1580,7 +1580,7 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
           V A = {}, B = {}, E = {};
           math::dx_accumulate(acc_t(1), al, p, e1, A, B, E);
           st<P>(dr + s, math::dx_combine(ld<P>(grr + s, n), ld<P>(xr + s, n) - m, A, B, E), n,
-                nt);
+                NT);
         });
         continue;
       }
@@ -1593,7 +1593,7 @@ void dx_planar(View<const S> xv, View<const S> gv, View<S> dv, View<const acc_t>
         coef[6 * k + 4] = vsplat(cf.a[o]);
         coef[6 * k + 5] = vsplat(cf.mu[o]);
       }
-      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef, nt);
+      dx_planar_row<KS>(xr, grr, dr, len, K, rows, rows + K, coef, NT);
     }
   }
 }
@@ -1702,7 +1702,6 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
   const auto* alpha = static_cast<const A*>(a.alpha);
   const auto* delta = static_cast<const A*>(a.delta);
   const int64_t* groups = a.groups;
-  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<int64_t> kfix(fixed_count(g, plan));
     Scratch<A> coef(2 * K);
@@ -1720,9 +1719,9 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
         if (kf != nullptr) {
           for (int64_t j = 0; j < tl.T; ++j)
             normalize_row_fixed(xt + j * C, yt + j * C, C, alpha + kf[j] * C, delta + kf[j] * C,
-                                nt);
+                                NT);
         } else {
-          normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tau + tl.p0 * K, alpha, delta, nt);
+          normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tau + tl.p0 * K, alpha, delta, NT);
         }
         continue;
       }
@@ -1730,7 +1729,7 @@ void normalize_mixture_kernel(const NormalizeArgs& a) {
       normalize_planar<KS, NT>(planar_view(g, tl, x), planar_view(g, tl, y), tv, tl.nseg, tl.len,
                                C, K, kf, alpha, delta, coef.get(), rows.get());
     }
-  }, nt);
+  }, NT);
 }
 
 // Evaluation: E-step (soft) and normalization in one pass over each tile.
@@ -1748,7 +1747,6 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
   const auto* ha = static_cast<const A*>(a.half_a);
   const auto* b = static_cast<const A*>(a.b);
   constexpr int64_t W = kW<A>;
-  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
     Scratch<A> coef(2 * K);
@@ -1771,7 +1769,7 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
           for (int64_t j = 0; j < n; ++j)
             for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
         }
-        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, nt);
+        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, NT);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x);
@@ -1782,7 +1780,7 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
                                tl.nseg, tl.len, C, K, nullptr, alpha, delta, coef.get(),
                                rows.get());
     }
-  }, nt);
+  }, NT);
 }
 
 template <typename S, typename A>
@@ -1901,7 +1899,6 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   }
   const A* const pc = pco.get();
   constexpr int64_t W = kW<A>;
-  constexpr bool nt = NT;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<A> dl(planar_soft ? K * maxT : 0);
     Scratch<A> tdl(2 * K * (W + 1));  // interleaved: tau and dl of W positions, and of one
@@ -1925,7 +1922,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
         S* dt = dx + tl.p0 * C;
         if (kf != nullptr) {
           for (int64_t j = 0; j < tl.T; ++j)
-            dx_row_fixed(xt + j * C, gt + j * C, dt + j * C, C, kf[j] * C, xcf, nt);
+            dx_row_fixed(xt + j * C, gt + j * C, dt + j * C, C, kf[j] * C, xcf, NT);
           continue;
         }
         const A* tt = tau + tl.p0 * K;
@@ -1935,7 +1932,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
         for (int64_t j = 0; j < tl.T; j += W)
           grad_input_group<KS>(xt + j * C, gt + j * C, dt + j * C, std::min(W, tl.T - j), C, K,
                                tt + j * K, dcf, xcf, tg, tg + K, tdl.get() + 2 * K * W,
-                               tdl.get() + 2 * K * W + K, nt);
+                               tdl.get() + 2 * K * W + K, NT);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x), gv = planar_view(g, tl, gr);
@@ -1945,7 +1942,7 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
       dx_planar<KS, NT>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
                         rows.get());
     }
-  }, nt);
+  }, NT);
 }
 
 template <typename S, typename A>
