@@ -27,8 +27,9 @@ def build_info() -> dict:
     """What the compiled extension contains: ``{"cpu": True, "cuda": bool, "torch": str,
     "cuda_version": str | None, "cuda_archs": str | None, "cpu_isa": str,
     "cpu_stream_min_bytes": int | None, "cuda_emulation": bool}``; ``cpu_isa``
-    is the instruction set of the CPU kernels chosen for this processor ("avx2" or
-    "baseline"); ``cpu_stream_min_bytes``: the AVX2 CPU kernels write outputs (y, dx) of
+    is the instruction set of the CPU kernels chosen for this processor ("avx512",
+    "avx2" or "baseline"; the environment variable ``CBN_EXT_CPU_ISA`` caps it);
+    ``cpu_stream_min_bytes``: the AVX2 and AVX-512 CPU kernels write outputs (y, dx) of
     at least this many bytes whose rows are whole cache lines by non-temporal stores (the
     last-level cache's size, or the environment variable ``CBN_EXT_STREAM_MIN_BYTES``, read
     once per process; None: never); ``cuda_emulation``:

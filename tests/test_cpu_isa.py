@@ -1,7 +1,9 @@
-"""The CPU kernels exist in two builds, the compiler's default instruction set and
-AVX2+FMA, chosen at run time. Both must be right, and the AVX2 code must stay inside its
-own functions (else a machine without AVX2 could run it)."""
+"""The CPU kernels exist in three builds, the compiler's default instruction set,
+AVX2+FMA, and AVX2+FMA with AVX-512 (F, VL, BW, DQ, BF16), the best one the processor has
+chosen at run time (CBN_EXT_CPU_ISA caps it). Each must be right, and the AVX2 and AVX-512
+code must stay inside its own functions (else a machine without them could run it)."""
 
+import functools
 import os
 import re
 import shutil
@@ -10,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import cbn_ext
 
@@ -20,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import cbn_ext
     from conftest import Fc, R, TOL, compare, make_stable_case, run
-    assert cbn_ext.build_info()["cpu_isa"] == "baseline", cbn_ext.build_info()
+    assert cbn_ext.build_info()["cpu_isa"] == {isa!r}, cbn_ext.build_info()
     for shape, layout in [((64, 13), False), ((4, 10, 5, 7), False), ((4, 10, 5, 7), True),
                           ((3, 64, 9, 9), True)]:
         for K in (1, 2, 3):
@@ -30,7 +33,7 @@ SCRIPT = textwrap.dedent("""
                     ours = run(Fc.compound_batch_norm, case, training)
                     ref = run(R.compound_batch_norm, case, training, dtype=torch.float64)
                     compare(ours, ref, TOL[dtype])
-    print("baseline ok")
+    print({isa!r}, "ok")
 """)
 
 # Half-precision conversions of non-finite values: the same bits from both builds (and
@@ -58,15 +61,45 @@ NONFINITE = textwrap.dedent("""
 """)
 
 
-def test_nonfinite_half_values_same_bits_in_both_builds():
-    env = dict(os.environ, CBN_EXT_CPU_ISA="baseline")
-    base = subprocess.run([sys.executable, "-c", NONFINITE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert base.returncode == 0, base.stdout + base.stderr
-    here = subprocess.run([sys.executable, "-c", NONFINITE], capture_output=True, text=True,
-                          timeout=300)
-    assert here.returncode == 0, here.stdout + here.stderr
-    a, b = eval(base.stdout), eval(here.stdout)
+# The builds this processor runs (the in-process one, unless CBN_EXT_CPU_ISA caps it, is
+# the best of them).
+_ORDER = ("baseline", "avx2", "avx512")
+
+
+@functools.lru_cache(maxsize=None)
+def _available():
+    probe = subprocess.run([sys.executable, "-c",
+                            "import cbn_ext; print(cbn_ext.build_info()['cpu_isa'])"],
+                           env=_env(None), capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    best = probe.stdout.strip()
+    return _ORDER[:_ORDER.index(best) + 1]
+
+
+def _env(isa):
+    env = dict(os.environ)
+    env.pop("CBN_EXT_CPU_ISA", None)
+    if isa is not None:
+        env["CBN_EXT_CPU_ISA"] = isa
+    return env
+
+
+def _need(isa):
+    if isa not in _available():
+        pytest.skip(f"this processor does not run the {isa} kernels")
+
+
+def _run_script(code, isa):
+    out = subprocess.run([sys.executable, "-c", code], env=_env(isa), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_nonfinite_half_values_same_bits_in_every_build(isa):
+    _need(isa)
+    a, b = eval(_run_script(NONFINITE, "baseline")), eval(_run_script(NONFINITE, isa))
     # the finite values may differ in their last bits (FMA in one build only); the
     # non-finite ones, where they are and their bits, may not
     for i, (ra, rb) in enumerate(zip(a, b)):
@@ -79,34 +112,148 @@ def test_nonfinite_half_values_same_bits_in_both_builds():
     assert all((v & 0x7FFF) == 0x7E00 for v in f16_nans), sorted(set(f16_nans))
 
 
-def test_baseline_kernels_match_reference():
-    env = dict(os.environ, CBN_EXT_CPU_ISA="baseline")
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(here=HERE)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "baseline ok" in out.stdout
+@pytest.mark.parametrize("isa", list(_ORDER))
+def test_kernels_of_each_build_match_reference(isa):
+    _need(isa)
+    assert f"{isa} ok" in _run_script(SCRIPT.format(here=HERE, isa=isa), isa)
+
+
+# The AVX-512 build is the AVX2 code with EVEX encodings and vcvtneps2bf16, which flushes
+# denormals and keeps NaN payloads (kernels_impl.h takes bf16_bits for such vectors): its
+# results must be the AVX2 build's, bit for bit: on ordinary data (every bfloat16 y and dx
+# through vstore and vstore2's fast path), and on outputs that are denormal, infinite or
+# NaN (NaNs in x at evaluation only: in training one NaN makes the whole batch NaN).
+SAME_BITS = textwrap.dedent("""
+    import dataclasses, sys, torch
+    sys.path.insert(0, {here!r})
+    from conftest import Fc, make_stable_case, run
+    out = []
+    for shape, cl in [((5, 24, 9, 7), False), ((5, 24, 9, 7), True), ((70, 40), False),
+                      ((2, 64, 8, 8), False), ((2, 64, 8, 8), True)]:
+        for K in (1, 2, 3):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for training in (True, False):
+                    for kind in ("plain", "nan", "tiny", "huge"):
+                        if kind == "nan" and (training or dtype == torch.float32):
+                            continue
+                        case = make_stable_case(shape, K, dtype, channels_last=cl, seed=K)
+                        # tiny gamma and beta: denormal outputs; huge: overflow to infinity
+                        scale = {{"tiny": 1e-39, "huge": 3e38}}.get(kind, 1.0)
+                        case.weight = case.weight * scale
+                        case.bias = case.bias * scale
+                        if kind == "nan":
+                            x = case.x.detach()
+                            flat = x.as_strided((x.numel(),), (1,))  # dense: all of x
+                            flat[::101] = float("nan")  # NaN with c10's bits
+                            flat.view(torch.int16)[7::151] = 0x7FA1  # NaNs with a payload
+                        res = run(Fc.compound_batch_norm, case, training)
+                        for f in dataclasses.fields(res):
+                            t = getattr(res, f.name)
+                            if t is not None and t.dim() > 0:
+                                out.append((kind, f.name, t.detach().contiguous()))
+    torch.save(out, {path!r})
+    print("saved", len(out))
+""")
+
+
+def test_avx512_build_same_bits_as_avx2_build(tmp_path):
+    _need("avx512")
+    runs = {}
+    for isa in ("avx2", "avx512"):
+        path = str(tmp_path / f"{isa}.pt")
+        assert "saved" in _run_script(SAME_BITS.format(here=HERE, path=path), isa)
+        runs[isa] = torch.load(path)
+    a, b = runs["avx2"], runs["avx512"]
+    assert len(a) == len(b) > 0
+    seen = {"finite": 0, "denormal": 0, "inf": 0, "nan": 0}
+    for i, ((ka, na, ta), (kb, nb, tb)) in enumerate(zip(a, b)):
+        assert (ka, na, ta.dtype, ta.shape) == (kb, nb, tb.dtype, tb.shape), i
+        if ta.element_size() == 2:
+            # half precision: the bits, NaNs included (c10 writes one NaN)
+            same = ta.view(torch.int16) == tb.view(torch.int16)
+        else:
+            # a float NaN's payload is whichever operand's NaN the hardware propagated
+            # (the order of an FMA's operands, say): NaN in both counts as the same
+            same = (ta == tb) | (ta.isnan() & tb.isnan())
+            same &= (torch.signbit(ta) == torch.signbit(tb)) | ta.isnan()  # -0.0, +0.0
+        assert bool(same.all()), (ka, na, ta.dtype, i, int((~same).sum()))
+        if ta.dtype == torch.bfloat16 and na in ("y", "dx"):
+            v = ta.view(torch.int16).int()
+            e, m = v & 0x7F80, v & 0x7F
+            seen["finite"] += int(((e != 0x7F80) & (e != 0)).sum())
+            seen["denormal"] += int(((e == 0) & (m != 0)).sum())
+            seen["inf"] += int(((e == 0x7F80) & (m == 0)).sum())
+            seen["nan"] += int(((e == 0x7F80) & (m != 0)).sum())
+    assert all(seen.values()), seen
+
+
+def test_unknown_cpu_isa_is_a_clear_error():
+    code = textwrap.dedent("""
+        import torch, cbn_ext
+        print(cbn_ext.build_info()["cpu_isa"])  # no error here
+        try:
+            cbn_ext.CompoundBatchNorm2d(4, 2)(torch.randn(2, 4, 3, 3))
+        except RuntimeError as e:
+            print("error:", e)
+    """)
+    out = _run_script(code, "avx3")
+    assert "error: cbn_ext: CBN_EXT_CPU_ISA must be 'baseline', 'avx2' or 'avx512'" in out, out
+    assert "got 'avx3'" in out, out
+
+
+# An EVEX-encoded (AVX-512) instruction starts with the byte 0x62 (in 64-bit mode; after
+# an address-size or segment prefix, if any).
+def _evex(raw):
+    b = raw.split()
+    while b and b[0] in ("67", "26", "2e", "36", "3e", "64", "65"):
+        b = b[1:]
+    return bool(b) and b[0] == "62"
+
+
+AVX = re.compile(r"%ymm|%zmm|vfmadd|vfnmadd|vfmsub")
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
-def test_avx2_code_stays_in_its_namespace():
+def test_avx_code_stays_in_its_namespaces():
     """Every function of the library that uses AVX (ymm registers) or FMA belongs to the
-    AVX2 build of the kernels (cbn_ext::cpu::avx2)."""
-    if cbn_ext.build_info()["cpu_isa"] != "avx2" and sys.platform != "linux":
+    AVX2 or AVX-512 build of the kernels (cbn_ext::cpu::avx2, cbn_ext::cpu::avx512), and
+    every one with an EVEX-encoded (AVX-512) instruction to the AVX-512 build; and the
+    AVX-512 build computes nothing in 64-byte registers (its vectors are 32 bytes)."""
+    if sys.platform != "linux":
         pytest.skip("no AVX2 kernels on this platform")
     so = cbn_ext._C.__file__
-    dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True,
-                         text=True, check=True).stdout
+    dis = subprocess.run(["objdump", "-d", "-C", "-w", so], capture_output=True, text=True,
+                         check=True).stdout
     func = None
-    offenders, avx2_funcs = set(), 0
+    avx_offenders, evex_offenders, zmm = set(), set(), set()
+    found = {"avx2": 0, "avx512": 0, "avx512 evex": 0}
     for line in dis.splitlines():
         m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if m:
             func = m.group(1)
             continue
-        if func and (re.search(r"%ymm|vfmadd|vfnmadd|vfmsub", line)):
-            if "cbn_ext::cpu::avx2::" in func:
-                avx2_funcs += 1
-            elif not func.startswith("cbn_ext::cpu::avx2"):
-                offenders.add(func)
-    assert avx2_funcs > 0, "the AVX2 kernels were not found"
-    assert not offenders, f"AVX2 instructions outside the AVX2 kernels: {sorted(offenders)[:10]}"
+        parts = line.split("\t")
+        if not func or len(parts) < 3:
+            continue
+        raw, insn = parts[1], parts[2]
+        ns = ("avx512" if "cbn_ext::cpu::avx512::" in func
+              else "avx2" if "cbn_ext::cpu::avx2::" in func else None)
+        if _evex(raw):
+            if ns == "avx512":
+                found["avx512 evex"] += 1
+            else:
+                evex_offenders.add(func)
+        if "%zmm" in insn and not re.match(r"\s*vmovdq[au](8|16|32|64)\b", insn):
+            zmm.add(func)  # a 64-byte move (GCC's copies of small arrays) is no vector code
+        if AVX.search(insn):
+            if ns is None:
+                avx_offenders.add(func)
+            else:
+                found[ns] += 1
+    assert found["avx2"] > 0, "the AVX2 kernels were not found"
+    if "avx512" in _available():
+        assert found["avx512"] > 0 and found["avx512 evex"] > 0, found
+    assert not avx_offenders, f"AVX instructions outside the AVX kernels: {sorted(avx_offenders)[:10]}"
+    assert not evex_offenders, (
+        f"AVX-512 instructions outside the AVX-512 kernels: {sorted(evex_offenders)[:10]}")
+    assert not zmm, f"64-byte vector code in: {sorted(zmm)[:10]}"

@@ -301,7 +301,7 @@ def test_build_info():
     info = cbn_ext.build_info()
     assert info["cpu"] is True and isinstance(info["cuda"], bool)
     assert info["torch"].split(".")[:2] == torch.__version__.split(".")[:2]
-    assert info["cpu_isa"] in ("avx2", "baseline")
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
 
 
 # ---------------------------------------------------------------------------------------

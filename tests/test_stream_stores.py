@@ -1,10 +1,11 @@
 """Non-temporal stores of large outputs (csrc/cpu/cbn_cpu.cpp, stream_output): the AVX2
-CPU kernels write y and dx that are at least `cpu_stream_min_bytes` long, and whose rows
+and AVX-512 CPU kernels write y and dx that are at least `cpu_stream_min_bytes` long, and whose rows
 are whole cache lines, by streaming stores. They must write the same bits as ordinary
 stores, at any thread count. The threshold is read once per process
 (CBN_EXT_STREAM_MIN_BYTES), so each setting runs in a process of its own: 0 streams every
 output whose rows allow it, -1 none; cbn_ext._C._stream_count() says how many were."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ SCRIPT = textwrap.dedent("""
     import cbn_ext
     from conftest import Fc, make_stable_case, run
     assert cbn_ext.build_info()["cpu_stream_min_bytes"] == {expect}, cbn_ext.build_info()
+    assert {isa!r} is None or cbn_ext.build_info()["cpu_isa"] == {isa!r}, cbn_ext.build_info()
     if {threads}:
         torch.set_num_threads({threads})
     out = []
@@ -57,10 +59,26 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(env_value, expect, path, threads=0):
+# The variants with non-temporal stores that this processor runs (the AVX-512 one only
+# where it has AVX512-BF16), asked of a process without CBN_EXT_CPU_ISA.
+@functools.lru_cache(maxsize=None)
+def _streaming():
+    env = dict(os.environ)
+    env.pop("CBN_EXT_CPU_ISA", None)
+    p = subprocess.run([sys.executable, "-c",
+                        "import cbn_ext; print(cbn_ext.build_info()['cpu_isa'])"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    best = p.stdout.strip()
+    return [v for v in ("avx2", "avx512") if best == "avx512" or v == best]
+
+
+def _run(env_value, expect, path, threads=0, isa=None):
     env = dict(os.environ, CBN_EXT_STREAM_MIN_BYTES=env_value)
     env.pop("CBN_EXT_CPU_ISA", None)
-    code = SCRIPT.format(here=HERE, expect=expect, path=path, threads=threads)
+    if isa is not None:
+        env["CBN_EXT_CPU_ISA"] = isa
+    code = SCRIPT.format(here=HERE, expect=expect, path=path, threads=threads, isa=isa)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -79,13 +97,15 @@ def _same(runs_a, runs_b):
             assert torch.equal(ta, tb), (key, i, (ta.double() - tb.double()).abs().max())
 
 
-@pytest.mark.skipif(cbn_ext.build_info()["cpu_isa"] != "avx2",
-                    reason="non-temporal stores are in the AVX2 kernels only")
-def test_streamed_outputs_same_bits_as_ordinary_stores():
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_streamed_outputs_same_bits_as_ordinary_stores(isa):
+    if isa not in _streaming():
+        pytest.skip(f"no {isa} kernels on this processor (non-temporal stores are in the "
+                    "AVX2 and AVX-512 kernels only)")
     with tempfile.TemporaryDirectory() as d:
-        streamed = _run("0", 0, os.path.join(d, "streamed.pt"))
-        one_thread = _run("0", 0, os.path.join(d, "one_thread.pt"), threads=1)
-        ordinary = _run("-1", None, os.path.join(d, "ordinary.pt"))
+        streamed = _run("0", 0, os.path.join(d, "streamed.pt"), isa=isa)
+        one_thread = _run("0", 0, os.path.join(d, "one_thread.pt"), threads=1, isa=isa)
+        ordinary = _run("-1", None, os.path.join(d, "ordinary.pt"), isa=isa)
     _same(streamed, ordinary)
     _same(one_thread, ordinary)
 
@@ -93,7 +113,7 @@ def test_streamed_outputs_same_bits_as_ordinary_stores():
 def test_stream_threshold_is_reported():
     v = cbn_ext.build_info()["cpu_stream_min_bytes"]
     assert v is None or (isinstance(v, int) and v >= 0), v
-    if cbn_ext.build_info()["cpu_isa"] != "avx2":
+    if cbn_ext.build_info()["cpu_isa"] == "baseline":
         assert v is None
     elif "CBN_EXT_STREAM_MIN_BYTES" not in os.environ and sys.platform.startswith("linux"):
         # the default: the last-level cache (sysfs), when the machine says
@@ -111,7 +131,7 @@ def test_stream_threshold_is_reported():
             assert v == max(sizes), (v, sizes)
 
 
-@pytest.mark.skipif(cbn_ext.build_info()["cpu_isa"] != "avx2",
+@pytest.mark.skipif(cbn_ext.build_info()["cpu_isa"] == "baseline",
                     reason="the baseline build streams nothing and reads no threshold")
 @pytest.mark.parametrize("value", ["abc", "12MB", "1e9", "99999999999999999999"])
 def test_bad_stream_threshold_is_a_clear_error(value):

@@ -120,26 +120,78 @@ namespace {
 // Which compiled variant of the kernels runs on this processor.
 // ---------------------------------------------------------------------------------------
 
-bool use_avx2() {
-#if defined(CBN_HAVE_AVX2_KERNELS)
-  static const bool ok = [] {
+// The best variant this processor runs, at most the one CBN_EXT_CPU_ISA names
+// ("baseline", "avx2", "avx512"; unset or empty: the best). Any other value makes the
+// first kernel call raise (cpu_isa_checked), not build_info.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+struct IsaChoice {
+  Isa isa;
+  bool bad_env;     // CBN_EXT_CPU_ISA names no variant
+  std::string env;  // its value
+};
+
+const IsaChoice& isa_choice() {
+  static const IsaChoice choice = [] {
+    IsaChoice c{Isa::kBaseline, false, ""};
+    Isa cap = Isa::kAvx512;
     const char* env = std::getenv("CBN_EXT_CPU_ISA");
-    if (env != nullptr && std::string(env) == "baseline") return false;
+    if (env != nullptr && *env != '\0') {
+      c.env = env;
+      if (c.env == "baseline") cap = Isa::kBaseline;
+      else if (c.env == "avx2") cap = Isa::kAvx2;
+      else if (c.env != "avx512") c.bad_env = true;
+    }
+#if defined(CBN_HAVE_AVX2_KERNELS)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-#else
-  return false;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && cap >= Isa::kAvx2) c.isa = Isa::kAvx2;
+#if defined(CBN_HAVE_AVX512_KERNELS)
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bf16");
+    if (avx512 && cap >= Isa::kAvx512) c.isa = Isa::kAvx512;
 #endif
+#endif
+    return c;
+  }();
+  return choice;
 }
 
-#if defined(CBN_HAVE_AVX2_KERNELS)
-#define CBN_CALL_KERNEL(name, args) \
-  (use_avx2() ? ::cbn_ext::cpu::avx2::name(args) : ::cbn_ext::cpu::baseline::name(args))
+Isa cpu_isa_checked() {
+  const IsaChoice& c = isa_choice();
+  TORCH_CHECK(!c.bad_env, "cbn_ext: CBN_EXT_CPU_ISA must be 'baseline', 'avx2' or "
+              "'avx512' (the best variant up to that one), got '", c.env, "'");
+  return c.isa;
+}
+
+// Non-temporal stores exist in the AVX2 and AVX-512 variants.
+bool isa_streams() { return isa_choice().isa != Isa::kBaseline; }
+
+#if defined(CBN_HAVE_AVX512_KERNELS)
+#define CBN_CALL_KERNEL(name, args)                                             \
+  do {                                                                         \
+    switch (cpu_isa_checked()) {                                               \
+      case Isa::kAvx512: ::cbn_ext::cpu::avx512::name(args); break;            \
+      case Isa::kAvx2: ::cbn_ext::cpu::avx2::name(args); break;                \
+      default: ::cbn_ext::cpu::baseline::name(args); break;                    \
+    }                                                                          \
+  } while (0)
+#elif defined(CBN_HAVE_AVX2_KERNELS)
+#define CBN_CALL_KERNEL(name, args)                                             \
+  do {                                                                         \
+    if (cpu_isa_checked() == Isa::kAvx2) ::cbn_ext::cpu::avx2::name(args);     \
+    else ::cbn_ext::cpu::baseline::name(args);                                 \
+  } while (0)
 #else
-#define CBN_CALL_KERNEL(name, args) ::cbn_ext::cpu::baseline::name(args)
+#define CBN_CALL_KERNEL(name, args)                                             \
+  do {                                                                         \
+    cpu_isa_checked();                                                         \
+    ::cbn_ext::cpu::baseline::name(args);                                      \
+  } while (0)
 #endif
 
 Geometry geometry_of(const Shape& s) { return Geometry{s.N, s.C, s.S, s.interleaved}; }
@@ -175,10 +227,10 @@ int64_t last_level_cache_bytes() {
   return best;
 }
 
-// Outputs (y, dx) at least this large are written by non-temporal stores (the AVX2 build
-// only): they write whole lines without first reading them into the cache (half the
-// memory traffic of writing an output; a third of a pass that reads x and writes y), and
-// leave the caches to the inputs. The size of the last-level cache, or
+// Outputs (y, dx) at least this large are written by non-temporal stores (the AVX2 and
+// AVX-512 builds only): they write whole lines without first reading them into the cache
+// (half the memory traffic of writing an output; a third of a pass that reads x and
+// writes y), and leave the caches to the inputs. The size of the last-level cache, or
 // CBN_EXT_STREAM_MIN_BYTES (bytes; negative: never), read once; below it an output would
 // still be in the cache for the next layer. Never where the size is unknown.
 // A/B against ordinary stores (alternating processes, medians of 5-8 rounds), 2 cores
@@ -211,7 +263,7 @@ std::atomic<int64_t> streamed_outputs{0};
 // one tile, in full, and no line gets both kinds of store. (The store helpers also check
 // each address's alignment: no store can fault.)
 bool stream_output(const Geometry& g, const TilePlan& plan, const Tensor& out) {
-  if (!use_avx2()) return false;
+  if (!isa_streams()) return false;
   const int64_t elt = static_cast<int64_t>(out.element_size());
   const int64_t bytes = out.numel() * elt;
   if (bytes == 0 || bytes < stream_threshold()) return false;
@@ -785,9 +837,15 @@ struct CpuBackend {
 
 TORCH_LIBRARY_IMPL(cbn_ext, CPU, m) { register_operators<CpuBackend>(m); }
 
-const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
+const char* cpu_isa() {
+  switch (isa_choice().isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
 
-int64_t stream_min_bytes() { return use_avx2() ? stream_threshold() : INT64_MAX; }
+int64_t stream_min_bytes() { return isa_streams() ? stream_threshold() : INT64_MAX; }
 
 int64_t streamed_output_count() { return streamed_outputs.load(); }
 

@@ -1,7 +1,8 @@
 // The interface between the CPU operators (cbn_cpu.cpp) and the CPU kernels, which are
-// compiled once per instruction set (kernels_baseline.cpp, kernels_avx2.cpp) into
-// namespaces of their own. Only plain data crosses this boundary, so that nothing inline
-// is shared between translation units compiled for different instruction sets.
+// compiled once per instruction set (kernels_baseline.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp) into namespaces of their own. Only plain data crosses this
+// boundary, so that nothing inline is shared between translation units compiled for
+// different instruction sets.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -13,6 +14,10 @@
 // The AVX2+FMA variant is compiled with a per-file target pragma, which GCC supports.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #define CBN_HAVE_AVX2_KERNELS 1
+// The AVX-512 variant needs the AVX512-BF16 intrinsics (GCC 10 and later).
+#if __GNUC__ >= 10
+#define CBN_HAVE_AVX512_KERNELS 1
+#endif
 #endif
 
 namespace cbn_ext {
@@ -151,6 +156,9 @@ struct GradInputArgs {
 CBN_DECLARE_CPU_KERNELS(baseline)
 #if defined(CBN_HAVE_AVX2_KERNELS)
 CBN_DECLARE_CPU_KERNELS(avx2)
+#endif
+#if defined(CBN_HAVE_AVX512_KERNELS)
+CBN_DECLARE_CPU_KERNELS(avx512)
 #endif
 
 }  // namespace cpu

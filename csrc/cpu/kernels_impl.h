@@ -6,9 +6,9 @@
 // Layouts (cpu_kernels.h): interleaved (channels innermost: NHWC, (N, C)) and planar
 // (NCHW). Each kernel walks the tiles of a TilePlan in parallel; per-tile partial results
 // are merged by the caller in tile order, so results do not depend on the thread count.
-// Inner loops run over SIMD vectors (GCC vector extensions, 32 bytes): over channels in
-// the interleaved layout, over positions in the planar one. The per-element formulas are
-// those of csrc/cbn_math.h.
+// Inner loops run over SIMD vectors (GCC vector extensions, 32 bytes in every build, the
+// AVX-512 one included): over channels in the interleaved layout, over positions in the
+// planar one. The per-element formulas are those of csrc/cbn_math.h.
 //
 // Performance notes:
 // * Half-precision input (bfloat16, float16) is converted to float in the loads and
@@ -34,11 +34,20 @@
 //   of a (k, c) side by side (five separate arrays cost a pointer reload each).
 // * Evaluation: the tile's E-step (softmax over components with positions in the lanes),
 //   then its normalization while the tile is in the L2 cache: x read once from memory, y
-//   written once.
+//   written once. (Planar: normalizing each group of 32 positions right after its E-step,
+//   from the L1 cache with its responsibilities in registers, was no faster: medians of
+//   alternating-process A/B 1.0-1.37x the time, bfloat16 and float32, 56x56 to 7x7, also
+//   with y's rows prefetched for writing; its stores go to C rows at once.)
 // * Outputs larger than the last-level cache (y, dx; cbn_cpu.cpp, stream_output) are
-//   written by non-temporal stores in the AVX2 build: the kernel is instantiated for that
-//   (NT, a compile-time constant, so that the ordinary stores of the common case test
-//   nothing), and each thread fences its stores (for_each_tile).
+//   written by non-temporal stores in the AVX2 and AVX-512 builds: the kernel is
+//   instantiated for that (NT, a compile-time constant, so that the ordinary stores of
+//   the common case test nothing), and each thread fences its stores (for_each_tile).
+// * The AVX-512 build (kernels_avx512.cpp) is this code with 32-byte vectors, compiled
+//   with the EVEX encoding (32 vector registers, mask registers, embedded broadcasts), and
+//   bfloat16 stores by vcvtneps2bf16 (vstore, vstore2). Alternating-process A/B against
+//   the AVX2 build (Zen 4, 2 cores, medians of 5-6 rounds): bfloat16 evaluation, K = 2,
+//   11-24 % faster (56x56 to 7x7, both layouts), float32 evaluation 4-13 % (two shapes),
+//   training 1-4 %. Its results are the AVX2 build's, bit for bit.
 // * The work on a tile is done by functions that take their pointers as parameters
 //   (locals the compiler can keep in registers: a store through a float pointer cannot
 //   then force their reload).
@@ -104,6 +113,23 @@ C10_ALWAYS_INLINE bool aligned_to(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
 
+#if defined(CBN_CPU_F16C) || defined(CBN_CPU_AVX2)
+// 16 or 32 bytes of an output at p: non-temporal where nt and p is aligned to their size.
+C10_ALWAYS_INLINE void store_bytes(void* p, __m128i v, bool nt) {
+  if (nt && aligned_to(p, 16))
+    _mm_stream_si128(static_cast<__m128i*>(p), v);
+  else
+    _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+
+C10_ALWAYS_INLINE void store_bytes(void* p, __m256i v, bool nt) {
+  if (nt && aligned_to(p, 32))
+    _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  else
+    _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+#endif
+
 template <typename T>
 C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v, bool nt = false) {
 #if defined(CBN_CPU_AVX2)
@@ -128,9 +154,10 @@ C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v, bool nt = false) {
 // ---------------------------------------------------------------------------------------
 // Half-precision data to and from float, 8 values at a time (16 in vstore2's bfloat16
 // stores), inside the loads and stores of the inner loops: bfloat16 by integer shifts
-// (rounding to nearest even, NaN kept), float16 by F16C where compiled in, else by c10's
-// own bit manipulations on whole vectors. Bit-identical to c10's scalar conversions,
-// which handle rows shorter than a vector.
+// (rounding to nearest even, NaN as c10 writes it) or, in the AVX-512 build, by
+// vcvtneps2bf16 where no lane is denormal or NaN; float16 by F16C where compiled in,
+// else by c10's own bit manipulations on whole vectors. Bit-identical to c10's scalar
+// conversions, which handle rows shorter than a vector.
 // ---------------------------------------------------------------------------------------
 
 typedef uint16_t U16x8 __attribute__((vector_size(16), aligned(2), may_alias));
@@ -171,10 +198,7 @@ C10_ALWAYS_INLINE void narrow_store(void* p, U32x8 v, bool nt = false) {
   // packus saturates to [0, 2^16): the lanes are already there; the 64-bit permute puts
   // the two 128-bit halves' packs in order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
-  if (nt && aligned_to(p, 16))
-    _mm_stream_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  else
-    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  store_bytes(p, _mm256_castsi256_si128(packed), nt);
 #else
   (void)nt;
   *reinterpret_cast<U16x8*>(p) = __builtin_convertvector(v, U16x8);
@@ -183,14 +207,40 @@ C10_ALWAYS_INLINE void narrow_store(void* p, U32x8 v, bool nt = false) {
 
 C10_ALWAYS_INLINE Vec<float> vload(const c10::BFloat16* p) { return float_from_bits(widen(p) << 16); }
 
-// bfloat16 bits of f in the low half of each lane: rounded to nearest even, NaN kept.
+// bfloat16 bits of f in the low half of each lane: rounded to nearest even, NaN as c10
+// writes it (0x7FC0).
 C10_ALWAYS_INLINE U32x8 bf16_bits(Vec<float> f) {
   const U32x8 u = bits_of(f);
   const U32x8 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return f != f ? U32x8{} + 0x7FC0u : r;
 }
 
+#if defined(CBN_CPU_AVX512)
+// With AVX512-BF16, vcvtneps2bf16 rounds to nearest even as bf16_bits does, but flushes
+// denormals to zero and keeps a NaN's sign and payload: vectors with a denormal or NaN
+// lane (vfpclassps: QNaN 0x01, denormal 0x20, SNaN 0x80) take bf16_bits. (With MXCSR.DAZ
+// set, vfpclassps sees no denormal and the vector is flushed, unlike c10's conversion;
+// torch.set_flush_denormal(True) sets FTZ with it, so the kernels make no denormals
+// there.)
+C10_ALWAYS_INLINE __m256 as_m256(Vec<float> f) {
+  __m256 w;
+  std::memcpy(&w, &f, sizeof(w));
+  return w;
+}
+C10_ALWAYS_INLINE __mmask8 bf16_special(__m256 w) { return _mm256_fpclass_ps_mask(w, 0xA1); }
+#endif
+
 C10_ALWAYS_INLINE void vstore(c10::BFloat16* p, Vec<float> f, bool nt = false) {
+#if defined(CBN_CPU_AVX512)
+  const __m256 w = as_m256(f);
+  if (__builtin_expect(bf16_special(w) == 0, 1)) {
+    const __m128bh h = _mm256_cvtneps_pbh(w);
+    __m128i hi;
+    std::memcpy(&hi, &h, sizeof(hi));
+    store_bytes(p, hi, nt);
+    return;
+  }
+#endif
   narrow_store(p, bf16_bits(f), nt);
 }
 
@@ -220,10 +270,7 @@ C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f, bool nt = false) {
   __m256 v;
   std::memcpy(&v, &f, sizeof(v));
   const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  if (nt && aligned_to(p, 16))
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
-  else
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  store_bytes(p, h, nt);
 #else
   // c10::detail::fp16_ieee_from_fp32_value, lane by lane (no FMA here to fuse its
   // multiply and add differently)
@@ -243,6 +290,17 @@ C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f, bool nt = false) {
 // one pack, one permute and one 32-byte store (in place of two of each and two 16-byte
 // stores).
 C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b, bool nt) {
+#if defined(CBN_CPU_AVX512)
+  const __m256 fa = as_m256(a), fb = as_m256(b);
+  if (__builtin_expect((bf16_special(fa) | bf16_special(fb)) == 0, 1)) {
+    // the low half from the second operand
+    const __m256bh h = _mm256_cvtne2ps_pbh(fb, fa);
+    __m256i packed;
+    std::memcpy(&packed, &h, sizeof(packed));
+    store_bytes(p, packed, nt);
+    return;
+  }
+#endif
 #if defined(CBN_CPU_AVX2)
   __m256i wa, wb;
   const U32x8 ra = bf16_bits(a), rb = bf16_bits(b);
@@ -250,10 +308,7 @@ C10_ALWAYS_INLINE void vstore2(c10::BFloat16* p, Vec<float> a, Vec<float> b, boo
   std::memcpy(&wb, &rb, sizeof(wb));
   // packus: (a0-3, b0-3 | a4-7, b4-7) in 64-bit quarters; the permute puts them in order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(wa, wb), 0xD8);
-  if (nt && aligned_to(p, 32))
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-  else
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  store_bytes(p, packed, nt);
 #else
   vstore(p, a, nt);
   vstore(p + 8, b, nt);
