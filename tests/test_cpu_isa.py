@@ -5,6 +5,7 @@ code must stay inside its own functions (else a machine without them could run i
 
 import functools
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -89,6 +90,41 @@ def _need(isa):
         pytest.skip(f"this processor does not run the {isa} kernels")
 
 
+# The builds compiled into the library (their kernels' namespaces, by nm), and the ones
+# whose instructions /proc/cpuinfo lists.
+@functools.lru_cache(maxsize=None)
+def _built():
+    syms = subprocess.run(["nm", "-C", "--defined-only", cbn_ext._C.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    return tuple(v for v in _ORDER if f"cbn_ext::cpu::{v}::" in syms)
+
+
+def _cpu_has():
+    with open("/proc/cpuinfo") as f:
+        flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")),
+                         []))
+    has = ["baseline"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        has.append("avx2")
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_bf16"} <= flags:
+            has.append("avx512")
+    return has
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and shutil.which("nm")
+                         and os.path.exists("/proc/cpuinfo")),
+                    reason="needs Linux, nm and /proc/cpuinfo")
+def test_best_build_the_processor_has_is_chosen():
+    """So that the skips of the tests above (builds this processor does not run) cannot
+    hide a build that was compiled in and should run but is not chosen."""
+    built = _built()
+    assert "baseline" in built, built
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "avx2" in built, built  # GCC on x86-64 (the avx512 build needs GCC 11)
+    expected = [v for v in _cpu_has() if v in built][-1]
+    assert _available()[-1] == expected, (_available(), built, _cpu_has())
+
+
 def _run_script(code, isa):
     out = subprocess.run([sys.executable, "-c", code], env=_env(isa), capture_output=True,
                          text=True, timeout=600)
@@ -120,23 +156,30 @@ def test_kernels_of_each_build_match_reference(isa):
 
 # The AVX-512 build is the AVX2 code with EVEX encodings and vcvtneps2bf16, which flushes
 # denormals and keeps NaN payloads (kernels_impl.h takes bf16_bits for such vectors): its
-# results must be the AVX2 build's, bit for bit: on ordinary data (every bfloat16 y and dx
-# through vstore and vstore2's fast path), and on outputs that are denormal, infinite or
-# NaN (NaNs in x at evaluation only: in training one NaN makes the whole batch NaN).
+# results must be the AVX2 build's, bit for bit (but for the payload of a float32 NaN):
+# on ordinary data (bfloat16 y and dx through vstore and vstore2's vcvtneps2bf16 path: a
+# build with its operands swapped fails here), with given groups (one component a
+# position), in float64, and on outputs that are denormal, infinite or NaN (NaNs in x at
+# evaluation only: in training one NaN makes the whole batch NaN).
 SAME_BITS = textwrap.dedent("""
     import dataclasses, sys, torch
     sys.path.insert(0, {here!r})
+    import cbn_ext
     from conftest import Fc, make_stable_case, run
+    assert cbn_ext.build_info()["cpu_isa"] == {isa!r}, cbn_ext.build_info()
     out = []
     for shape, cl in [((5, 24, 9, 7), False), ((5, 24, 9, 7), True), ((70, 40), False),
                       ((2, 64, 8, 8), False), ((2, 64, 8, 8), True)]:
         for K in (1, 2, 3):
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
                 for training in (True, False):
-                    for kind in ("plain", "nan", "tiny", "huge"):
-                        if kind == "nan" and (training or dtype == torch.float32):
+                    for kind in ("plain", "groups", "nan", "tiny", "huge"):
+                        if kind == "nan" and (training or dtype.itemsize > 2):
                             continue
-                        case = make_stable_case(shape, K, dtype, channels_last=cl, seed=K)
+                        if kind in ("groups", "tiny", "huge") and dtype == torch.float64:
+                            continue
+                        case = make_stable_case(shape, K, dtype, channels_last=cl, seed=K,
+                                                groups=kind == "groups")
                         # tiny gamma and beta: denormal outputs; huge: overflow to infinity
                         scale = {{"tiny": 1e-39, "huge": 3e38}}.get(kind, 1.0)
                         case.weight = case.weight * scale
@@ -161,7 +204,7 @@ def test_avx512_build_same_bits_as_avx2_build(tmp_path):
     runs = {}
     for isa in ("avx2", "avx512"):
         path = str(tmp_path / f"{isa}.pt")
-        assert "saved" in _run_script(SAME_BITS.format(here=HERE, path=path), isa)
+        assert "saved" in _run_script(SAME_BITS.format(here=HERE, path=path, isa=isa), isa)
         runs[isa] = torch.load(path)
     a, b = runs["avx2"], runs["avx512"]
     assert len(a) == len(b) > 0
@@ -201,13 +244,14 @@ def test_unknown_cpu_isa_is_a_clear_error():
     assert "got 'avx3'" in out, out
 
 
-# An EVEX-encoded (AVX-512) instruction starts with the byte 0x62 (in 64-bit mode; after
-# an address-size or segment prefix, if any).
-def _evex(raw):
+# The first byte of an instruction after an address-size or segment prefix, if any: in
+# 64-bit mode c4 or c5 starts a VEX-encoded (AVX) instruction, 62 an EVEX-encoded
+# (AVX-512) one.
+def _opcode_start(raw):
     b = raw.split()
     while b and b[0] in ("67", "26", "2e", "36", "3e", "64", "65"):
         b = b[1:]
-    return bool(b) and b[0] == "62"
+    return b[0] if b else ""
 
 
 AVX = re.compile(r"%ymm|%zmm|vfmadd|vfnmadd|vfmsub")
@@ -215,18 +259,19 @@ AVX = re.compile(r"%ymm|%zmm|vfmadd|vfnmadd|vfmsub")
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_avx_code_stays_in_its_namespaces():
-    """Every function of the library that uses AVX (ymm registers) or FMA belongs to the
-    AVX2 or AVX-512 build of the kernels (cbn_ext::cpu::avx2, cbn_ext::cpu::avx512), and
-    every one with an EVEX-encoded (AVX-512) instruction to the AVX-512 build; and the
-    AVX-512 build computes nothing in 64-byte registers (its vectors are 32 bytes)."""
-    if sys.platform != "linux":
+    """Every function of the library with a VEX- or EVEX-encoded instruction (AVX, FMA,
+    AVX-512) belongs to the AVX2 or AVX-512 build of the kernels (cbn_ext::cpu::avx2,
+    cbn_ext::cpu::avx512), and every one with an EVEX-encoded instruction to the AVX-512
+    build, which stores bfloat16 by vcvtneps2bf16 and computes nothing in 64-byte
+    registers (its vectors are 32 bytes)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("no AVX2 kernels on this platform")
     so = cbn_ext._C.__file__
     dis = subprocess.run(["objdump", "-d", "-C", "-w", so], capture_output=True, text=True,
                          check=True).stdout
     func = None
     avx_offenders, evex_offenders, zmm = set(), set(), set()
-    found = {"avx2": 0, "avx512": 0, "avx512 evex": 0}
+    found = {"avx2": 0, "avx512": 0, "avx512 evex": 0, "avx512 vcvtne": 0}
     for line in dis.splitlines():
         m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if m:
@@ -238,21 +283,24 @@ def test_avx_code_stays_in_its_namespaces():
         raw, insn = parts[1], parts[2]
         ns = ("avx512" if "cbn_ext::cpu::avx512::" in func
               else "avx2" if "cbn_ext::cpu::avx2::" in func else None)
-        if _evex(raw):
+        start = _opcode_start(raw)
+        if start == "62":
             if ns == "avx512":
                 found["avx512 evex"] += 1
+                found["avx512 vcvtne"] += bool(re.match(r"\s*vcvtne2?ps2bf16\b", insn))
             else:
                 evex_offenders.add(func)
         if "%zmm" in insn and not re.match(r"\s*vmovdq[au](8|16|32|64)\b", insn):
             zmm.add(func)  # a 64-byte move (GCC's copies of small arrays) is no vector code
-        if AVX.search(insn):
+        if start in ("c4", "c5", "62") or AVX.search(insn):
             if ns is None:
                 avx_offenders.add(func)
             else:
                 found[ns] += 1
     assert found["avx2"] > 0, "the AVX2 kernels were not found"
-    if "avx512" in _available():
+    if "avx512" in _built():
         assert found["avx512"] > 0 and found["avx512 evex"] > 0, found
+        assert found["avx512 vcvtne"] > 0, found
     assert not avx_offenders, f"AVX instructions outside the AVX kernels: {sorted(avx_offenders)[:10]}"
     assert not evex_offenders, (
         f"AVX-512 instructions outside the AVX-512 kernels: {sorted(evex_offenders)[:10]}")

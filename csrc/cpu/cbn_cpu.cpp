@@ -121,8 +121,8 @@ namespace {
 // ---------------------------------------------------------------------------------------
 
 // The best variant this processor runs, at most the one CBN_EXT_CPU_ISA names
-// ("baseline", "avx2", "avx512"; unset or empty: the best). Any other value makes the
-// first kernel call raise (cpu_isa_checked), not build_info.
+// ("baseline", "avx2", "avx512"; unset or empty: the best). Any other value makes every
+// kernel call raise (cpu_isa_checked); build_info (cpu_isa) still reports the best.
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
 struct IsaChoice {

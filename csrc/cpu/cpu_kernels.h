@@ -14,8 +14,9 @@
 // The AVX2+FMA variant is compiled with a per-file target pragma, which GCC supports.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #define CBN_HAVE_AVX2_KERNELS 1
-// The AVX-512 variant needs the AVX512-BF16 intrinsics (GCC 10 and later).
-#if __GNUC__ >= 10
+// The AVX-512 variant needs the AVX512-BF16 intrinsics and __builtin_cpu_supports'
+// "avx512bf16" (GCC 11 and later, to be safe).
+#if __GNUC__ >= 11
 #define CBN_HAVE_AVX512_KERNELS 1
 #endif
 #endif

@@ -47,7 +47,8 @@
 //   bfloat16 stores by vcvtneps2bf16 (vstore, vstore2). Alternating-process A/B against
 //   the AVX2 build (Zen 4, 2 cores, medians of 5-6 rounds): bfloat16 evaluation, K = 2,
 //   11-24 % faster (56x56 to 7x7, both layouts), float32 evaluation 4-13 % (two shapes),
-//   training 1-4 %. Its results are the AVX2 build's, bit for bit.
+//   training 1-4 %. Its results are the AVX2 build's, bit for bit (but for the payload
+//   of a float32 NaN: tests/test_cpu_isa.py).
 // * The work on a tile is done by functions that take their pointers as parameters
 //   (locals the compiler can keep in registers: a store through a float pointer cannot
 //   then force their reload).
