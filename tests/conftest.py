@@ -4,6 +4,10 @@ float64 reference, and relative errors."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -229,7 +233,23 @@ def compare_with_rule(ours: Result, case: Case, training: bool, dtype, what=(
     return out
 
 
+# The CPU kernels' builds, in order, and the ones this processor runs (the best last),
+# asked of a process without CBN_EXT_CPU_ISA (which caps the choice).
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_isas_run():
+    env = dict(os.environ)
+    env.pop("CBN_EXT_CPU_ISA", None)
+    p = subprocess.run([sys.executable, "-c",
+                        "import cbn_ext; print(cbn_ext.build_info()['cpu_isa'])"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return CPU_ISAS[:CPU_ISAS.index(p.stdout.strip()) + 1]
+
+
 __all__ = ["DTYPES", "TOL", "Case", "Result", "make_case", "make_stable_case", "run", "compare", "rel_err",
            "device_params", "channels_inner", "Fc", "R", "acc_dtype", "torch_device", "backend",
            "compare_with_rule", "seed_of_params",
-           "HAS_CUDA", "HAS_EMU"]
+           "HAS_CUDA", "HAS_EMU", "CPU_ISAS", "cpu_isas_run"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cbn_ext
+from conftest import CPU_ISAS, cpu_isas_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,31 +63,8 @@ NONFINITE = textwrap.dedent("""
 """)
 
 
-# The builds this processor runs (the in-process one, unless CBN_EXT_CPU_ISA caps it, is
-# the best of them).
-_ORDER = ("baseline", "avx2", "avx512")
-
-
-@functools.lru_cache(maxsize=None)
-def _available():
-    probe = subprocess.run([sys.executable, "-c",
-                            "import cbn_ext; print(cbn_ext.build_info()['cpu_isa'])"],
-                           env=_env(None), capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stdout + probe.stderr
-    best = probe.stdout.strip()
-    return _ORDER[:_ORDER.index(best) + 1]
-
-
-def _env(isa):
-    env = dict(os.environ)
-    env.pop("CBN_EXT_CPU_ISA", None)
-    if isa is not None:
-        env["CBN_EXT_CPU_ISA"] = isa
-    return env
-
-
 def _need(isa):
-    if isa not in _available():
+    if isa not in cpu_isas_run():
         pytest.skip(f"this processor does not run the {isa} kernels")
 
 
@@ -96,7 +74,7 @@ def _need(isa):
 def _built():
     syms = subprocess.run(["nm", "-C", "--defined-only", cbn_ext._C.__file__],
                           capture_output=True, text=True, check=True).stdout
-    return tuple(v for v in _ORDER if f"cbn_ext::cpu::{v}::" in syms)
+    return tuple(v for v in CPU_ISAS if f"cbn_ext::cpu::{v}::" in syms)
 
 
 def _cpu_has():
@@ -122,12 +100,12 @@ def test_best_build_the_processor_has_is_chosen():
     if platform.machine() in ("x86_64", "AMD64"):
         assert "avx2" in built, built  # GCC on x86-64 (the avx512 build needs GCC 11)
     expected = [v for v in _cpu_has() if v in built][-1]
-    assert _available()[-1] == expected, (_available(), built, _cpu_has())
+    assert cpu_isas_run()[-1] == expected, (cpu_isas_run(), built, _cpu_has())
 
 
 def _run_script(code, isa):
-    out = subprocess.run([sys.executable, "-c", code], env=_env(isa), capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CBN_EXT_CPU_ISA=isa),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -148,7 +126,7 @@ def test_nonfinite_half_values_same_bits_in_every_build(isa):
     assert all((v & 0x7FFF) == 0x7E00 for v in f16_nans), sorted(set(f16_nans))
 
 
-@pytest.mark.parametrize("isa", list(_ORDER))
+@pytest.mark.parametrize("isa", list(CPU_ISAS))
 def test_kernels_of_each_build_match_reference(isa):
     _need(isa)
     assert f"{isa} ok" in _run_script(SCRIPT.format(here=HERE, isa=isa), isa)
@@ -301,7 +279,8 @@ def test_avx_code_stays_in_its_namespaces():
     if "avx512" in _built():
         assert found["avx512"] > 0 and found["avx512 evex"] > 0, found
         assert found["avx512 vcvtne"] > 0, found
-    assert not avx_offenders, f"AVX instructions outside the AVX kernels: {sorted(avx_offenders)[:10]}"
+    assert not avx_offenders, (
+        f"AVX instructions outside the AVX kernels: {sorted(avx_offenders)[:10]}")
     assert not evex_offenders, (
         f"AVX-512 instructions outside the AVX-512 kernels: {sorted(evex_offenders)[:10]}")
     assert not zmm, f"64-byte vector code in: {sorted(zmm)[:10]}"

@@ -5,7 +5,6 @@ stores, at any thread count. The threshold is read once per process
 (CBN_EXT_STREAM_MIN_BYTES), so each setting runs in a process of its own: 0 streams every
 output whose rows allow it, -1 none; cbn_ext._C._stream_count() says how many were."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import cbn_ext
+from conftest import cpu_isas_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,20 +59,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-# The variants with non-temporal stores that this processor runs (the AVX-512 one only
-# where it has AVX512-BF16), asked of a process without CBN_EXT_CPU_ISA.
-@functools.lru_cache(maxsize=None)
-def _streaming():
-    env = dict(os.environ)
-    env.pop("CBN_EXT_CPU_ISA", None)
-    p = subprocess.run([sys.executable, "-c",
-                        "import cbn_ext; print(cbn_ext.build_info()['cpu_isa'])"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    best = p.stdout.strip()
-    return [v for v in ("avx2", "avx512") if best == "avx512" or v == best]
-
-
 def _run(env_value, expect, path, threads=0, isa=None):
     env = dict(os.environ, CBN_EXT_STREAM_MIN_BYTES=env_value)
     env.pop("CBN_EXT_CPU_ISA", None)
@@ -99,7 +85,7 @@ def _same(runs_a, runs_b):
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_streamed_outputs_same_bits_as_ordinary_stores(isa):
-    if isa not in _streaming():
+    if isa not in cpu_isas_run():
         pytest.skip(f"no {isa} kernels on this processor (non-temporal stores are in the "
                     "AVX2 and AVX-512 kernels only)")
     with tempfile.TemporaryDirectory() as d:

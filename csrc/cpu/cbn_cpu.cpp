@@ -171,28 +171,27 @@ Isa cpu_isa_checked() {
 // Non-temporal stores exist in the AVX2 and AVX-512 variants.
 bool isa_streams() { return isa_choice().isa != Isa::kBaseline; }
 
+// A kernel call in the chosen variant: a case per compiled variant, else the baseline.
 #if defined(CBN_HAVE_AVX512_KERNELS)
-#define CBN_CALL_KERNEL(name, args)                                             \
-  do {                                                                         \
-    switch (cpu_isa_checked()) {                                               \
-      case Isa::kAvx512: ::cbn_ext::cpu::avx512::name(args); break;            \
-      case Isa::kAvx2: ::cbn_ext::cpu::avx2::name(args); break;                \
-      default: ::cbn_ext::cpu::baseline::name(args); break;                    \
-    }                                                                          \
-  } while (0)
-#elif defined(CBN_HAVE_AVX2_KERNELS)
-#define CBN_CALL_KERNEL(name, args)                                             \
-  do {                                                                         \
-    if (cpu_isa_checked() == Isa::kAvx2) ::cbn_ext::cpu::avx2::name(args);     \
-    else ::cbn_ext::cpu::baseline::name(args);                                 \
-  } while (0)
+#define CBN_CASE_AVX512(name, args) \
+  case Isa::kAvx512: ::cbn_ext::cpu::avx512::name(args); break;
 #else
-#define CBN_CALL_KERNEL(name, args)                                             \
-  do {                                                                         \
-    cpu_isa_checked();                                                         \
-    ::cbn_ext::cpu::baseline::name(args);                                      \
-  } while (0)
+#define CBN_CASE_AVX512(name, args)
 #endif
+#if defined(CBN_HAVE_AVX2_KERNELS)
+#define CBN_CASE_AVX2(name, args) \
+  case Isa::kAvx2: ::cbn_ext::cpu::avx2::name(args); break;
+#else
+#define CBN_CASE_AVX2(name, args)
+#endif
+#define CBN_CALL_KERNEL(name, args)                                   \
+  do {                                                               \
+    switch (cpu_isa_checked()) {                                     \
+      CBN_CASE_AVX512(name, args)                                    \
+      CBN_CASE_AVX2(name, args)                                      \
+      default: ::cbn_ext::cpu::baseline::name(args); break;          \
+    }                                                                \
+  } while (0)
 
 Geometry geometry_of(const Shape& s) { return Geometry{s.N, s.C, s.S, s.interleaved}; }
 

@@ -134,16 +134,10 @@ C10_ALWAYS_INLINE void store_bytes(void* p, __m256i v, bool nt) {
 template <typename T>
 C10_ALWAYS_INLINE void vstore(T* p, Vec<T> v, bool nt = false) {
 #if defined(CBN_CPU_AVX2)
-  if (nt && aligned_to(p, 32)) {
-    if constexpr (std::is_same_v<T, float>) {
-      __m256 w;
-      std::memcpy(&w, &v, sizeof(w));
-      _mm256_stream_ps(p, w);
-    } else {
-      __m256d w;
-      std::memcpy(&w, &v, sizeof(w));
-      _mm256_stream_pd(p, w);
-    }
+  if (nt) {
+    __m256i w;
+    std::memcpy(&w, &v, sizeof(w));
+    store_bytes(p, w, true);
     return;
   }
 #else
