@@ -389,11 +389,14 @@ def _run_on_threads(n, case, training):
 
 # (8, 24, 12, 12): several samples a planar tile; (64, 16, 24, 24): one whole sample a
 # tile (make_tile_plan, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50): samples cut
-# into 11 chunks each (33 tiles).
+# into 11 chunks each (33 tiles); (32, 120, 14, 14) channels-last: 47 tiles of 136
+# positions, so that the merges over the tiles split their 60 units (K (C / 16 + C % 16))
+# between threads (merge_grain), and C is no multiple of a vector.
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
-@pytest.mark.parametrize("shape", [(8, 24, 12, 12), (64, 16, 24, 24), (3, 16, 48, 50)])
+@pytest.mark.parametrize("shape", [(8, 24, 12, 12), (64, 16, 24, 24), (3, 16, 48, 50),
+                                   (32, 120, 14, 14)])
 def test_deterministic(shape, mode, layout, device):
     """The same input gives bit-identical outputs and gradients, whatever the number of
     threads."""

@@ -1282,15 +1282,52 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // Backward, pass 1: per-tile Sg = sum g tau, Sgx = sum g tau (x - m).
 // ---------------------------------------------------------------------------------------
 
+// Lines of the next tile (two arrays, the same lines of each) to prefetch while a column
+// of this tile is walked: step(j) prefetches line j of each, for j < n. The lines start
+// at the tile's first line and end up to a line past its last (the arrays' alignments
+// differ), so an address may lie past the end of the tensor: formed as an integer, as in
+// prefetch_ahead. A column walk
+// reads each row's vector at a stride of C elements; left to the hardware, the tile's
+// lines came from memory in that order, a strided stream per vector of the row. With the
+// next tile prefetched, the channels-last gradient sums ran 11-37 % faster (in-process
+// A/B, 2 cores, 10 rounds, medians: float32 56x56 K = 2, 28x28 K = 1, 14x14 K = 2,
+// bfloat16 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %.
+struct NextLines {
+  uintptr_t a = 0, b = 0;
+  int64_t n = 0;
+  C10_ALWAYS_INLINE void step(int64_t j) const {
+    if (j < n) {
+      __builtin_prefetch(reinterpret_cast<const void*>(a + 64 * j));
+      __builtin_prefetch(reinterpret_cast<const void*>(b + 64 * j));
+    }
+  }
+};
+
+// The share of column q (of nq) of the lines of [a, a + bytes) and [b, b + bytes)
+// (none if bytes == 0).
+C10_ALWAYS_INLINE NextLines next_lines(const void* a, const void* b, int64_t bytes, int64_t q,
+                                       int64_t nq) {
+  constexpr uintptr_t kLine = 64;
+  const int64_t lines = bytes > 0 ? (bytes + 63) / 64 + 1 : 0, per = (lines + nq - 1) / nq;
+  const int64_t l0 = std::min(lines, q * per), l1 = std::min(lines, l0 + per);
+  NextLines r;
+  r.a = (reinterpret_cast<uintptr_t>(a) & ~(kLine - 1)) + kLine * l0;
+  r.b = (reinterpret_cast<uintptr_t>(b) & ~(kLine - 1)) + kLine * l0;
+  r.n = l1 - l0;
+  return r;
+}
+
 // Interleaved: Sg and Sgx of a vector of channels [c, c + n) over the tile's T rows,
 // components [0, KB) (tau in the (P, K) layout at tt, row 0), blocked over positions,
 // the sums in registers. Walking the tile's columns (the tile stays in the L2 cache
 // between them) ran 1.3-1.45x faster on float32 channels-last tiles than a walk in memory
 // order with the sums of every channel in memory.
+// pf: lines of the next tile to prefetch, pf.step(j) at row j.
 template <int P, bool One, int KB, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_sums_interleaved(const S* x, const S* gr, int64_t T, int64_t C,
                                              int64_t c, int64_t n, const acc_t* tt, int64_t K,
-                                             const acc_t* mean, acc_t* sg, acc_t* sgx) {
+                                             const acc_t* mean, acc_t* sg, acc_t* sgx,
+                                             const NextLines& pf) {
   using V = Vec<acc_t>;
   V ag[KB], agx[KB], m[KB];
   for (int kb = 0; kb < KB; ++kb) {
@@ -1302,6 +1339,7 @@ C10_ALWAYS_INLINE void grad_sums_interleaved(const S* x, const S* gr, int64_t T,
     V bg[KB], bgx[KB];
     for (int kb = 0; kb < KB; ++kb) bg[kb] = bgx[kb] = V{};
     for (int64_t j = j0; j < j1; ++j) {
+      pf.step(j);
       const V g0 = ld<P>(gr + j * C + c, n);
       const V x0 = ld<P>(x + j * C + c, n);
       for (int kb = 0; kb < KB; ++kb) {
@@ -1885,15 +1923,21 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
         const S* xt = x + tl.p0 * C;
         const S* gt = gr + tl.p0 * C;
         const A* tt = one ? nullptr : tau + tl.p0 * K;
+        // the next tile of this thread's range follows this one in memory
+        const int64_t next_bytes =
+            t + 1 < end ? tile_at(g, plan, t + 1).T * C * static_cast<int64_t>(sizeof(S)) : 0;
+        const int64_t nq = (C + kW<A> - 1) / kW<A>;
         for_vectors<A>(C, [&](auto span, int64_t c, int64_t n) {
           constexpr int P = decltype(span)::value;
+          const NextLines pf = next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, c / kW<A>, nq);
           if (one) {
-            grad_sums_interleaved<P, true, 1>(xt, gt, tl.T, C, c, n, tt, K, mean, sg, sgx);
+            grad_sums_interleaved<P, true, 1>(xt, gt, tl.T, C, c, n, tt, K, mean, sg, sgx, pf);
             return;
           }
           for_component_blocks(K, [&](auto kbc, int64_t k0) {
             grad_sums_interleaved<P, false, decltype(kbc)::value>(
-                xt, gt, tl.T, C, c, n, tt + k0, K, mean + k0 * C, sg + k0 * C, sgx + k0 * C);
+                xt, gt, tl.T, C, c, n, tt + k0, K, mean + k0 * C, sg + k0 * C, sgx + k0 * C,
+                k0 == 0 ? pf : NextLines{});
           });
         });
         continue;
