@@ -1291,14 +1291,18 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // lines came from memory in that order, a strided stream per vector of the row. With the
 // next tile prefetched, the channels-last gradient sums ran 11-37 % faster (in-process
 // A/B, 2 cores, 10 rounds, medians: float32 56x56 K = 2, 28x28 K = 1, 14x14 K = 2,
-// bfloat16 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %.
+// bfloat16 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %. The prefetches
+// are for the L2 cache (locality 2), which leaves the walk's current lines in L1: at
+// 56x56 the sums took 22-34 % less time than with prefetches into L1 (a forward +
+// backward 7-12 %; float32 K = 1 and 2, bfloat16 K = 2); elsewhere the sums 2-8 % less,
+// a forward + backward within 3 % either way.
 struct NextLines {
   uintptr_t a = 0, b = 0;
   int64_t n = 0;
   C10_ALWAYS_INLINE void step(int64_t j) const {
     if (j < n) {
-      __builtin_prefetch(reinterpret_cast<const void*>(a + 64 * j));
-      __builtin_prefetch(reinterpret_cast<const void*>(b + 64 * j));
+      __builtin_prefetch(reinterpret_cast<const void*>(a + 64 * j), 0, 2);
+      __builtin_prefetch(reinterpret_cast<const void*>(b + 64 * j), 0, 2);
     }
   }
 };
