@@ -389,14 +389,17 @@ def _run_on_threads(n, case, training):
 
 # (8, 24, 12, 12): several samples a planar tile; (64, 16, 24, 24): one whole sample a
 # tile (make_tile_plan, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50): samples cut
-# into 11 chunks each (33 tiles); (32, 120, 14, 14) channels-last: 47 tiles of 136
-# positions, so that the merges over the tiles split their 60 units (K (C / 16 + C % 16))
-# between threads (merge_grain), and C is no multiple of a vector.
+# into 11 chunks each (33 tiles); (32, 124, 14, 14): enough tiles (channels-last: 48, 47
+# of 132 positions; NCHW: 32 samples) that the M-step's merge over the tiles splits its 76
+# units (K (C / 16 + C % 16), merge_grain) between threads, and channels-last also the sum
+# of the gradient partials (31 units); C no multiple of a vector (the channels-last
+# kernels' partial vectors). Threads: the default, 1, 2 and 3, so that a machine whose
+# default is one thread still compares several.
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "split-train"])
 @pytest.mark.parametrize("shape", [(8, 24, 12, 12), (64, 16, 24, 24), (3, 16, 48, 50),
-                                   (32, 120, 14, 14)])
+                                   (32, 124, 14, 14)])
 def test_deterministic(shape, mode, layout, device):
     """The same input gives bit-identical outputs and gradients, whatever the number of
     threads."""
@@ -405,7 +408,7 @@ def test_deterministic(shape, mode, layout, device):
                      seed=13, device=device, groups=mode.startswith("split"))
     training = mode != "eval"
     threads = torch.get_num_threads()
-    results = [_run_on_threads(n, case, training) for n in (threads, 1, threads)]
+    results = [_run_on_threads(n, case, training) for n in (threads, 1, 2, 3)]
     for other in results[1:]:
         for name in ("y", "dx", "dw", "db", "running_mean", "running_var", "running_prior"):
             assert torch.equal(getattr(results[0], name), getattr(other, name)), name

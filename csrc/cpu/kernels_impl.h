@@ -1284,18 +1284,18 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 
 // Lines of the next tile (two arrays, the same lines of each) to prefetch while a column
 // of this tile is walked: step(j) prefetches line j of each, for j < n. The lines start
-// at the tile's first line and end up to a line past its last (the arrays' alignments
-// differ), so an address may lie past the end of the tensor: formed as an integer, as in
-// prefetch_ahead. A column walk
-// reads each row's vector at a stride of C elements; left to the hardware, the tile's
-// lines came from memory in that order, a strided stream per vector of the row. With the
-// next tile prefetched, the channels-last gradient sums ran 11-37 % faster (in-process
-// A/B, 2 cores, 10 rounds, medians: float32 56x56 K = 2, 28x28 K = 1, 14x14 K = 2,
-// bfloat16 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %. The prefetches
-// are for the L2 cache (locality 2), which leaves the walk's current lines in L1: at
-// 56x56 the sums took 22-34 % less time than with prefetches into L1 (a forward +
-// backward 7-12 %; float32 K = 1 and 2, bfloat16 K = 2); elsewhere the sums 2-8 % less,
-// a forward + backward within 3 % either way.
+// at the line that holds the tile's first element and run to one past its last (the
+// tile need not start on a line), so an address may lie past the end of the tensor:
+// formed as an integer, as in prefetch_ahead. A column walk reads each row's vector at a
+// stride of C elements; left to the hardware, the tile's lines came from memory in that
+// order, a strided stream per vector of the row. With the next tile prefetched into L1
+// (ffa93b2), the channels-last gradient sums ran 11-37 % faster (in-process A/B, 2
+// cores, 10 rounds, medians: float32 56x56 K = 2, 28x28 K = 1, 14x14 K = 2, bfloat16
+// 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %. The prefetches are now for
+// the L2 cache (locality 2: prefetcht1, which on this Zen 4 fills L2, leaving the walk's
+// current lines in L1): at 56x56 the sums took 22-34 % less time than with prefetches
+// into L1 (a forward + backward 7-12 %; float32 K = 1 and 2, bfloat16 K = 2); elsewhere
+// the sums 2-8 % less, a forward + backward within 3 % either way.
 struct NextLines {
   uintptr_t a = 0, b = 0;
   int64_t n = 0;
