@@ -2,10 +2,10 @@
 // selected at run time when the processor has them all (cbn_cpu.cpp). The vectors stay
 // 32 bytes wide (the same code as kernels_avx2.cpp; prefer-vector-width=256 keeps GCC
 // from vectorizing scalar loops with 64-byte registers, which lower the clock of some
-// Intel processors; it still copies small arrays by 64-byte moves): what AVX-512 adds is the EVEX encoding (32 vector registers, mask
-// registers, ternary logic, embedded broadcasts) and the bfloat16 conversion
-// instructions (kernels_impl.h, CBN_CPU_AVX512). The pragma comes after every external
-// header, as in kernels_avx2.cpp.
+// Intel processors; it still copies small arrays by 64-byte moves): what AVX-512 adds is
+// the EVEX encoding (32 vector registers, mask registers, ternary logic, embedded
+// broadcasts) and the bfloat16 conversion instructions (kernels_impl.h, CBN_CPU_AVX512).
+// The pragma comes after every external header, as in kernels_avx2.cpp.
 #include "kernels_deps.h"
 
 #if defined(CBN_HAVE_AVX512_KERNELS)

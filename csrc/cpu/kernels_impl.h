@@ -129,6 +129,13 @@ C10_ALWAYS_INLINE void store_bytes(void* p, __m256i v, bool nt) {
   else
     _mm256_storeu_si256(static_cast<__m256i*>(p), v);
 }
+
+// The float vector as the intrinsics' type.
+C10_ALWAYS_INLINE __m256 as_m256(Vec<float> f) {
+  __m256 w;
+  std::memcpy(&w, &f, sizeof(w));
+  return w;
+}
 #endif
 
 template <typename T>
@@ -217,11 +224,6 @@ C10_ALWAYS_INLINE U32x8 bf16_bits(Vec<float> f) {
 // set, vfpclassps sees no denormal and the vector is flushed, unlike c10's conversion;
 // torch.set_flush_denormal(True) sets FTZ with it, so the kernels make no denormals
 // there.)
-C10_ALWAYS_INLINE __m256 as_m256(Vec<float> f) {
-  __m256 w;
-  std::memcpy(&w, &f, sizeof(w));
-  return w;
-}
 C10_ALWAYS_INLINE __mmask8 bf16_special(__m256 w) { return _mm256_fpclass_ps_mask(w, 0xA1); }
 #endif
 
@@ -262,9 +264,7 @@ C10_ALWAYS_INLINE void vstore(c10::Half* p, Vec<float> f, bool nt = false) {
   // NaN as c10's conversion (and the baseline build below) writes it: sign | 0x7E00, not
   // the payload that vcvtps2ph would keep
   f = f != f ? float_from_bits((bits_of(f) & 0x80000000u) | 0x7FC00000u) : f;
-  __m256 v;
-  std::memcpy(&v, &f, sizeof(v));
-  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  const __m128i h = _mm256_cvtps_ph(as_m256(f), _MM_FROUND_TO_NEAREST_INT);
   store_bytes(p, h, nt);
 #else
   // c10::detail::fp16_ieee_from_fp32_value, lane by lane (no FMA here to fuse its
@@ -1297,12 +1297,13 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // into L1 (a forward + backward 7-12 %; float32 K = 1 and 2, bfloat16 K = 2); elsewhere
 // the sums 2-8 % less, a forward + backward within 3 % either way.
 struct NextLines {
+  static constexpr int64_t kLine = 64;
   uintptr_t a = 0, b = 0;
   int64_t n = 0;
   C10_ALWAYS_INLINE void step(int64_t j) const {
     if (j < n) {
-      __builtin_prefetch(reinterpret_cast<const void*>(a + 64 * j), 0, 2);
-      __builtin_prefetch(reinterpret_cast<const void*>(b + 64 * j), 0, 2);
+      __builtin_prefetch(reinterpret_cast<const void*>(a + kLine * j), 0, 2);
+      __builtin_prefetch(reinterpret_cast<const void*>(b + kLine * j), 0, 2);
     }
   }
 };
@@ -1311,12 +1312,15 @@ struct NextLines {
 // (none if bytes == 0).
 C10_ALWAYS_INLINE NextLines next_lines(const void* a, const void* b, int64_t bytes, int64_t q,
                                        int64_t nq) {
-  constexpr uintptr_t kLine = 64;
-  const int64_t lines = bytes > 0 ? (bytes + 63) / 64 + 1 : 0, per = (lines + nq - 1) / nq;
+  constexpr int64_t L = NextLines::kLine;
+  const int64_t lines = bytes > 0 ? (bytes + L - 1) / L + 1 : 0, per = (lines + nq - 1) / nq;
   const int64_t l0 = std::min(lines, q * per), l1 = std::min(lines, l0 + per);
+  const auto line_of = [](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(L - 1);
+  };
   NextLines r;
-  r.a = (reinterpret_cast<uintptr_t>(a) & ~(kLine - 1)) + kLine * l0;
-  r.b = (reinterpret_cast<uintptr_t>(b) & ~(kLine - 1)) + kLine * l0;
+  r.a = line_of(a) + L * l0;
+  r.b = line_of(b) + L * l0;
   r.n = l1 - l0;
   return r;
 }
