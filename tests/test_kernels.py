@@ -504,6 +504,26 @@ def test_tile_plan_cases(dtype, case_name, mode, device):
     _run_case(shape, K, dtype, layout, mode, device, seed_of(case_name, mode, str(dtype)))
 
 
+# Planar rows longer than the two-component row walk's chunk (kernels_impl.h,
+# kPairChunk: 4096 positions) that end in a chunk shorter than a vector (found by a
+# review: that chunk's tail vector reached back before the chunk, outside the scratch
+# sums, and overwrote the responsibilities of the positions before it: y 0.58 from float64
+# at (8, 16, 4100)). Batches large enough that the rows are not cut shorter (make_tile_plan).
+PAIR_LONG_ROWS = {
+    "f32-eval-4100": ((8, 16, 4100), "eval", torch.float32),
+    "f32-train-4100": ((32, 16, 4100), "train", torch.float32),
+    "f64-eval-4097": ((8, 16, 4097), "eval", torch.float64),
+    "bf16-train-4103": ((32, 5, 4103), "train", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("device", device_params(emu=True))
+@pytest.mark.parametrize("case_name", list(PAIR_LONG_ROWS))
+def test_two_components_long_rows(case_name, device):
+    shape, mode, dtype = PAIR_LONG_ROWS[case_name]
+    _run_case(shape, 2, dtype, "contiguous", mode, device, seed_of(case_name))
+
+
 def _ops(device):
     return torch.ops.cbn_ext_emu if device == "emu" else torch.ops.cbn_ext
 

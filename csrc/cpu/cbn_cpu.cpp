@@ -275,6 +275,16 @@ bool stream_output(const Geometry& g, const TilePlan& plan, const Tensor& out) {
   return ok;
 }
 
+// Whether the channels-last evaluation prefetches y's rows for writing
+// (NormalizeArgs::prefetch_y): y not streamed, and at least a quarter of the last-level
+// cache (stream_threshold), where its lines are no longer in the cache from the call
+// before.
+bool prefetch_output(const Geometry& g, const Tensor& out, bool stream) {
+  if (!g.interleaved || stream) return false;
+  const int64_t t = stream_threshold();
+  return t != INT64_MAX && out.numel() * static_cast<int64_t>(out.element_size()) >= t / 4;
+}
+
 // sum_{i < n} f(i), pairwise (blocks of 16 summed in order, then a tree): the rounding
 // error grows with log n, and the order depends on n alone (deterministic).
 template <typename T, typename F>
@@ -299,12 +309,15 @@ math::WeightedMoments<T> pairwise_merge(int64_t n, F&& part, int64_t lo = 0) {
 }
 
 // E-step coefficients of the mixture: mu, 1/2 a = 1/2 / (var + eps),
-// b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps) (one allocation for both).
+// b_k = log(max(prior_k, 1e-6)) - 1/2 sum_c log(var_kc + eps), and for K = 2 the
+// coefficients of math::pair_term (m, A, B, C each) and db = b_0 - b_1 - sum_c (1/2 a_0
+// e_0^2 - 1/2 a_1 e_1^2) (one allocation for all).
 // With `copy`, also copies of the mixture (mean, var, prior), in the same pass.
 struct EstepCoefs {
   Tensor mu, buf;
   const void* half_a = nullptr;
   const void* b = nullptr;
+  const void* pair = nullptr;
   Tensor mean_copy, var_copy, prior_copy;
 };
 
@@ -313,7 +326,7 @@ EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tens
   const int64_t K = mix_mean.size(0), C = mix_mean.size(1);
   EstepCoefs out;
   out.mu = mix_mean.contiguous();
-  out.buf = at::empty({K * C + K}, out.mu.options());
+  out.buf = at::empty({K * C + K + (K == 2 ? 3 * C + 1 : 0)}, out.mu.options());
   if (copy) {
     out.mean_copy = at::empty_like(out.mu);
     out.var_copy = at::empty_like(out.mu);
@@ -335,6 +348,14 @@ EstepCoefs estep_coefs(const Tensor& mix_mean, const Tensor& mix_var, const Tens
       bb[k] = math::log_prior(pr[k]) + pairwise_sum<scalar_t>(C, [&](int64_t c) {
                 return math::neg_half_log_var(v[k * C + c], e);
               });
+    }
+    if (K == 2) {
+      scalar_t* pc = bb + K;
+      double cst = 0;
+      for (int64_t c = 0; c < C; ++c)
+        cst += math::pair_coefs(m[c], m[C + c], h[c], h[C + c], pc + c, pc + C + c, pc + 2 * C + c);
+      pc[3 * C] = static_cast<scalar_t>(double(bb[0]) - double(bb[1]) - cst);
+      out.pair = pc;
     }
     if (copy) {
       std::memcpy(out.mean_copy.data_ptr<scalar_t>(), m, K * C * sizeof(scalar_t));
@@ -565,6 +586,7 @@ BatchStats batch_stats_impl(const TrainSetup& st, const OptTensor& groups, int64
   sa.mu = ec.mu.defined() ? ec.mu.data_ptr() : nullptr;
   sa.half_a = ec.half_a;
   sa.b = ec.b;
+  sa.pair = ec.pair;
   sa.tau = out.tau.numel() > 0 ? out.tau.data_ptr() : nullptr;
   const size_t esize = parts.element_size();
   sa.part_n = parts.data_ptr();
@@ -766,11 +788,13 @@ std::tuple<Tensor, Tensor> forward_eval_impl(const EvalSetup& st, const OptTenso
   na.mu = ec.mu.defined() ? ec.mu.data_ptr() : nullptr;
   na.half_a = ec.half_a;
   na.b = ec.b;
+  na.pair = ec.pair;
   na.tau = tau.numel() > 0 ? tau.data_ptr() : nullptr;
   na.alpha = ac.alpha;
   na.delta = ac.delta;
   na.y = out.data_ptr();
   na.stream = stream_output(geo, plan, out);
+  na.prefetch_y = prefetch_output(geo, out, na.stream);
   CBN_CALL_KERNEL(estep_normalize_mixture, na);
   return {out, tau};
 }

@@ -79,6 +79,7 @@ struct StatsArgs {
   const void* mu;         // E-step mixture mean, kSoft only
   const void* half_a;     // 1/2 / (running_var + eps), kSoft only
   const void* b;          // (K,) log prior - 1/2 sum_c log(running_var + eps), kSoft only
+  const void* pair;       // K = 2, kSoft: m, A, B (C each) and db (math::pair_term)
   void* tau;              // output, unless kOne
   void* part_n;           // output (tiles, K)
   void* part_mean;        // output (tiles, K, C)
@@ -96,11 +97,13 @@ struct NormalizeArgs {
   const void* mu;         // eval, kSoft
   const void* half_a;     // eval, kSoft
   const void* b;          // eval, kSoft
+  const void* pair;       // eval, kSoft, K = 2: as StatsArgs::pair
   void* tau;              // train: input; eval: output (unless kOne)
   const void* alpha;      // gamma r
   const void* delta;      // beta - alpha m
   void* y;
   bool stream;            // y by non-temporal stores (stream_output)
+  bool prefetch_y;        // eval, interleaved: y's rows prefetched for writing (prefetch_output)
 };
 
 struct GradStatsArgs {

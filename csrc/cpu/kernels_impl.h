@@ -38,6 +38,14 @@
 //   from the L1 cache with its responsibilities in registers, was no faster: medians of
 //   alternating-process A/B 1.0-1.37x the time, bfloat16 and float32, 56x56 to 7x7, also
 //   with y's rows prefetched for writing; its stores go to C rows at once.)
+// * Two components (K = 2, soft): the E-step sums l_0 - l_1 as one sum, expanded about the
+//   components' midpoint (math::pair_term: a subtraction and two multiply-adds an element,
+//   against two subtractions, two products and two multiply-adds), then a softmax of
+//   (l_0 - l_1, 0): in-process A/B (2 cores, batch 64), evaluation 0.86-0.95x the time,
+//   batch statistics 0.92-0.94x (channels-last, float32 and bfloat16, 56x56 to 7x7); the
+//   responsibilities near the boundary between components far apart are more accurate
+//   (tests/test_separated.py). Planar rows of 128 positions or more sum it one channel
+//   row at a time (responsibilities_planar_pair).
 // * Outputs larger than the last-level cache (y, dx; cbn_cpu.cpp, stream_output) are
 //   written by non-temporal stores in the AVX2 and AVX-512 builds: the kernel is
 //   instantiated for that (NT, a compile-time constant, so that the ordinary stores of
@@ -366,6 +374,23 @@ C10_ALWAYS_INLINE V fresh(V v, int64_t n) {
     for (int64_t i = 0; i < W; ++i) idx[i] = static_cast<E>(i);
     const I lim = I{} + static_cast<E>(P == kOverlap ? W - n : n);
     return (P == kOverlap ? idx >= lim : idx < lim) ? v : V{};
+  }
+}
+
+// The lanes of t that hold new positions (those fresh keeps), the others from old.
+template <int P, typename V>
+C10_ALWAYS_INLINE V new_lanes(V old, V t, int64_t n) {
+  if constexpr (P == kWhole) {
+    return t;
+  } else {
+    using T = std::remove_cv_t<std::remove_reference_t<decltype(t[0])>>;
+    using I = typename VecTraits<T>::I;
+    using E = std::remove_cv_t<std::remove_reference_t<decltype(I{}[0])>>;
+    constexpr int64_t W = kW<T>;
+    I idx;
+    for (int64_t i = 0; i < W; ++i) idx[i] = static_cast<E>(i);
+    const I lim = I{} + static_cast<E>(P == kOverlap ? W - n : n);
+    return (P == kOverlap ? idx >= lim : idx < lim) ? t : old;
   }
 }
 
@@ -840,8 +865,40 @@ C10_ALWAYS_INLINE void mahalanobis_row(const S* xr, int64_t C, const acc_t* mu,
   }
 }
 
+// Interleaved, two components: sum_c d (A d + B) of one row (math::pair_term; pc: m, A,
+// B, C each) as a vector whose lanes add up to it, blocked over channels as
+// mahalanobis_row; four vectors of channels a step (four accumulators: one multiply-add
+// chain each).
+template <typename S, typename acc_t>
+C10_ALWAYS_INLINE void pair_row(const S* xr, int64_t C, const acc_t* pc, Vec<acc_t> (&tot)[1]) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kW<acc_t>;
+  const acc_t* m = pc;
+  const acc_t* A = pc + C;
+  const acc_t* B = pc + 2 * C;
+  tot[0] = V{};
+  for (int64_t c0 = 0; c0 < C; c0 += 2 * W * kChannelBlock) {
+    const int64_t c1 = std::min(C, c0 + 2 * W * kChannelBlock);
+    V acc[4] = {};
+    int64_t c = c0;
+    for (; c + 4 * W <= c1; c += 4 * W)
+      for (int u = 0; u < 4; ++u) {
+        const int64_t i = c + u * W;
+        acc[u] += math::pair_term(vload(xr + i), vload(m + i), vload(A + i), vload(B + i));
+      }
+    for_vectors<acc_t>(c1 - c, [&](auto span, int64_t i, int64_t n) {
+      constexpr int P = decltype(span)::value;
+      const int64_t q = c + i;
+      acc[0] += math::pair_term(ld<P>(xr + q, n), ld<P>(m + q, n), ld<P>(A + q, n),
+                                ld<P>(B + q, n));
+    });
+    tot[0] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
 // Interleaved: the log-likelihoods b_k - sum_c 1/2 a_kc (x_c - mu_kc)^2 of the n <= W
-// rows at x, one vector a component: l[k], lane j for row j (lanes from n on: b_k). Each
+// rows at x, one vector a component: l[k], lane j for row j (lanes from n on: b_k); with
+// pair (K = 2), l[0] = l_0 - l_1 (lanes from n on: db) and l[1] = 0. Each
 // row's sums as vectors (mahalanobis_row), their lanes added up W rows at a time by
 // vsum_lanes: the same additions, in the same order, as a vsum a row, without a chain of
 // scalar additions and lane extractions per row and component (a third of the
@@ -849,8 +906,18 @@ C10_ALWAYS_INLINE void mahalanobis_row(const S* xr, int64_t C, const acc_t* mu,
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void loglik_interleaved_group(const S* x, int64_t n, int64_t C, int64_t K,
                                                 const acc_t* mu, const acc_t* ha,
-                                                const acc_t* b, Vec<acc_t>* l) {
+                                                const acc_t* b, const acc_t* pair,
+                                                Vec<acc_t>* l) {
   using V = Vec<acc_t>;
+  if (pair != nullptr) {
+    V s[1];
+    group_sums<1>(n, s, [&](int64_t j, V(&tot)[1]) __attribute__((always_inline)) {
+      pair_row(x + j * C, C, pair, tot);
+    });
+    l[0] = vsplat(pair[3 * C]) - s[0];
+    l[1] = V{};
+    return;
+  }
   for_component_blocks(K, [&](auto kbc, int64_t k0) {
     constexpr int KB = decltype(kbc)::value;
     V s[KB];
@@ -867,10 +934,10 @@ C10_ALWAYS_INLINE void loglik_interleaved_group(const S* x, int64_t n, int64_t C
 template <typename S, typename acc_t>
 void responsibilities_interleaved(const S* x, int64_t T, int64_t C, int64_t K,
                                   const acc_t* mu, const acc_t* ha, const acc_t* b,
-                                  acc_t* loc, Vec<acc_t>* lanes) {
+                                  const acc_t* pair, acc_t* loc, Vec<acc_t>* lanes) {
   for_vectors<acc_t>(T, [&](auto span, int64_t j, int64_t n) {
     constexpr int P = decltype(span)::value;
-    loglik_interleaved_group(x + j * C, n, C, K, mu, ha, b, lanes);
+    loglik_interleaved_group(x + j * C, n, C, K, mu, ha, b, pair, lanes);
     math::softmax_in_place(lanes, K, 1, VExp{});
     for (int64_t k = 0; k < K; ++k) st<P>(loc + k * T + j, lanes[k], n);
   });
@@ -913,29 +980,137 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
     for (int v = 0; v < NV; ++v) l[kb * NV + v] = vsplat(b[kb]) - tot[kb][v];
 }
 
+// Planar, two components: l_0 - l_1 of the NV vectors of positions at o[v] into l[v]
+// (math::pair_term; pc: m, A, B, C each, then db), blocked over channels.
+template <int NV, int P, typename S, typename acc_t>
+C10_ALWAYS_INLINE void loglik_planar_pair(View<const S> xv, int64_t seg, const int64_t* o,
+                                          int64_t n, int64_t C, const acc_t* pc,
+                                          Vec<acc_t>* l) {
+  using V = Vec<acc_t>;
+  const bool pf = rows_need_prefetch<S>(xv.c_stride);
+  V tot[NV];
+  for (int v = 0; v < NV; ++v) tot[v] = V{};
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+    const int64_t c1 = std::min(C, c0 + kChannelBlock);
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    for (int64_t c = c0; c < c1; ++c) {
+      const S* r = xv.row(seg, c);
+      if (pf) {
+        prefetch_ahead(r + o[0]);
+        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) prefetch_ahead(r + o[0] + 64 / sizeof(S));
+      }
+      const acc_t m = pc[c], A = pc[C + c], B = pc[2 * C + c];
+      for (int v = 0; v < NV; ++v) acc[v] += math::pair_term(ld<P>(r + o[v], n), m, A, B);
+    }
+    for (int v = 0; v < NV; ++v) tot[v] += acc[v];
+  }
+  for (int v = 0; v < NV; ++v) l[v] = vsplat(pc[3 * C]) - tot[v];
+}
+
 // Planar: responsibilities of a group of NV vectors of positions: lanes[k * NV + v].
 template <int NV, int P, typename S, typename acc_t>
 C10_ALWAYS_INLINE void responsibilities_planar_group(View<const S> xv, int64_t seg,
                                                      const int64_t* o, int64_t n, int64_t C,
                                                      int64_t K, const acc_t* mu,
                                                      const acc_t* ha, const acc_t* b,
-                                                     Vec<acc_t>* lanes) {
-  for_component_pairs(K, [&](auto kbc, int64_t k0) {
-    loglik_planar<NV, P, decltype(kbc)::value>(xv, seg, o, n, C, mu + k0 * C, ha + k0 * C,
-                                               b + k0, lanes + k0 * NV);
-  });
+                                                     const acc_t* pair, Vec<acc_t>* lanes) {
+  if (pair != nullptr) {
+    loglik_planar_pair<NV, P>(xv, seg, o, n, C, pair, lanes);
+    for (int v = 0; v < NV; ++v) lanes[NV + v] = Vec<acc_t>{};
+  } else {
+    for_component_pairs(K, [&](auto kbc, int64_t k0) {
+      loglik_planar<NV, P, decltype(kbc)::value>(xv, seg, o, n, C, mu + k0 * C, ha + k0 * C,
+                                                 b + k0, lanes + k0 * NV);
+    });
+  }
   for (int v = 0; v < NV; ++v) math::softmax_in_place(lanes + v, K, NV, VExp{});
+}
+
+// Planar, two components, rows of at least kPairRowsMin positions: the tile's
+// responsibilities from l_0 - l_1 (math::pair_term; pc: m, A, B, C each, then db) summed
+// one channel row at a time, over the positions of the whole row (chunks of kPairChunk
+// positions in longer rows), the sums in scratch arrays (sc: 2 kPairChunk, in the L1 or
+// L2 cache): the tile is read in memory order, where the E-step of a group of positions
+// (loglik_planar_pair) walks its C rows side by side, one stream each. In-process A/B
+// against that walk (2 cores, batch 64, 8 rounds, medians): evaluation 0.62x the time
+// (float32 28x28), 0.70-0.72x (float32 56x56), 0.84x (float32 14x14), 0.90-0.94x
+// (bfloat16 56x56 to 14x14); at 7x7 (rows of 49) it took 1.6x: short rows go by groups.
+// Sums over channels stay blocked: kChannelBlock rows into acc, then acc into tot.
+constexpr int64_t kPairChunk = 4096;
+constexpr int64_t kPairRowsMin = 128;
+
+template <typename S, typename acc_t>
+void responsibilities_planar_pair(View<const S> xv, View<acc_t> tv, int64_t nseg, int64_t len,
+                                  int64_t C, const acc_t* pc, acc_t* sc) {
+  using V = Vec<acc_t>;
+  acc_t* const tot = sc;
+  acc_t* const acc = sc + kPairChunk;
+  const V db = vsplat(pc[3 * C]);
+  // Each chunk of n positions is walked as a row of its own (row_span over [0, n)), so
+  // that a tail vector stays inside the chunk: kOverlap at n - W, or kPart when n < W.
+  // add_into: into q[0, n), t for the first row of a sum, else q + t; a kOverlap vector
+  // changes only its new lanes.
+  const auto add_into = [](acc_t* q, int64_t n, bool first, auto&& term) {
+    row_span<acc_t>(n, 0, n, [&](auto span, int64_t i, int64_t w) {
+      constexpr int P = decltype(span)::value;
+      acc_t* qi = q + i;
+      const V t = term(span, i, w);
+      if (first)
+        st<P>(qi, P == kOverlap ? new_lanes<P>(ld<P>(qi, w), t, w) : t, w);
+      else
+        st<P>(qi, ld<P>(qi, w) + fresh<P>(t, w), w);
+    });
+  };
+  for (int64_t seg = 0; seg < nseg; ++seg) {
+    for (int64_t p0 = 0; p0 < len; p0 += kPairChunk) {
+      const int64_t n = std::min(len - p0, kPairChunk);
+      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+        const int64_t c1 = std::min(C, c0 + kChannelBlock);
+        for (int64_t c = c0; c < c1; ++c) {
+          const S* r = xv.row(seg, c) + p0;
+          const acc_t m = pc[c], A = pc[C + c], B = pc[2 * C + c];
+          add_into(acc, n, c == c0, [&](auto span, int64_t i, int64_t w) {
+            return math::pair_term(ld<decltype(span)::value>(r + i, w), m, A, B);
+          });
+        }
+        add_into(tot, n, c0 == 0, [&](auto span, int64_t i, int64_t w) {
+          return ld<decltype(span)::value>(acc + i, w);
+        });
+      }
+      acc_t* const t0 = tv.row(seg, 0) + p0;
+      acc_t* const t1 = tv.row(seg, 1) + p0;
+      row_span<acc_t>(n, 0, n, [&](auto span, int64_t i, int64_t w) {
+        constexpr int P = decltype(span)::value;
+        V l[2] = {db - ld<P>(tot + i, w), V{}};
+        math::softmax_in_place(l, 2, 1, VExp{});
+        st<P>(t0 + i, l[0], w);
+        st<P>(t1 + i, l[1], w);
+      });
+    }
+  }
+}
+
+// The length of responsibilities_planar_pair's scratch array for a plan (0: not used).
+C10_ALWAYS_INLINE int64_t pair_scratch(const Geometry& g, const TilePlan& plan,
+                                       const void* pair) {
+  return pair != nullptr && !g.interleaved && plan.len >= kPairRowsMin ? 2 * kPairChunk : 0;
 }
 
 // Planar: the tile's responsibilities, written to tau's rows.
 template <typename S, typename acc_t>
 void responsibilities_planar(View<const S> xv, View<acc_t> tv, int64_t nseg, int64_t len,
                              int64_t C, int64_t K, const acc_t* mu, const acc_t* ha,
-                             const acc_t* b, Vec<acc_t>* lanes) {
+                             const acc_t* b, const acc_t* pair, acc_t* sc,
+                             Vec<acc_t>* lanes) {
+  if (pair != nullptr && len >= kPairRowsMin) {
+    responsibilities_planar_pair(xv, tv, nseg, len, C, pair, sc);
+    return;
+  }
   for (int64_t seg = 0; seg < nseg; ++seg) {
     auto body = [&](auto nvc, auto span, const int64_t* o, int64_t n) {
       constexpr int NV = decltype(nvc)::value, P = decltype(span)::value;
-      responsibilities_planar_group<NV, P>(xv, seg, o, n, C, K, mu, ha, b, lanes);
+      responsibilities_planar_group<NV, P>(xv, seg, o, n, C, K, mu, ha, b, pair, lanes);
       for (int64_t k = 0; k < K; ++k)
         for (int v = 0; v < NV; ++v) st<P>(tv.row(seg, k) + o[v], lanes[k * NV + v], n);
     };
@@ -1199,16 +1374,41 @@ C10_ALWAYS_INLINE void normalize_row_fixed(const S* x, S* y, int64_t C, const ac
   });
 }
 
+// The channels-last evaluation prefetches for writing the lines of y kWriteAhead bytes
+// ahead of the pair of rows it writes, where y is large but not streamed
+// (NormalizeArgs::prefetch_y): its stores had stalled on fetching y's lines (perf: the
+// normalization, from the tile just read by the E-step, took 1.6x BatchNorm's evaluation
+// at 64 x 256 x 14 x 14 float32, K = 2, and as long as BatchNorm at batch 8). In-process
+// A/B, 2 cores, batch 64, K = 2, 8 rounds, medians: float32 14x14 0.80x the time, 28x28
+// 0.85x; bfloat16 56x56 0.95x, 28x28 0.93x. Not for outputs that stay in the cache
+// (float32 7x7, 6.4 MB: 1.10x with it) nor for streamed ones (float32 56x56: 1.31x), nor
+// in training (its normalization 1.02-1.18x at K = 1, forward + backward within noise).
+constexpr int64_t kWriteAhead = 2048;
+
+// Prefetches for writing the cache lines that start in [from, from + bytes) bytes past the
+// line that holds p (consecutive calls with consecutive ranges: each line once). The
+// addresses are formed as integers: past the end of the tensor a prefetch does nothing.
+C10_ALWAYS_INLINE void prefetch_for_write(const void* p, int64_t from, int64_t bytes) {
+  constexpr int64_t L = 64;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(L - 1);
+  for (int64_t off = (from + L - 1) & ~(L - 1); off < from + bytes; off += L)
+    __builtin_prefetch(reinterpret_cast<const void*>(base + off), 1, 3);
+}
+
 // Interleaved, rows [j0, j0 + n) of the tile; tau in the (P, K) layout at tj (row j0).
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_interleaved_rows(const S* x, S* y, int64_t n, int64_t C,
                                                   int64_t K, const acc_t* tj,
                                                   const acc_t* alpha, const acc_t* delta,
-                                                  bool nt) {
+                                                  bool nt, bool pfw = false) {
   constexpr int KM = KS ? KS : 1;
   int64_t j = 0;
   if constexpr (KS != 0) {
     for (; j + 2 <= n; j += 2) {
+      if (pfw) {
+        const int64_t rb = C * static_cast<int64_t>(sizeof(S));
+        prefetch_for_write(y, j * rb + kWriteAhead, 2 * rb);
+      }
       acc_t t[KM][2];
       for (int k = 0; k < KM; ++k) {
         t[k][0] = tj[j * K + k];
@@ -1722,6 +1922,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
   const auto* mu = static_cast<const A*>(a.mu);
   const auto* ha = static_cast<const A*>(a.half_a);
   const auto* b = static_cast<const A*>(a.b);
+  const auto* pair = static_cast<const A*>(a.pair);
   const int64_t* groups = a.groups;
   auto* tau = static_cast<A*>(a.tau);
   auto* pn = static_cast<A*>(a.part_n);
@@ -1731,6 +1932,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
     Scratch<A> loc(g.interleaved && resp != Resp::kOne ? K * plan.len : 0);
     Scratch<A> sums(g.interleaved ? 3 * K * (C + kW<A>) : 0);
     Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
+    Scratch<A> psc(pair_scratch(g, plan, pair));
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       const int64_t T = tl.T;
@@ -1744,7 +1946,7 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
           cnt[0] = A(T);
         } else {
           if (resp == Resp::kSoft) {
-            responsibilities_interleaved(xt, T, C, K, mu, ha, b, loc.get(), lanes.get());
+            responsibilities_interleaved(xt, T, C, K, mu, ha, b, pair, loc.get(), lanes.get());
           } else {
             given_interleaved(g, tl, K, groups, loc.get());
           }
@@ -1764,7 +1966,8 @@ void collect_mixture_stats_impl(const StatsArgs& a) {
       } else {
         tv = planar_tau(g, tl, K, tau);
         if (resp == Resp::kSoft)
-          responsibilities_planar(xv, tv, tl.nseg, tl.len, C, K, mu, ha, b, lanes.get());
+          responsibilities_planar(xv, tv, tl.nseg, tl.len, C, K, mu, ha, b, pair, psc.get(),
+                                  lanes.get());
         else
           given_planar(tl, K, groups, tv);
       }
@@ -1842,9 +2045,11 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
   const auto* mu = static_cast<const A*>(a.mu);
   const auto* ha = static_cast<const A*>(a.half_a);
   const auto* b = static_cast<const A*>(a.b);
+  const auto* pair = static_cast<const A*>(a.pair);
   constexpr int64_t W = kW<A>;
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
     Scratch<Vec<A>> lanes(4 * K);  // K x 4 vectors: a planar E-step's group
+    Scratch<A> psc(pair_scratch(g, plan, pair));
     Scratch<A> coef(2 * K);
     Scratch<const A*> rows(K);
     for (int64_t t = begin; t < end; ++t) {
@@ -1860,18 +2065,20 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
         for (int64_t j0 = 0; j0 < tl.T; j0 += W) {
           const int64_t n = std::min(W, tl.T - j0);
           Vec<A>* l = lanes.get();
-          loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, l);
+          loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, pair, l);
           math::softmax_in_place(l, K, 1, VExp{});
           for (int64_t j = 0; j < n; ++j)
             for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
         }
-        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, NT);
+        normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, NT,
+                                       !NT && a.prefetch_y);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x);
       const View<S> yv = planar_view(g, tl, y);
       const View<A> tv = planar_tau(g, tl, K, tau);
-      responsibilities_planar(xv, tv, tl.nseg, tl.len, C, K, mu, ha, b, lanes.get());
+      responsibilities_planar(xv, tv, tl.nseg, tl.len, C, K, mu, ha, b, pair, psc.get(),
+                                  lanes.get());
       normalize_planar<KS, NT>(xv, yv, View<const A>{tv.base, tv.seg_stride, tv.c_stride},
                                tl.nseg, tl.len, C, K, nullptr, alpha, delta, coef.get(),
                                rows.get());
