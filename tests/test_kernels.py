@@ -514,6 +514,7 @@ PAIR_LONG_ROWS = {
     "f32-train-4100": ((32, 16, 4100), "train", torch.float32),
     "f64-eval-4097": ((8, 16, 4097), "eval", torch.float64),
     "bf16-train-4103": ((32, 5, 4103), "train", torch.bfloat16),
+    "f32-eval-4109": ((8, 16, 4109), "eval", torch.float32),  # a last chunk of 13: kOverlap
 }
 
 

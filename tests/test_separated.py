@@ -238,9 +238,9 @@ def test_positions_between_two_far_components(distance, training, shape, layout,
     dx within the SPEC's rule. The CPU kernels' E-step for two components sums l_0 - l_1
     expanded about the midpoint of the means (math::pair_term); rows of 25 positions take
     the group walk, rows of 156 the row walk (kernels_impl.h). With l_0 and l_1 summed
-    apart (before), the evaluation missed the rule at 2000 and 10^4 nats: y up to 9.8e-6
-    and 7.1e-5 (bounds 7.9e-6 and 7.2e-5), dx up to 3.5e-5 and 1.9e-4; now y 1.4e-6 and
-    9.7e-6, dx 3.6e-6 and 2.2e-5. Not asserted: training at 10^4 nats, where y and dx are
+    apart (before), the evaluation missed the rule at 2000 nats, (4, 40, 5, 5): y 9.8e-6
+    and dx 2.4e-5 against bounds 7.9e-6 and 2.1e-5 (now 1.4e-6 and 3.6e-6), and at 10^4
+    nats, (4, 40, 12, 13) contiguous: dx 1.9e-4 against 1.8e-4 (now 2.2e-5). Not asserted: training at 10^4 nats, where y and dx are
     2.1e-4 to 2.8e-4 and 3.4e-5 to 4.1e-5 from float64 over six seeds, as before the
     change, and PyTorch's float32 reference 1.3e-4 to 2.7e-4 and 1.8e-5 to 4.4e-5: the
     normalization of inputs about 70 standard deviations from their component's mean (y

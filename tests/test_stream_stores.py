@@ -4,9 +4,10 @@ are whole cache lines, by streaming stores. They must write the same bits as ord
 stores, at any thread count. The threshold is read once per process
 (CBN_EXT_STREAM_MIN_BYTES), so each setting runs in a process of its own: 0 streams every
 output whose rows allow it, -1 none; cbn_ext._C._stream_count() says how many were. At 0
-the channels-last evaluation also prefetches for writing the outputs it does not stream
-(cbn_cpu.cpp, prefetch_output: from a quarter of the threshold; here the rows of 20 and
-10 channels), at -1 none: that must not change a bit either."""
+the channels-last evaluation (K = 2 and 3 here) also prefetches the lines of the outputs
+it does not stream (cbn_cpu.cpp, prefetch_output: from a quarter of the threshold; here
+the channels-last rows of 20 channels, and the (N, C) rows of 48 in float16 and
+bfloat16, 96 bytes), at -1 none: that must not change a bit either."""
 
 import os
 import subprocess

@@ -275,10 +275,13 @@ bool stream_output(const Geometry& g, const TilePlan& plan, const Tensor& out) {
   return ok;
 }
 
-// Whether the channels-last evaluation prefetches y's rows for writing
-// (NormalizeArgs::prefetch_y): y not streamed, and at least a quarter of the last-level
-// cache (stream_threshold), where its lines are no longer in the cache from the call
-// before.
+// Whether the channels-last evaluation prefetches y's lines ahead of its stores
+// (NormalizeArgs::prefetch_y; kernels_impl.h, kWriteAhead): y not streamed and at least a
+// quarter of stream_threshold() (the last-level cache, or CBN_EXT_STREAM_MIN_BYTES), where
+// its lines are no longer in the cache from the call before. (Measured below the
+// threshold; outputs above it that are not streamed, whose rows are not whole lines or in
+// the baseline build, prefetch too, unmeasured. tests/test_stream_stores.py sets the
+// threshold to 0 to run it.)
 bool prefetch_output(const Geometry& g, const Tensor& out, bool stream) {
   if (!g.interleaved || stream) return false;
   const int64_t t = stream_threshold();

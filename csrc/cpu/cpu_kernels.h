@@ -103,7 +103,7 @@ struct NormalizeArgs {
   const void* delta;      // beta - alpha m
   void* y;
   bool stream;            // y by non-temporal stores (stream_output)
-  bool prefetch_y;        // eval, interleaved: y's rows prefetched for writing (prefetch_output)
+  bool prefetch_y;        // eval, interleaved: y's lines prefetched ahead (prefetch_output)
 };
 
 struct GradStatsArgs {

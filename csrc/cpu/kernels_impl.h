@@ -360,20 +360,29 @@ C10_ALWAYS_INLINE void st(S* p, Vec<acc_of<S>> v, int64_t n, bool nt = false) {
   }
 }
 
+// Which lanes of a vector (not kWhole) hold new positions (or channels): lanes [W - n, W)
+// of a kOverlap vector, [0, n) of a kPart one.
+template <int P, typename T>
+C10_ALWAYS_INLINE auto new_lane_mask(int64_t n) {
+  using I = typename VecTraits<T>::I;
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(I{}[0])>>;
+  constexpr int64_t W = kW<T>;
+  I idx;
+  for (int64_t i = 0; i < W; ++i) idx[i] = static_cast<E>(i);
+  const I lim = I{} + static_cast<E>(P == kOverlap ? W - n : n);
+  return P == kOverlap ? idx >= lim : idx < lim;
+}
+
+template <typename V>
+using lane_t = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
+
 // v with the lanes that hold no new position (or channel) set to zero: what a sum takes.
 template <int P, typename V>
 C10_ALWAYS_INLINE V fresh(V v, int64_t n) {
   if constexpr (P == kWhole) {
     return v;
   } else {
-    using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
-    using I = typename VecTraits<T>::I;
-    using E = std::remove_cv_t<std::remove_reference_t<decltype(I{}[0])>>;
-    constexpr int64_t W = kW<T>;
-    I idx;
-    for (int64_t i = 0; i < W; ++i) idx[i] = static_cast<E>(i);
-    const I lim = I{} + static_cast<E>(P == kOverlap ? W - n : n);
-    return (P == kOverlap ? idx >= lim : idx < lim) ? v : V{};
+    return new_lane_mask<P, lane_t<V>>(n) ? v : V{};
   }
 }
 
@@ -383,14 +392,7 @@ C10_ALWAYS_INLINE V new_lanes(V old, V t, int64_t n) {
   if constexpr (P == kWhole) {
     return t;
   } else {
-    using T = std::remove_cv_t<std::remove_reference_t<decltype(t[0])>>;
-    using I = typename VecTraits<T>::I;
-    using E = std::remove_cv_t<std::remove_reference_t<decltype(I{}[0])>>;
-    constexpr int64_t W = kW<T>;
-    I idx;
-    for (int64_t i = 0; i < W; ++i) idx[i] = static_cast<E>(i);
-    const I lim = I{} + static_cast<E>(P == kOverlap ? W - n : n);
-    return (P == kOverlap ? idx >= lim : idx < lim) ? t : old;
+    return new_lane_mask<P, lane_t<V>>(n) ? t : old;
   }
 }
 
@@ -1374,25 +1376,28 @@ C10_ALWAYS_INLINE void normalize_row_fixed(const S* x, S* y, int64_t C, const ac
   });
 }
 
-// The channels-last evaluation prefetches for writing the lines of y kWriteAhead bytes
-// ahead of the pair of rows it writes, where y is large but not streamed
-// (NormalizeArgs::prefetch_y): its stores had stalled on fetching y's lines (perf: the
-// normalization, from the tile just read by the E-step, took 1.6x BatchNorm's evaluation
-// at 64 x 256 x 14 x 14 float32, K = 2, and as long as BatchNorm at batch 8). In-process
-// A/B, 2 cores, batch 64, K = 2, 8 rounds, medians: float32 14x14 0.80x the time, 28x28
-// 0.85x; bfloat16 56x56 0.95x, 28x28 0.93x. Not for outputs that stay in the cache
-// (float32 7x7, 6.4 MB: 1.10x with it) nor for streamed ones (float32 56x56: 1.31x), nor
-// in training (its normalization 1.02-1.18x at K = 1, forward + backward within noise).
+// The channels-last evaluation's pairs of rows (soft responsibilities, K = 2 to 4)
+// prefetch the lines of y kWriteAhead bytes ahead of those they write (prefetch_lines,
+// prefetcht0: a prefetch for writing would need PRFCHW, not enabled here), where y is at
+// least a quarter of the last-level cache and not streamed (NormalizeArgs::prefetch_y):
+// their stores had stalled on fetching y's lines (perf: the normalization, from the tile
+// just read by the E-step, took 1.6x BatchNorm's evaluation at 64 x 256 x 14 x 14
+// float32, K = 2, and less than BatchNorm at batch 8). In-process A/B, 2 cores, batch 64,
+// K = 2, 8 rounds, medians: float32 14x14 0.80x the time, 28x28 0.85x; bfloat16 56x56
+// 0.95x, 28x28 0.93x. Not for outputs that stay in the cache (float32 7x7, 6.4 MB: 1.10x
+// with it) nor for streamed ones (float32 56x56: 1.31x), nor in training (its
+// normalization 1.02-1.18x at K = 1, forward + backward within noise).
 constexpr int64_t kWriteAhead = 2048;
 
-// Prefetches for writing the cache lines that start in [from, from + bytes) bytes past the
-// line that holds p (consecutive calls with consecutive ranges: each line once). The
-// addresses are formed as integers: past the end of the tensor a prefetch does nothing.
-C10_ALWAYS_INLINE void prefetch_for_write(const void* p, int64_t from, int64_t bytes) {
+// Prefetches the cache lines that start in [from, from + bytes) bytes past the line that
+// holds p (consecutive calls with consecutive ranges: each line once). The addresses are
+// formed as integers (they may lie past the end of the tensor, where a pointer may not
+// point; such a prefetch fetches whatever lies there, or nothing).
+C10_ALWAYS_INLINE void prefetch_lines(const void* p, int64_t from, int64_t bytes) {
   constexpr int64_t L = 64;
   const uintptr_t base = reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(L - 1);
   for (int64_t off = (from + L - 1) & ~(L - 1); off < from + bytes; off += L)
-    __builtin_prefetch(reinterpret_cast<const void*>(base + off), 1, 3);
+    __builtin_prefetch(reinterpret_cast<const void*>(base + off), 0, 3);
 }
 
 // Interleaved, rows [j0, j0 + n) of the tile; tau in the (P, K) layout at tj (row j0).
@@ -1407,7 +1412,7 @@ C10_ALWAYS_INLINE void normalize_interleaved_rows(const S* x, S* y, int64_t n, i
     for (; j + 2 <= n; j += 2) {
       if (pfw) {
         const int64_t rb = C * static_cast<int64_t>(sizeof(S));
-        prefetch_for_write(y, j * rb + kWriteAhead, 2 * rb);
+        prefetch_lines(y, j * rb + kWriteAhead, 2 * rb);
       }
       acc_t t[KM][2];
       for (int k = 0; k < KM; ++k) {
