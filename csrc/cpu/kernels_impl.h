@@ -945,15 +945,14 @@ void responsibilities_interleaved(const S* x, int64_t T, int64_t C, int64_t K,
   });
 }
 
-// Planar: log-likelihoods of the NV vectors of positions at o[v] of segment seg,
-// components [0, KB) of mu / ha / b, into l[kb * NV + v]; blocked over channels.
-template <int NV, int P, int KB, typename S, typename acc_t>
-C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_t* o, int64_t n,
-                                     int64_t C, const acc_t* mu, const acc_t* ha, const acc_t* b,
-                                     Vec<acc_t>* l) {
-  using V = Vec<acc_t>;
+// Planar: KB sums over channels for the NV vectors of positions at o[v] of segment seg,
+// into tot[kb][v]; blocked over channels. add(c, xs, acc) adds channel c's terms, its
+// row's vectors xs[v], into acc[kb][v].
+template <int NV, int P, int KB, typename S, typename V, typename F>
+C10_ALWAYS_INLINE void planar_channel_sums(View<const S> xv, int64_t seg, const int64_t* o,
+                                           int64_t n, int64_t C, V (&tot)[KB][NV], F&& add) {
+  using acc_t = lane_t<V>;
   const bool pf = rows_need_prefetch<S>(xv.c_stride);
-  V tot[KB][NV];
   for (int kb = 0; kb < KB; ++kb)
     for (int v = 0; v < NV; ++v) tot[kb][v] = V{};
   for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
@@ -970,44 +969,48 @@ C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_
       }
       V xs[NV];
       for (int v = 0; v < NV; ++v) xs[v] = ld<P>(r + o[v], n);
-      for (int kb = 0; kb < KB; ++kb) {
-        const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
-        for (int v = 0; v < NV; ++v) acc[kb][v] += math::mahalanobis_term(xs[v], m, h);
-      }
+      add(c, xs, acc);
     }
     for (int kb = 0; kb < KB; ++kb)
       for (int v = 0; v < NV; ++v) tot[kb][v] += acc[kb][v];
   }
+}
+
+// Planar: log-likelihoods of the NV vectors of positions at o[v] of segment seg,
+// components [0, KB) of mu / ha / b, into l[kb * NV + v].
+template <int NV, int P, int KB, typename S, typename acc_t>
+C10_ALWAYS_INLINE void loglik_planar(View<const S> xv, int64_t seg, const int64_t* o, int64_t n,
+                                     int64_t C, const acc_t* mu, const acc_t* ha, const acc_t* b,
+                                     Vec<acc_t>* l) {
+  using V = Vec<acc_t>;
+  V tot[KB][NV];
+  planar_channel_sums<NV, P, KB>(xv, seg, o, n, C, tot,
+                                 [&](int64_t c, const V(&xs)[NV], V(&acc)[KB][NV])
+                                     __attribute__((always_inline)) {
+    for (int kb = 0; kb < KB; ++kb) {
+      const acc_t m = mu[kb * C + c], h = ha[kb * C + c];
+      for (int v = 0; v < NV; ++v) acc[kb][v] += math::mahalanobis_term(xs[v], m, h);
+    }
+  });
   for (int kb = 0; kb < KB; ++kb)
     for (int v = 0; v < NV; ++v) l[kb * NV + v] = vsplat(b[kb]) - tot[kb][v];
 }
 
 // Planar, two components: l_0 - l_1 of the NV vectors of positions at o[v] into l[v]
-// (math::pair_term; pc: m, A, B, C each, then db), blocked over channels.
+// (math::pair_term; pc: m, A, B, C each, then db).
 template <int NV, int P, typename S, typename acc_t>
 C10_ALWAYS_INLINE void loglik_planar_pair(View<const S> xv, int64_t seg, const int64_t* o,
                                           int64_t n, int64_t C, const acc_t* pc,
                                           Vec<acc_t>* l) {
   using V = Vec<acc_t>;
-  const bool pf = rows_need_prefetch<S>(xv.c_stride);
-  V tot[NV];
-  for (int v = 0; v < NV; ++v) tot[v] = V{};
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-    const int64_t c1 = std::min(C, c0 + kChannelBlock);
-    V acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = V{};
-    for (int64_t c = c0; c < c1; ++c) {
-      const S* r = xv.row(seg, c);
-      if (pf) {
-        prefetch_ahead(r + o[0]);
-        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) prefetch_ahead(r + o[0] + 64 / sizeof(S));
-      }
-      const acc_t m = pc[c], A = pc[C + c], B = pc[2 * C + c];
-      for (int v = 0; v < NV; ++v) acc[v] += math::pair_term(ld<P>(r + o[v], n), m, A, B);
-    }
-    for (int v = 0; v < NV; ++v) tot[v] += acc[v];
-  }
-  for (int v = 0; v < NV; ++v) l[v] = vsplat(pc[3 * C]) - tot[v];
+  V tot[1][NV];
+  planar_channel_sums<NV, P, 1>(xv, seg, o, n, C, tot,
+                                [&](int64_t c, const V(&xs)[NV], V(&acc)[1][NV])
+                                    __attribute__((always_inline)) {
+    const acc_t m = pc[c], A = pc[C + c], B = pc[2 * C + c];
+    for (int v = 0; v < NV; ++v) acc[0][v] += math::pair_term(xs[v], m, A, B);
+  });
+  for (int v = 0; v < NV; ++v) l[v] = vsplat(pc[3 * C]) - tot[0][v];
 }
 
 // Planar: responsibilities of a group of NV vectors of positions: lanes[k * NV + v].
