@@ -165,10 +165,10 @@ CBN_INLINE void chan_merge(WeightedMoments<acc_t>& a, const WeightedMoments<acc_
 
 // chan_merge of the moments of several channels that share their counts (the means and
 // M2 of one component in a SIMD vector T, one count): the same arithmetic lane by lane,
-// with one division for all of them.
-template <typename T, typename acc_t>
+// with one division for all of them. splat(s): a T of lanes s.
+template <typename T, typename acc_t, typename Splat>
 CBN_INLINE void chan_merge_shared(acc_t& an, T& amean, T& am2, acc_t bn, const T& bmean,
-                                  const T& bm2) {
+                                  const T& bm2, Splat&& splat) {
   const acc_t n = an + bn;
   if (bn == acc_t(0)) return;
   if (an == acc_t(0)) {
@@ -178,9 +178,9 @@ CBN_INLINE void chan_merge_shared(acc_t& an, T& amean, T& am2, acc_t bn, const T
     return;
   }
   const T delta = bmean - amean;
-  const acc_t wb = bn / n;
+  const T wb = splat(bn / n), av = splat(an);
   amean = amean + delta * wb;
-  am2 = am2 + bm2 + delta * delta * an * wb;
+  am2 = am2 + bm2 + delta * delta * av * wb;
   an = n;
 }
 
@@ -237,7 +237,9 @@ CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
 //   dl[p,k]   = tau_k (dtau_k - sum_j tau_j dtau_j)
 //   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
 // The kernels take this formula as it stands, every term on its own component's means
-// (x - m_k, x - mu_k): with soft responsibilities dx = g A + E, summing per component
+// (x - m_k, x - mu_k; but for two components the CPU kernels sum dtau_0 - dtau_1 about
+// the midpoint of m_0 and m_1, dtau_pair_coefs): with soft responsibilities dx = g A + E,
+// summing per component
 //   A += tau alpha,  E += tau (e1 + P (x - m)) - dl a (x - mu),  P = 2 e2
 // (dx_accumulate_soft); with one component per position (given groups, K = 1) dx = g A +
 // (x - m) B + E with A = alpha, B = P, E = e1 (dx_accumulate, dx_combine). Factored
@@ -281,6 +283,39 @@ CBN_INLINE GradCoefs<acc_t> grad_coefs(acc_t gamma, acc_t var, acc_t count, acc_
 template <typename T, typename P>
 CBN_INLINE T dtau_term(T g, T d, P alpha, P beta, P e1, P e2) {
   return g * (alpha * d + beta) + d * (e1 + e2 * d);
+}
+
+// Two components (K = 2), soft responsibilities: dl_0 = tau_0 (dtau_0 - tau_0 dtau_0 -
+// tau_1 dtau_1) = tau_0 tau_1 (dtau_0 - dtau_1) = -dl_1 (tau_0 + tau_1 = 1), and the
+// per-element terms of dtau_0 - dtau_1 are one dtau_term about the midpoint s of the two
+// batch means, dtau_term(g, x - s, P, Q, U, R), so that the sum over channels is one sum
+// (one subtraction, three multiply-adds and a product an element, against twice that).
+// Its terms carry the half distance |m_0 - m_1| / 2 where each component's own term
+// carried |x - m_k|, but dl_0 weighs the sum by tau_0 tau_1, small wherever the
+// positions lie far from the boundary between the components: y and dx at positions on
+// the boundary of two components 200 and 2000 nats apart, with gamma_0 about 64
+// gamma_1, stay within the SPEC's rule (tests/test_separated.py,
+// test_two_components_unequal_scales_between).
+// With f_k = m_k - s (x - m_k = d - f_k, d = x - s), in double:
+//   P = alpha_0 - alpha_1,  Q = (beta_0 - alpha_0 f_0) - (beta_1 - alpha_1 f_1),
+//   U = (e1_0 - 2 e2_0 f_0) - (e1_1 - 2 e2_1 f_1),  R = e2_0 - e2_1,
+// and the channel's share of the constant, (e2_0 f_0^2 - e1_0 f_0) - (e2_1 f_1^2 -
+// e1_1 f_1), is returned. Rows of 2 x C values: m (batch means), alpha, beta, e1, e2.
+template <typename acc_t>
+CBN_INLINE double dtau_pair_coefs(const acc_t* m, const acc_t* alpha, const acc_t* beta,
+                                  const acc_t* e1, const acc_t* e2, int64_t C, int64_t c,
+                                  acc_t* s, acc_t* P, acc_t* Q, acc_t* U, acc_t* R) {
+  const int64_t i0 = c, i1 = C + c;
+  const acc_t mid = m[i0] + (m[i1] - m[i0]) * acc_t(0.5);
+  const double f0 = double(m[i0]) - double(mid), f1 = double(m[i1]) - double(mid);
+  const double a0 = alpha[i0], a1 = alpha[i1], b0 = beta[i0], b1 = beta[i1];
+  const double u0 = e1[i0], u1 = e1[i1], r0 = e2[i0], r1 = e2[i1];
+  *s = mid;
+  *P = acc_t(a0 - a1);
+  *Q = acc_t((b0 - a0 * f0) - (b1 - a1 * f1));
+  *U = acc_t((u0 - 2.0 * r0 * f0) - (u1 - 2.0 * r1 * f1));
+  *R = acc_t(r0 - r1);
+  return (r0 * f0 * f0 - u0 * f0) - (r1 * f1 * f1 - u1 * f1);
 }
 
 // Per (k, c): the coefficients of dx (see above).

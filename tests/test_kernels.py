@@ -525,6 +525,32 @@ def test_two_components_long_rows(case_name, device):
     _run_case(shape, 2, dtype, "contiguous", mode, device, seed_of(case_name))
 
 
+# Training paths of the CPU backward with a bound or a walk of their own: for two
+# components the input gradient sums dtau_0 - dtau_1 as one sum (cbn_cpu.cpp,
+# dtau_as_pair) in channels-last inputs and NCHW rows shorter than 512 positions, and
+# sums the two components apart in longer rows (both sides of the bound here); for one
+# component the channels-last gradient sums walk pairs of whole vectors of channels, then
+# the rest (float32 and bfloat16, 8 lanes: C = 37 two pairs, then 5 channels; C = 45
+# two pairs, a whole vector, then 5; float64, 4 lanes: C = 37 four pairs, a vector, 1).
+GRAD_PATHS = {
+    "k2-rows-511": ((16, 6, 511), 2, "contiguous", torch.float32),
+    "k2-rows-512": ((16, 6, 512), 2, "contiguous", torch.float32),
+    "k2-bf16-7x7": ((8, 20, 7, 7), 2, "contiguous", torch.bfloat16),
+    "k2-cl-c37": ((8, 37, 5, 6), 2, "channels_last", torch.float32),
+    "k1-cl-c37": ((8, 37, 5, 6), 1, "channels_last", torch.float32),
+    "k1-cl-c45": ((8, 45, 5, 6), 1, "channels_last", torch.float32),
+    "k1-cl-c37-f64": ((8, 37, 5, 6), 1, "channels_last", torch.float64),
+    "k1-cl-c37-bf16": ((8, 37, 5, 6), 1, "channels_last", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("device", device_params(emu=True))
+@pytest.mark.parametrize("case_name", list(GRAD_PATHS))
+def test_backward_paths(case_name, device):
+    shape, K, layout, dtype = GRAD_PATHS[case_name]
+    _run_case(shape, K, dtype, layout, "train", device, seed_of(case_name))
+
+
 def _ops(device):
     return torch.ops.cbn_ext_emu if device == "emu" else torch.ops.cbn_ext
 

@@ -251,3 +251,22 @@ def test_positions_between_two_far_components(distance, training, shape, layout,
                device, layout)
     ours = run(Fc.compound_batch_norm, case, training)
     compare_with_rule(ours, case, training, torch.float32, what=("y", "dx", "dw", "db"))
+
+
+@pytest.mark.parametrize("device", device_params(emu=True))
+@pytest.mark.parametrize("shape,layout", [((4, 40, 5, 5), "contiguous"),
+                                          ((4, 40, 12, 13), "channels_last")])
+@pytest.mark.parametrize("distance", [200.0, 2000.0])
+def test_two_components_unequal_scales_between(distance, shape, layout, device):
+    """boundary_case with gamma_0 about 8 and gamma_1 about 1/8 (alpha_0 >> alpha_1): the
+    CPU input gradient of two components sums dtau_0 - dtau_1 about the midpoint of the
+    batch means (cbn_math.h, dtau_pair_coefs), whose terms carry half the distance between
+    the means where each component's own term carried |x - m_k|; the e2 terms cancel most
+    where alpha_0 >> alpha_1. y and dx within the SPEC's rule, training, at positions
+    whose responsibilities are neither 0 nor 1."""
+    x, rm, rv, rp, w, b, gr, groups = boundary_case(shape, distance,
+                                                    seed=7 * int(distance) + shape[-1])
+    w = w * torch.tensor([8.0, 0.125], dtype=w.dtype)[:, None]
+    case = _to((x, rm, rv, rp, w, b, gr, groups), torch.float32, device, layout)
+    ours = run(Fc.compound_batch_norm, case, True)
+    compare_with_rule(ours, case, True, torch.float32, what=("y", "dx", "dw", "db"))

@@ -144,6 +144,10 @@ struct GradInputArgs {
   const void* p;
   const void* a;
   const void* mu;
+  // K = 2, soft: dtau_0 - dtau_1 as one sum (math::dtau_pair_coefs): s, P, Q, U, R (C
+  // each, in the order of mean, alpha, beta, e1, e2), then pev = (ev_0 - ev_1) - the
+  // constant; else null
+  const void* pair;
   void* dx;
   bool stream;  // dx by non-temporal stores (stream_output)
 };
