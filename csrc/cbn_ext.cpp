@@ -23,6 +23,9 @@
 //   grad_sums: Sg = sum_p g tau and Sgx = sum_p g tau (x - mean), (K, C) each;
 //   grad_input: the input gradient of backward_train (batch_stats=True) or backward_eval,
 //     given the sums (those of the whole process group).
+// The backward operators and grad_input take tau as the forward gave it: soft
+// responsibilities sum to 1 over the components at every position (the CPU kernels of
+// two components rely on it: dl_1 = -dl_0, cbn_math.h dtau_pair_coefs).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -238,8 +238,8 @@ CBN_INLINE acc_t unbiased_var(acc_t var, acc_t count) {
 //   dx[p,c]   = sum_k tau_k (alpha g + e1 + 2 e2 D) - sum_k dl_k a_kc (x - mu_kc)
 // The kernels take this formula as it stands, every term on its own component's means
 // (x - m_k, x - mu_k; but for two components the CPU kernels sum dtau_0 - dtau_1 about
-// the midpoint of m_0 and m_1, dtau_pair_coefs): with soft responsibilities dx = g A + E,
-// summing per component
+// the midpoint of m_0 and m_1, channels-last and NCHW rows under 512 positions:
+// dtau_pair_coefs). With soft responsibilities dx = g A + E, summing per component
 //   A += tau alpha,  E += tau (e1 + P (x - m)) - dl a (x - mu),  P = 2 e2
 // (dx_accumulate_soft); with one component per position (given groups, K = 1) dx = g A +
 // (x - m) B + E with A = alpha, B = P, E = e1 (dx_accumulate, dx_combine). Factored
@@ -291,11 +291,10 @@ CBN_INLINE T dtau_term(T g, T d, P alpha, P beta, P e1, P e2) {
 // batch means, dtau_term(g, x - s, P, Q, U, R), so that the sum over channels is one sum
 // (one subtraction, three multiply-adds and a product an element, against twice that).
 // Its terms carry the half distance |m_0 - m_1| / 2 where each component's own term
-// carried |x - m_k|, but dl_0 weighs the sum by tau_0 tau_1, small wherever the
-// positions lie far from the boundary between the components: y and dx at positions on
-// the boundary of two components 200 and 2000 nats apart, with gamma_0 about 64
-// gamma_1, stay within the SPEC's rule (tests/test_separated.py,
-// test_two_components_unequal_scales_between).
+// carried |x - m_k|; dl_0 weighs the sum by tau_0 tau_1. dx stays within the SPEC's rule
+// at positions on the boundary of two components 200 and 2000 nats apart with gamma_0
+// about 64 gamma_1 (batch means close together), and with two far clusters around those
+// positions (batch means far apart) (tests/test_separated.py).
 // With f_k = m_k - s (x - m_k = d - f_k, d = x - s), in double:
 //   P = alpha_0 - alpha_1,  Q = (beta_0 - alpha_0 f_0) - (beta_1 - alpha_1 f_1),
 //   U = (e1_0 - 2 e2_0 f_0) - (e1_1 - 2 e2_1 f_1),  R = e2_0 - e2_1,

@@ -257,16 +257,26 @@ def test_positions_between_two_far_components(distance, training, shape, layout,
 @pytest.mark.parametrize("shape,layout", [((4, 40, 5, 5), "contiguous"),
                                           ((4, 40, 12, 13), "channels_last")])
 @pytest.mark.parametrize("distance", [200.0, 2000.0])
-def test_two_components_unequal_scales_between(distance, shape, layout, device):
-    """boundary_case with gamma_0 about 8 and gamma_1 about 1/8 (alpha_0 >> alpha_1): the
-    CPU input gradient of two components sums dtau_0 - dtau_1 about the midpoint of the
-    batch means (cbn_math.h, dtau_pair_coefs), whose terms carry half the distance between
-    the means where each component's own term carried |x - m_k|; the e2 terms cancel most
-    where alpha_0 >> alpha_1. y and dx within the SPEC's rule, training, at positions
-    whose responsibilities are neither 0 nor 1."""
+@pytest.mark.parametrize("clusters", [False, True])
+def test_two_components_unequal_scales_between(clusters, distance, shape, layout, device):
+    """boundary_case with gamma_0 about 8 and gamma_1 about 1/8 (alpha_0 >> alpha_1), and
+    the same with two clusters of positions at the two running means added to the batch
+    (clusters): the CPU input gradient of two components sums dtau_0 - dtau_1 about the
+    midpoint of the batch means (cbn_math.h, dtau_pair_coefs). With the boundary's
+    positions alone the batch means lie close together; the clusters set them far apart,
+    where the one sum's terms carry half their distance in place of |x - m_k|. y and dx
+    within the SPEC's rule, training, with responsibilities neither 0 nor 1 at the
+    boundary's positions."""
     x, rm, rv, rp, w, b, gr, groups = boundary_case(shape, distance,
                                                     seed=7 * int(distance) + shape[-1])
     w = w * torch.tensor([8.0, 0.125], dtype=w.dtype)[:, None]
+    if clusters:
+        g = torch.Generator().manual_seed(int(distance) + 5)
+        n = x.shape[0]
+        near = [rm[k].view((1, -1) + (1,) * (x.dim() - 2)) + 0.5 * torch.randn(
+            x.shape, generator=g, dtype=x.dtype) for k in (0, 1)]
+        x = torch.cat([x, near[0], near[1]])
+        gr = torch.cat([gr, torch.randn((2 * n,) + x.shape[1:], generator=g, dtype=gr.dtype)])
     case = _to((x, rm, rv, rp, w, b, gr, groups), torch.float32, device, layout)
     ours = run(Fc.compound_batch_norm, case, True)
     compare_with_rule(ours, case, True, torch.float32, what=("y", "dx", "dw", "db"))

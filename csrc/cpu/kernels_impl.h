@@ -651,9 +651,10 @@ constexpr int64_t kPositionBlock = 64;  // positions per lane of a blocked sum o
 
 // The planar E-step and dtau sum over channels for a group of positions: they walk the C
 // rows of a tile side by side, up to four (E-step, and two components' one dtau sum) or
-// two (dtau) vectors of each row at a time, more streams than the hardware prefetchers follow, so each row is prefetched
-// kPrefetchBytes ahead of where it is read, every 64 bytes of it once, when rows are
-// longer than that (shorter rows lie next to each other: one stream). In-process A/B on 2 cores, 64 x C x H x W, K = 2, minimum times: a bfloat16
+// two (dtau) vectors of each row at a time, more streams than the hardware prefetchers
+// follow, so each row is prefetched kPrefetchBytes ahead of where it is read, every 64
+// bytes of it once, when rows are longer than that (shorter rows lie next to each other:
+// one stream). In-process A/B on 2 cores, 64 x C x H x W, K = 2, minimum times: a bfloat16
 // training step 7-30 % faster at 56x56 to 14x14, a float32 evaluation 15-30 %; at 7x7
 // (196-byte rows) the prefetch made the float32 evaluation 5 % slower. The other passes
 // walk one channel at a time (a few streams: x, the gradient, dx and the K tau or dl rows).
@@ -1852,7 +1853,8 @@ C10_ALWAYS_INLINE void dtau_planar_group(View<const S> xv, View<const S> gv, int
       if (pf) {
         prefetch_ahead(xr + o[0]);
         prefetch_ahead(gr + o[0]);
-        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) {  // groups of four (two components' one sum)
+        // groups of three or four vectors (two components' one sum): both lines
+        if constexpr (NV * kW<acc_t> * sizeof(S) > 64) {
           prefetch_ahead(xr + o[0] + 64 / sizeof(S));
           prefetch_ahead(gr + o[0] + 64 / sizeof(S));
         }
