@@ -752,12 +752,14 @@ Tensor dtau_pair(const GradCoefs& cf, const Tensor& m) {
   Tensor out = at::empty({5 * C + 1}, m.options());
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cbn_dtau_pair", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* pm = m.data_ptr<scalar_t>();
+    const scalar_t* al = cf.row<scalar_t>(GradCoefs::kAlpha);
+    const scalar_t* be = cf.row<scalar_t>(GradCoefs::kBeta);
+    const scalar_t* e1 = cf.row<scalar_t>(GradCoefs::kE1);
+    const scalar_t* e2 = cf.row<scalar_t>(GradCoefs::kE2);
     const double cst = pairwise_sum<double>(C, [&](int64_t c) {
-      return math::dtau_pair_coefs(m.data_ptr<scalar_t>(), cf.row<scalar_t>(GradCoefs::kAlpha),
-                                   cf.row<scalar_t>(GradCoefs::kBeta),
-                                   cf.row<scalar_t>(GradCoefs::kE1),
-                                   cf.row<scalar_t>(GradCoefs::kE2), C, c, o + c, o + C + c,
-                                   o + 2 * C + c, o + 3 * C + c, o + 4 * C + c);
+      return math::dtau_pair_coefs(pm, al, be, e1, e2, C, c, o + c, o + C + c, o + 2 * C + c,
+                                   o + 3 * C + c, o + 4 * C + c);
     });
     const scalar_t* ev = cf.ev<scalar_t>();
     o[5 * C] = static_cast<scalar_t>(double(ev[0]) - double(ev[1]) - cst);

@@ -2313,18 +2313,16 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   const auto* pair = static_cast<const A*>(a.pair);
   const DtauPtrs<A> pcf = pair ? pair_dtau_ptrs(pair, C) : DtauPtrs<A>{};
   const DtauPtrs<A>* const ppcf = pair ? &pcf : nullptr;
-  Scratch<A> pco(planar_soft ? 5 * K * C : 0);
-  // with pair: the coefficients of dtau_0 - dtau_1, five a channel (those of one component)
-  for (int64_t c = 0; c < (planar_soft && pair ? C : 0); ++c) {
-    A* q = pco.get() + c * 5;
-    q[0] = pcf.m[c], q[1] = pcf.al[c], q[2] = pcf.be[c], q[3] = pcf.e1[c], q[4] = pcf.e2[c];
-  }
-  for (int64_t k = 0; k < (planar_soft && !pair ? K : 0); ++k) {
-    const int64_t k0 = k & ~int64_t(1), KB = std::min<int64_t>(2, K - k0);
+  // with pair: those of dtau_0 - dtau_1, as one component's (five a channel)
+  const DtauPtrs<A>& src = pair ? pcf : dcf;
+  const int64_t Kd = pair ? 1 : K;
+  Scratch<A> pco(planar_soft ? 5 * Kd * C : 0);
+  for (int64_t k = 0; k < (planar_soft ? Kd : 0); ++k) {
+    const int64_t k0 = k & ~int64_t(1), KB = std::min<int64_t>(2, Kd - k0);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = k * C + c;
       A* q = pco.get() + (k0 * C + c * KB + (k - k0)) * 5;
-      q[0] = dcf.m[i], q[1] = dcf.al[i], q[2] = dcf.be[i], q[3] = dcf.e1[i], q[4] = dcf.e2[i];
+      q[0] = src.m[i], q[1] = src.al[i], q[2] = src.be[i], q[3] = src.e1[i], q[4] = src.e2[i];
     }
   }
   const A* const pc = pco.get();
@@ -2369,8 +2367,8 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
       const View<S> dv = planar_view(g, tl, dx);
       const View<const A> tv = soft ? planar_tau(g, tl, K, tau) : View<const A>{};
       if (soft)
-        dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, pair ? pcf.ev : dcf.ev, pair != nullptr,
-                  dl.get(), lanes.get());
+        dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, src.ev, pair != nullptr, dl.get(),
+                  lanes.get());
       dx_planar<KS, NT>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
                         rows.get());
     }
