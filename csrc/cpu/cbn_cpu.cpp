@@ -30,14 +30,22 @@ namespace cpu {
 namespace {
 
 TilePlan base_tile_plan(const Geometry& g) {
-  // About 16k elements (64 KiB of float) per interleaved tile: the kernels pass over a
-  // tile two or three times while it sits in the L2 cache. Planar tiles are longer (below).
+  // About 32k elements (128 KiB of float) per interleaved tile: the kernels pass over a
+  // tile two or three times while it sits in the L2 cache, and each tile leaves partial
+  // sums of K x C values that a serial-per-unit merge adds up (merge_moments,
+  // sum_partials). Against 16k elements (module-level A/B, a training step, the length
+  // switched per call, BatchNorm's step interleaved, medians of 40-80 steps, 2 cores,
+  // 2026-11-30): float32 channels-last 7x7 (C = 512) K = 2 0.96-0.98x the time, 14x14
+  // 0.96-0.99x, 28x28 1.01x; K = 4 at 7x7 0.96x; K = 1 0.97-1.02x; bfloat16 K = 2 7x7
+  // 0.98x, 14x14 0.98x, 56x56 0.97x; the evaluation at K = 2 (in-process) 0.95-1.00x.
+  // 64k elements took 1.06x at 7x7 K = 2. Planar tiles are longer (below).
+  constexpr int64_t kInterleavedTileElems = 32768;
   constexpr int64_t kTileElems = 16384;
   TilePlan p{};
   const int64_t M = g.N * g.S;
   if (M == 0) return p;
   if (g.interleaved) {
-    int64_t len = kTileElems / std::max<int64_t>(g.C, 1);
+    int64_t len = kInterleavedTileElems / std::max<int64_t>(g.C, 1);
     len = std::max<int64_t>(16, std::min<int64_t>(len, 4096));
     p.len = len;
     p.segs = 1;
