@@ -22,7 +22,7 @@ SHAPES = {
     "wide": (3, 64, 9, 9),        # whole SIMD blocks of channels
     "many": (40, 12, 3, 3),       # many small samples per tile
     "chunked": (2, 16, 48, 50),   # samples cut into several tiles
-    "tiles": (64, 8, 12, 12),     # several channels-last tiles (3 of 4096 positions)
+    "tiles": (64, 8, 12, 12),     # several channels-last tiles (4096, 4096, 1024 positions)
 }
 KS = [1, 2, 3, 4, 8]
 MODES = ["train", "eval", "split-train", "split-eval"]
@@ -391,10 +391,10 @@ def _run_on_threads(n, case, training):
 # tile (make_tile_plan, csrc/cpu/cbn_cpu.cpp), 64 of them; (3, 16, 48, 50): samples cut
 # into 11 chunks each (33 tiles); (64, 124, 14, 14): enough tiles (channels-last: 48, 47
 # of 264 positions; NCHW: 64 samples) that the M-step's merge over the tiles splits its 76
-# units (K (C / 16 + C % 16), merge_grain) between threads, and channels-last also the sum
-# of the gradient partials (31 units); C no multiple of a vector (the channels-last
-# kernels' partial vectors). Threads: the default, 1, 2 and 3, so that a machine whose
-# default is one thread still compares several.
+# units (K (C / 16 + C % 16), merge_grain) between threads, and so does the sum of the
+# gradient partials (31 units; grain 21 channels-last, 16 NCHW); C no multiple of a
+# vector (the channels-last kernels' partial vectors). Threads: the default, 1, 2 and 3,
+# so that a machine whose default is one thread still compares several.
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval", "split-train"])

@@ -132,7 +132,7 @@ def test_component_far_from_some_tiles(distance, K, dtype, layout, device):
     """Half the samples belong to the far component: it is active, yet every tile of the
     other half sees it at `distance` nats (the realistic failure: one tile's partial
     poisoned the whole component)."""
-    shape = (32, 64, 4, 8)  # several tiles in both layouts, on the CPU and on the GPU
+    shape = (64, 64, 4, 8)  # several tiles in both layouts, on the CPU and on the GPU
     case = _to(far_component_case(shape, K, distance, seed=int(distance) + 7 * K,
                                   far_from_all=False), dtype, device, layout)
     ours, ref = _check(case, dtype)

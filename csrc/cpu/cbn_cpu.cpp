@@ -31,14 +31,18 @@ namespace {
 
 TilePlan base_tile_plan(const Geometry& g) {
   // About 32k elements (128 KiB of float) per interleaved tile: the kernels pass over a
-  // tile two or three times while it sits in the L2 cache, and each tile leaves partial
-  // sums of K x C values that a serial-per-unit merge adds up (merge_moments,
-  // sum_partials). Against 16k elements (module-level A/B, a training step, the length
-  // switched per call, BatchNorm's step interleaved, medians of 40-80 steps, 2 cores,
-  // 2026-11-30): float32 channels-last 7x7 (C = 512) K = 2 0.96-0.98x the time, 14x14
-  // 0.96-0.99x, 28x28 1.01x; K = 4 at 7x7 0.96x; K = 1 0.97-1.02x; bfloat16 K = 2 7x7
-  // 0.98x, 14x14 0.98x, 56x56 0.97x; the evaluation at K = 2 (in-process) 0.95-1.00x.
-  // 64k elements took 1.06x at 7x7 K = 2. Planar tiles are longer (below).
+  // tile two or three times while it sits in the L2 cache (the backward's x and grad
+  // with the next tile's prefetched lines: 512 KiB of float, all of a Zen 3's L2, half a
+  // Zen 4's; measured on Zen 4 only), and each tile leaves partial sums of K x C values
+  // for the merges to add up (merge_moments, sum_partials). Against 16k elements
+  // (module-level A/B, a training step, the length switched per call, BatchNorm's step
+  // interleaved, medians of 40-80 steps, 2 cores, 2026-11-30): float32 channels-last 7x7
+  // (C = 512) K = 2 0.96-0.98x the time, 14x14 0.96-0.99x, 28x28 1.01x; K = 4 at 7x7
+  // 0.96x; K = 1 0.97-1.02x; bfloat16 K = 2 7x7 0.98x, 14x14 0.98x, 56x56 0.97x; the
+  // evaluation at K = 2 (in-process) 0.95-1.00x. 64k elements took 1.06x at 7x7 K = 2.
+  // Channels-last plans are not cut further for threads (make_tile_plan): a small batch
+  // has half the tiles it had (N = 1, C = 256, 56x56: 25), fewer than the threads of a
+  // large machine (unmeasured there). Planar tiles are longer (below).
   constexpr int64_t kInterleavedTileElems = 32768;
   constexpr int64_t kTileElems = 16384;
   TilePlan p{};

@@ -1539,84 +1539,55 @@ C10_ALWAYS_INLINE NextLines next_lines(const void* a, const void* b, int64_t byt
 // the sums in registers. Walking the tile's columns (the tile stays in the L2 cache
 // between them) ran 1.3-1.45x faster on float32 channels-last tiles than a walk in memory
 // order with the sums of every channel in memory.
-// pf: lines of the next tile to prefetch, pf.step(j) at row j.
-template <int P, bool One, int KB, typename S, typename acc_t>
+// NC = 2 (whole vectors, P = kWhole): two vectors of channels [c, c + 2W) in one walk, each
+// column's arithmetic as with NC = 1 (the same results): two chains of additions a sum
+// where one column had one (the walk's critical path at 7x7 and 14x14 channels-last at
+// K = 1, where the tile comes from the cache), and, where rows start on a line (C a
+// multiple of 16), both halves of each 64-byte line of a float32 row read in the same
+// step.
+// pf: lines of the next tile to prefetch, pf.step(NC j + h) at row j (NC of them a row).
+template <int P, bool One, int KB, int NC = 1, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_sums_interleaved(const S* x, const S* gr, int64_t T, int64_t C,
                                              int64_t c, int64_t n, const acc_t* tt, int64_t K,
                                              const acc_t* mean, acc_t* sg, acc_t* sgx,
                                              const NextLines& pf) {
-  using V = Vec<acc_t>;
-  V ag[KB], agx[KB], m[KB];
-  for (int kb = 0; kb < KB; ++kb) {
-    ag[kb] = agx[kb] = V{};
-    m[kb] = ld<P>(mean + kb * C + c, n);
-  }
-  for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
-    const int64_t j1 = std::min(T, j0 + kPositionBlock);
-    V bg[KB], bgx[KB];
-    for (int kb = 0; kb < KB; ++kb) bg[kb] = bgx[kb] = V{};
-    for (int64_t j = j0; j < j1; ++j) {
-      pf.step(j);
-      const V g0 = ld<P>(gr + j * C + c, n);
-      const V x0 = ld<P>(x + j * C + c, n);
-      for (int kb = 0; kb < KB; ++kb) {
-        const V gt = One ? g0 : tt[j * K + kb] * g0;
-        bg[kb] += gt;
-        bgx[kb] += gt * (x0 - m[kb]);
-      }
-    }
-    for (int kb = 0; kb < KB; ++kb) {
-      ag[kb] += bg[kb];
-      agx[kb] += bgx[kb];
-    }
-  }
-  for (int kb = 0; kb < KB; ++kb) {
-    st<P>(sg + kb * C + c, ag[kb], n);
-    st<P>(sgx + kb * C + c, agx[kb], n);
-  }
-}
-
-// Interleaved, one component (One, KB = 1): the sums of grad_sums_interleaved for two
-// whole vectors of channels [c, c + 2W) in one walk, each column's arithmetic as there
-// (the same results): two chains of additions a sum where one column had one (the walk's
-// critical path at 7x7 and 14x14 channels-last, where the tile comes from the cache),
-// and, where rows start on a line (C a multiple of 16), both halves of each 64-byte
-// line of a float32 row read in the same step.
-// pf: as grad_sums_interleaved's, two of its lines a row.
-template <typename S, typename acc_t>
-C10_ALWAYS_INLINE void grad_sums_one_pair(const S* x, const S* gr, int64_t T, int64_t C,
-                                          int64_t c, const acc_t* mean, acc_t* sg, acc_t* sgx,
-                                          const NextLines& pf) {
+  static_assert(NC == 1 || P == kWhole, "several columns a walk: whole vectors only");
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
-  V ag[2], agx[2], m[2];
-  for (int h = 0; h < 2; ++h) {
-    ag[h] = agx[h] = V{};
-    m[h] = vload(mean + c + h * W);
-  }
+  V ag[NC][KB], agx[NC][KB], m[NC][KB];
+  for (int h = 0; h < NC; ++h)
+    for (int kb = 0; kb < KB; ++kb) {
+      ag[h][kb] = agx[h][kb] = V{};
+      m[h][kb] = ld<P>(mean + kb * C + c + h * W, n);
+    }
   for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
     const int64_t j1 = std::min(T, j0 + kPositionBlock);
-    V bg[2], bgx[2];
-    for (int h = 0; h < 2; ++h) bg[h] = bgx[h] = V{};
+    V bg[NC][KB], bgx[NC][KB];
+    for (int h = 0; h < NC; ++h)
+      for (int kb = 0; kb < KB; ++kb) bg[h][kb] = bgx[h][kb] = V{};
     for (int64_t j = j0; j < j1; ++j) {
-      pf.step(2 * j);
-      pf.step(2 * j + 1);
-      for (int h = 0; h < 2; ++h) {
-        const V g0 = vload(gr + j * C + c + h * W);
-        const V x0 = vload(x + j * C + c + h * W);
-        bg[h] += g0;
-        bgx[h] += g0 * (x0 - m[h]);
+      for (int h = 0; h < NC; ++h) pf.step(NC * j + h);
+      for (int h = 0; h < NC; ++h) {
+        const V g0 = ld<P>(gr + j * C + c + h * W, n);
+        const V x0 = ld<P>(x + j * C + c + h * W, n);
+        for (int kb = 0; kb < KB; ++kb) {
+          const V gt = One ? g0 : tt[j * K + kb] * g0;
+          bg[h][kb] += gt;
+          bgx[h][kb] += gt * (x0 - m[h][kb]);
+        }
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      ag[h] += bg[h];
-      agx[h] += bgx[h];
+    for (int h = 0; h < NC; ++h)
+      for (int kb = 0; kb < KB; ++kb) {
+        ag[h][kb] += bg[h][kb];
+        agx[h][kb] += bgx[h][kb];
+      }
+  }
+  for (int h = 0; h < NC; ++h)
+    for (int kb = 0; kb < KB; ++kb) {
+      st<P>(sg + kb * C + c + h * W, ag[h][kb], n);
+      st<P>(sgx + kb * C + c + h * W, agx[h][kb], n);
     }
-  }
-  for (int h = 0; h < 2; ++h) {
-    vstore(sg + c + h * W, ag[h]);
-    vstore(sgx + c + h * W, agx[h]);
-  }
 }
 
 template <bool One, int KB, typename S, typename acc_t>
@@ -2236,19 +2207,22 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
         const int64_t next_bytes =
             t + 1 < end ? tile_at(g, plan, t + 1).T * C * static_cast<int64_t>(sizeof(S)) : 0;
         if (one) {
-          // pairs of whole vectors of channels (grad_sums_one_pair), then the rest a vector
-          // at a time; each walk prefetches its share of the next tile's lines. In-process
-          // A/B against a vector a walk (2 cores, batch 64, float32 channels-last, 8
-          // rounds, medians): the sums 0.69x the time at 7x7, 0.88x at 14x14, 1.03x at
-          // 28x28; a training step (forward + backward, module) 0.94-0.99x at 7x7, 1.00-1.06x
-          // at 14x14 (same results)
+          // pairs of whole vectors of channels (grad_sums_interleaved, NC = 2), then the
+          // rest a vector at a time; each walk prefetches its share of the next tile's
+          // lines. In-process A/B against a vector a walk (2 cores, batch 64, float32
+          // channels-last, 8 rounds, medians): the sums 0.69x the time at 7x7, 0.88x at
+          // 14x14, 1.03x at 28x28; a training step (forward + backward, module)
+          // 0.94-0.99x at 7x7, 1.00-1.06x at 14x14 (same results). Again with tiles of 32k
+          // elements (base_tile_plan), the sums, 10 rounds: float32 0.84x at 14x14, 0.95x
+          // at 28x28 and 56x56, bfloat16 56x56 0.95x.
           constexpr int64_t W = kW<A>;
           const int64_t c2 = C / (2 * W) * (2 * W);
           const int64_t calls = c2 / (2 * W) + (C - c2 + W - 1) / W;
           int64_t q = 0;
           for (int64_t c = 0; c < c2; c += 2 * W, ++q)
-            grad_sums_one_pair(xt, gt, tl.T, C, c, mean, sg, sgx,
-                               next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, q, calls));
+            grad_sums_interleaved<kWhole, true, 1, 2>(
+                xt, gt, tl.T, C, c, 2 * W, tt, K, mean, sg, sgx,
+                next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, q, calls));
           for_vectors<A>(C - c2, [&](auto span, int64_t i, int64_t n) {
             constexpr int P = decltype(span)::value;
             const NextLines pf =
