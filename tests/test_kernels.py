@@ -22,7 +22,7 @@ SHAPES = {
     "wide": (3, 64, 9, 9),        # whole SIMD blocks of channels
     "many": (40, 12, 3, 3),       # many small samples per tile
     "chunked": (2, 16, 48, 50),   # samples cut into several tiles
-    "tiles": (64, 8, 12, 12),     # several channels-last tiles (4096, 4096, 1024 positions)
+    "tiles": (64, 8, 12, 12),     # several CPU channels-last tiles (4096, 4096, 1024)
 }
 KS = [1, 2, 3, 4, 8]
 MODES = ["train", "eval", "split-train", "split-eval"]

@@ -39,7 +39,7 @@ TilePlan base_tile_plan(const Geometry& g) {
   // interleaved, medians of 40-80 steps, 2 cores, 2026-11-30): float32 channels-last 7x7
   // (C = 512) K = 2 0.96-0.98x the time, 14x14 0.96-0.99x, 28x28 1.01x; K = 4 at 7x7
   // 0.96x; K = 1 0.97-1.02x; bfloat16 K = 2 7x7 0.98x, 14x14 0.98x, 56x56 0.97x; the
-  // evaluation at K = 2 (in-process) 0.95-1.00x. 64k elements took 1.06x at 7x7 K = 2.
+  // evaluation at K = 2 (in-process) 0.95-1.00x. 64k took 1.06x 32k's time (7x7, K = 2).
   // Channels-last plans are not cut further for threads (make_tile_plan): a small batch
   // has half the tiles it had (N = 1, C = 256, 56x56: 25), fewer than the threads of a
   // large machine (unmeasured there). Planar tiles are longer (below).
@@ -478,9 +478,10 @@ struct LaneMoments {
 // and sums over the tiles: a unit merges `tiles` parts, so many tiles make a unit worth a
 // task of its own. With a fixed grain of 16, up to 16 units (K (C / 16 + C % 16): K = 1
 // and C = 256, K = 2 and C = 128, K = 4 and C = 64) ran in one thread while the others
-// waited (64 x 256 x 14 x 14 channels-last, 196 tiles: a third of batch_stats' time by
-// perf; batch_stats 0.81x with this grain, alternating processes, 5 rounds). Each unit
-// merges alike in any thread: the results do not change.
+// waited (64 x 256 x 14 x 14 channels-last, 196 tiles of 16k elements then, 98 of 32k
+// now: a third of batch_stats' time by perf; batch_stats 0.81x with this grain,
+// alternating processes, 5 rounds). Each unit merges alike in any thread: the results
+// do not change.
 int64_t merge_grain(int64_t tiles) {
   return std::max<int64_t>(1, 1024 / std::max<int64_t>(tiles, 1));
 }
