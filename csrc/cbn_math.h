@@ -77,15 +77,30 @@ CBN_INLINE T pair_term(T x, P m, P A, P B) {
   return d * (A * d + B);
 }
 
-// Per channel: m, A, B of pair_term from mu_0, mu_1, 1/2 a_0, 1/2 a_1, in double (m, the
-// midpoint rounded to acc_t, need not be exact: the expansion holds about any m, with
-// e_k = mu_k - m), and the channel's share of the constant, 1/2 a_0 e_0^2 - 1/2 a_1 e_1^2.
+// The point that the two-component expansions (pair_coefs, dtau_pair_coefs) are taken
+// about: the midpoint of two means rounded to acc_t (it need not be exact: an expansion
+// holds about any point), and the means' offsets from it, in double.
+template <typename acc_t>
+struct PairMid {
+  acc_t mid;
+  double off0, off1;
+};
+
+template <typename acc_t>
+CBN_INLINE PairMid<acc_t> pair_mid(acc_t a0, acc_t a1) {
+  const acc_t mid = a0 + (a1 - a0) * acc_t(0.5);
+  return PairMid<acc_t>{mid, double(a0) - double(mid), double(a1) - double(mid)};
+}
+
+// Per channel: m, A, B of pair_term from mu_0, mu_1, 1/2 a_0, 1/2 a_1, in double (m:
+// pair_mid, with e_k = mu_k - m), and the channel's share of the constant,
+// 1/2 a_0 e_0^2 - 1/2 a_1 e_1^2.
 template <typename acc_t>
 CBN_INLINE double pair_coefs(acc_t mu0, acc_t mu1, acc_t h0, acc_t h1, acc_t* m, acc_t* A,
                              acc_t* B) {
-  const acc_t mid = mu0 + (mu1 - mu0) * acc_t(0.5);
-  const double e0 = double(mu0) - double(mid), e1 = double(mu1) - double(mid);
-  *m = mid;
+  const PairMid<acc_t> pm = pair_mid(mu0, mu1);
+  const double e0 = pm.off0, e1 = pm.off1;
+  *m = pm.mid;
   *A = acc_t(double(h0) - double(h1));
   *B = acc_t(-2.0 * (double(h0) * e0 - double(h1) * e1));
   return double(h0) * e0 * e0 - double(h1) * e1 * e1;
@@ -305,11 +320,11 @@ CBN_INLINE double dtau_pair_coefs(const acc_t* m, const acc_t* alpha, const acc_
                                   const acc_t* e1, const acc_t* e2, int64_t C, int64_t c,
                                   acc_t* s, acc_t* P, acc_t* Q, acc_t* U, acc_t* R) {
   const int64_t i0 = c, i1 = C + c;
-  const acc_t mid = m[i0] + (m[i1] - m[i0]) * acc_t(0.5);
-  const double f0 = double(m[i0]) - double(mid), f1 = double(m[i1]) - double(mid);
+  const PairMid<acc_t> pm = pair_mid(m[i0], m[i1]);
+  const double f0 = pm.off0, f1 = pm.off1;
   const double a0 = alpha[i0], a1 = alpha[i1], b0 = beta[i0], b1 = beta[i1];
   const double u0 = e1[i0], u1 = e1[i1], r0 = e2[i0], r1 = e2[i1];
-  *s = mid;
+  *s = pm.mid;
   *P = acc_t(a0 - a1);
   *Q = acc_t((b0 - a0 * f0) - (b1 - a1 * f1));
   *U = acc_t((u0 - 2.0 * r0 * f0) - (u1 - 2.0 * r1 * f1));

@@ -1742,25 +1742,25 @@ C10_ALWAYS_INLINE DtauPtrs<acc_t> pair_dtau_ptrs(const acc_t* pair, int64_t C) {
 // Interleaved, soft: the n <= W rows at x / gr (tau at tj, K a row): dtau of each row
 // (dtau_row), its lanes added up W rows at a time (vsum_lanes, as in the E-step), the
 // softmax Jacobian in lanes, then dx row by row (each row's tau and dl in registers or on
-// the stack for K <= 4, in ts / ds beyond). With pair (K = 2), dtau_0 - dtau_1 as one
-// sum (pcf: pair_dtau_ptrs). t, d: scratch of K x W values; ts, ds: of K values.
+// the stack for K <= 4, in ts / ds beyond). dcf: each component's coefficients, or with
+// pair (K = 2) those of dtau_0 - dtau_1 as one sum (pair_dtau_ptrs). t, d: scratch of
+// K x W values; ts, ds: of K values.
 template <int KS, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_input_group(const S* x, const S* gr, S* dx, int64_t n, int64_t C,
                                         int64_t K, const acc_t* tj, DtauPtrs<acc_t> dcf,
-                                        const DtauPtrs<acc_t>* pcf, DxPtrs<acc_t> xcf,
-                                        acc_t (*t)[kW<acc_t>], acc_t (*d)[kW<acc_t>],
-                                        acc_t* ts, acc_t* ds, bool nt) {
+                                        bool pair, DxPtrs<acc_t> xcf, acc_t (*t)[kW<acc_t>],
+                                        acc_t (*d)[kW<acc_t>], acc_t* ts, acc_t* ds, bool nt) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kW<acc_t>;
   for (int64_t k = 0; k < K; ++k)
     for (int64_t p = 0; p < W; ++p) t[k][p] = p < n ? tj[p * K + k] : acc_t(0);
-  if (pcf != nullptr) {
+  if (pair) {
     // dl_0 = tau_0 tau_1 (dtau_0 - dtau_1) = -dl_1, the W rows in lanes
     V s[1];
     group_sums<1>(n, s, [&](int64_t p, V(&tot)[1]) __attribute__((always_inline)) {
-      dtau_row<1>(x + p * C, gr + p * C, C, 0, *pcf, tot);
+      dtau_row<1>(x + p * C, gr + p * C, C, 0, dcf, tot);
     });
-    const V dl0 = (vload(t[0]) * vload(t[1])) * (s[0] - vsplat(pcf->ev[0]));
+    const V dl0 = (vload(t[0]) * vload(t[1])) * (s[0] - vsplat(dcf.ev[0]));
     vstore(d[0], dl0);
     vstore(d[1], -dl0);
   } else {
@@ -2272,9 +2272,14 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   const auto* x = static_cast<const S*>(a.x);
   auto* dx = static_cast<S*>(a.dx);
   const auto* tau = static_cast<const A*>(a.tau);
-  const DtauPtrs<A> dcf{static_cast<const A*>(a.mean), static_cast<const A*>(a.alpha),
-                        static_cast<const A*>(a.beta), static_cast<const A*>(a.e1),
-                        static_cast<const A*>(a.e2), static_cast<const A*>(a.ev)};
+  // dtau's coefficients: each component's, or with pair (K = 2) those of dtau_0 - dtau_1
+  // as one component's
+  const auto* pair = static_cast<const A*>(a.pair);
+  const DtauPtrs<A> dcf =
+      pair ? pair_dtau_ptrs(pair, C)
+           : DtauPtrs<A>{static_cast<const A*>(a.mean), static_cast<const A*>(a.alpha),
+                         static_cast<const A*>(a.beta), static_cast<const A*>(a.e1),
+                         static_cast<const A*>(a.e2), static_cast<const A*>(a.ev)};
   const DxPtrs<A> xcf{static_cast<const A*>(a.alpha), static_cast<const A*>(a.p),
                       static_cast<const A*>(a.e1),    static_cast<const A*>(a.mean),
                       static_cast<const A*>(a.a),     static_cast<const A*>(a.mu)};
@@ -2284,19 +2289,14 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
   // channel after channel, the pair's components within a channel. One array per call,
   // shared by the threads (read only).
   const bool planar_soft = soft && !g.interleaved;
-  const auto* pair = static_cast<const A*>(a.pair);
-  const DtauPtrs<A> pcf = pair ? pair_dtau_ptrs(pair, C) : DtauPtrs<A>{};
-  const DtauPtrs<A>* const ppcf = pair ? &pcf : nullptr;
-  // with pair: those of dtau_0 - dtau_1, as one component's (five a channel)
-  const DtauPtrs<A>& src = pair ? pcf : dcf;
-  const int64_t Kd = pair ? 1 : K;
+  const int64_t Kd = pair ? 1 : K;  // components of dcf
   Scratch<A> pco(planar_soft ? 5 * Kd * C : 0);
   for (int64_t k = 0; k < (planar_soft ? Kd : 0); ++k) {
     const int64_t k0 = k & ~int64_t(1), KB = std::min<int64_t>(2, Kd - k0);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = k * C + c;
       A* q = pco.get() + (k0 * C + c * KB + (k - k0)) * 5;
-      q[0] = src.m[i], q[1] = src.al[i], q[2] = src.be[i], q[3] = src.e1[i], q[4] = src.e2[i];
+      q[0] = dcf.m[i], q[1] = dcf.al[i], q[2] = dcf.be[i], q[3] = dcf.e1[i], q[4] = dcf.e2[i];
     }
   }
   const A* const pc = pco.get();
@@ -2333,15 +2333,15 @@ void mixture_grad_input_kernel(const GradInputArgs& a) {
         auto* tg = reinterpret_cast<A(*)[W]>(tdl.get());
         for (int64_t j = 0; j < tl.T; j += W)
           grad_input_group<KS>(xt + j * C, gt + j * C, dt + j * C, std::min(W, tl.T - j), C, K,
-                               tt + j * K, dcf, ppcf, xcf, tg, tg + K, tdl.get() + 2 * K * W,
-                               tdl.get() + 2 * K * W + K, NT);
+                               tt + j * K, dcf, pair != nullptr, xcf, tg, tg + K,
+                               tdl.get() + 2 * K * W, tdl.get() + 2 * K * W + K, NT);
         continue;
       }
       const View<const S> xv = planar_view(g, tl, x), gv = planar_view(g, tl, gr);
       const View<S> dv = planar_view(g, tl, dx);
       const View<const A> tv = soft ? planar_tau(g, tl, K, tau) : View<const A>{};
       if (soft)
-        dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, src.ev, pair != nullptr, dl.get(),
+        dl_planar(xv, gv, tv, tl.nseg, tl.len, C, K, pc, dcf.ev, pair != nullptr, dl.get(),
                   lanes.get());
       dx_planar<KS, NT>(xv, gv, dv, tv, tl.nseg, tl.len, C, K, dl.get(), kf, xcf, coef.get(),
                         rows.get());
