@@ -432,6 +432,25 @@ def test_stream_chunks_cpu():
                 TOL[torch.float32])
 
 
+# K = 1 channels-last batch statistics prefetch the next tile of a thread's range while
+# they read a tile the second time, on rows of 512 bytes or more (collect_mixture_stats,
+# csrc/cpu/kernels_impl.h). Prefetches change no value, so this cannot see a wrong
+# prefetch address; it runs that path on inputs of several tiles with such rows (float32
+# C = 160: 7 tiles of 204 rows; bfloat16 C = 256: 11 of 128; the last tile shorter) and
+# checks the results against the reference and bit for bit on 1, 2 and 3 threads (each
+# thread's last tile prefetches nothing).
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 160), (torch.bfloat16, 256)])
+def test_one_component_prefetch_cpu(dtype, C):
+    case = make_stable_case((16, C, 9, 9), 1, dtype, channels_last=True,
+                            seed=seed_of_params("k1-prefetch", C), device="cpu")
+    ref = run(R.compound_batch_norm, case, True, dtype=torch.float64)
+    results = [_run_on_threads(n, case, True) for n in (1, 2, 3)]
+    compare(results[0], ref, TOL[dtype])
+    for other in results[1:]:
+        for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+            assert torch.equal(getattr(other, name), getattr(results[0], name)), name
+
+
 # The channels-last E-step and input gradient take W rows at a time (8 for float, 4 for
 # double accumulation) and add up each row's sums by a transpose (vsum_lanes,
 # csrc/cpu/kernels_impl.h): a row's results must not depend on where it falls in its group

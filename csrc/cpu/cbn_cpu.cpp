@@ -33,7 +33,8 @@ TilePlan base_tile_plan(const Geometry& g) {
   // About 32k elements (128 KiB of float) per interleaved tile: the kernels pass over a
   // tile two or three times while it sits in the L2 cache (the backward's x and grad
   // with the next tile's prefetched lines: 512 KiB of float, all of a Zen 3's L2, half a
-  // Zen 4's; measured on Zen 4 only), and each tile leaves partial sums of K x C values
+  // Zen 4's; K = 1 batch statistics prefetch the next tile too, 256 KiB; measured on Zen
+  // 4 only), and each tile leaves partial sums of K x C values
   // for the merges to add up (merge_moments, sum_partials). Against 16k elements
   // (module-level A/B, a training step, the length switched per call, BatchNorm's step
   // interleaved, medians of 40-80 steps, 2 cores, 2026-11-30): float32 channels-last 7x7
