@@ -1174,16 +1174,26 @@ C10_ALWAYS_INLINE void add_block(acc_t* tot, const acc_t* blk, int64_t Cp, bool 
     vstore(tot + i, first ? vload(blk + i) : vload(tot + i) + vload(blk + i));
 }
 
+// The cache lines of the next tile, for the prefetches of NextRows and NextLines: from the
+// line that holds the tile's first element, tile_lines(bytes) of them, to one past its
+// last (the tile need not start on a line; none if bytes == 0). An address may then lie
+// past the end of the tensor: formed as an integer, as in prefetch_ahead.
+constexpr int64_t kLine = 64;
+C10_ALWAYS_INLINE uintptr_t line_of(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(kLine - 1);
+}
+C10_ALWAYS_INLINE int64_t tile_lines(int64_t bytes) {
+  return bytes > 0 ? (bytes + kLine - 1) / kLine + 1 : 0;
+}
+
 // Lines of the next tile (one array) to prefetch into L2 (prefetcht1, as NextLines) while
 // this tile is walked row by row from the cache: row(j) prefetches lines [j per,
-// (j + 1) per) of its n (none where n == 0). The lines run from the one that holds the
-// tile's first element to one past its last; addresses formed as integers, as in
-// NextLines. Used where rows hold at least kNextRowsMinRowBytes and a tile at most
-// kNextRowsMaxTileBytes (collect_mixture_stats_impl).
+// (j + 1) per) of its n (none where n == 0). Used where rows hold at least
+// kNextRowsMinRowBytes and a tile at most kNextRowsMaxTileBytes
+// (collect_mixture_stats_impl).
 constexpr int64_t kNextRowsMinRowBytes = 512;
 constexpr int64_t kNextRowsMaxTileBytes = 128 * 1024;
 struct NextRows {
-  static constexpr int64_t kLine = 64;
   uintptr_t a = 0;
   int64_t n = 0, per = 0;
   C10_ALWAYS_INLINE void row(int64_t j) const {
@@ -1193,14 +1203,13 @@ struct NextRows {
   }
 };
 
-// The lines of [a, a + bytes) (and the one after, as above) spread over rows rows, per
-// row the ceiling of their share (none if bytes or rows is 0).
+// The lines of a tile of bytes at a spread over rows rows, per row the ceiling of their
+// share (none if bytes or rows is 0).
 C10_ALWAYS_INLINE NextRows next_rows(const void* a, int64_t bytes, int64_t rows) {
-  constexpr int64_t L = NextRows::kLine;
   NextRows r;
   if (bytes <= 0 || rows <= 0) return r;
-  r.a = reinterpret_cast<uintptr_t>(a) & ~static_cast<uintptr_t>(L - 1);
-  r.n = (bytes + L - 1) / L + 1;
+  r.a = line_of(a);
+  r.n = tile_lines(bytes);
   r.per = (r.n + rows - 1) / rows;
   return r;
 }
@@ -1244,8 +1253,8 @@ void moment_sums_interleaved(const S* x, int64_t T, int64_t C, int64_t Cp, const
 }
 
 // Interleaved M-step partials of a tile: loc ([k][T] weights; unused if One), counts cnt;
-// scratch: 3 K Cp values; pf: lines to prefetch during the second pass (the first block
-// of components).
+// scratch: 3 K Cp values; pf: lines to prefetch during the second pass (given at K = 1,
+// one block of components).
 template <bool One, typename S, typename acc_t>
 void moments_interleaved(const S* x, int64_t T, int64_t C, int64_t K, const acc_t* loc,
                          const acc_t* cnt, acc_t* pmean, acc_t* pm2, acc_t* scratch,
@@ -1265,7 +1274,7 @@ void moments_interleaved(const S* x, int64_t T, int64_t C, int64_t K, const acc_
   for_component_blocks(K, [&](auto kbc, int64_t k0) {
     moment_sums_interleaved<true, One, decltype(kbc)::value>(x, T, C, Cp, loc + k0 * T,
                                                              mt + k0 * Cp, blk, tot + k0 * Cp,
-                                                             k0 == 0 ? pf : NextRows{});
+                                                             pf);
   });
   for (int64_t k = 0; k < K; ++k) {
     std::memcpy(pmean + k * C, mt + k * Cp, C * sizeof(acc_t));
@@ -1527,13 +1536,11 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // Backward, pass 1: per-tile Sg = sum g tau, Sgx = sum g tau (x - m).
 // ---------------------------------------------------------------------------------------
 
-// Lines of the next tile (two arrays, the same lines of each) to prefetch while a column
-// of this tile is walked: step(j) prefetches line j of each, for j < n. The lines start
-// at the line that holds the tile's first element and run to one past its last (the
-// tile need not start on a line), so an address may lie past the end of the tensor:
-// formed as an integer, as in prefetch_ahead. A column walk reads each row's vector at a
-// stride of C elements; left to the hardware, the tile's lines came from memory in that
-// order, a strided stream per vector of the row. With the next tile prefetched into L1
+// Lines of the next tile (two arrays, the same lines of each; tile_lines) to prefetch
+// while a column of this tile is walked: step(j) prefetches line j of each, for j < n.
+// A column walk reads each row's vector at a stride of C elements; left to the hardware,
+// the tile's lines came from memory in that order, a strided stream per vector of the
+// row. With the next tile prefetched into L1
 // (ffa93b2), the channels-last gradient sums ran 11-37 % faster (in-process A/B, 2
 // cores, 10 rounds, medians: float32 56x56 K = 2, 28x28 K = 1, 14x14 K = 2, bfloat16
 // 28x28 K = 2; outputs unchanged), a forward + backward 2-8 %. The prefetches are now for
@@ -1542,7 +1549,6 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // into L1 (a forward + backward 7-12 %; float32 K = 1 and 2, bfloat16 K = 2); elsewhere
 // the sums 2-8 % less, a forward + backward within 3 % either way.
 struct NextLines {
-  static constexpr int64_t kLine = 64;
   uintptr_t a = 0, b = 0;
   int64_t n = 0;
   C10_ALWAYS_INLINE void step(int64_t j) const {
@@ -1557,15 +1563,11 @@ struct NextLines {
 // (none if bytes == 0).
 C10_ALWAYS_INLINE NextLines next_lines(const void* a, const void* b, int64_t bytes, int64_t q,
                                        int64_t nq) {
-  constexpr int64_t L = NextLines::kLine;
-  const int64_t lines = bytes > 0 ? (bytes + L - 1) / L + 1 : 0, per = (lines + nq - 1) / nq;
+  const int64_t lines = tile_lines(bytes), per = (lines + nq - 1) / nq;
   const int64_t l0 = std::min(lines, q * per), l1 = std::min(lines, l0 + per);
-  const auto line_of = [](const void* p) {
-    return reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(L - 1);
-  };
   NextLines r;
-  r.a = line_of(a) + L * l0;
-  r.b = line_of(b) + L * l0;
+  r.a = line_of(a) + kLine * l0;
+  r.b = line_of(b) + kLine * l0;
   r.n = l1 - l0;
   return r;
 }
