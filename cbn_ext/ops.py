@@ -30,9 +30,9 @@ def build_info() -> dict:
     is the instruction set of the CPU kernels chosen for this processor ("avx512",
     "avx2" or "baseline"; the environment variable ``CBN_EXT_CPU_ISA`` caps it);
     ``cpu_stream_min_bytes``: the AVX2 and AVX-512 CPU kernels write outputs (y, dx) of
-    at least this many bytes whose rows are whole cache lines by non-temporal stores (the
-    last-level cache's size, or the environment variable ``CBN_EXT_STREAM_MIN_BYTES``, read
-    once per process; None: never); ``cuda_emulation``:
+    at least this many bytes whose rows are whole cache lines by non-temporal stores (half
+    the last-level cache's size, or the environment variable ``CBN_EXT_STREAM_MIN_BYTES``,
+    read once per process; None: never); ``cuda_emulation``:
     whether the emulated CUDA backend (the CUDA kernels run on the CPU,
     ``torch.ops.cbn_ext_emu``, for the tests) was built."""
     info = _C.build_info()

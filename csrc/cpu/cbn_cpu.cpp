@@ -242,14 +242,21 @@ int64_t last_level_cache_bytes() {
 // Outputs (y, dx) at least this large are written by non-temporal stores (the AVX2 and
 // AVX-512 builds only): they write whole lines without first reading them into the cache
 // (half the memory traffic of writing an output; a third of a pass that reads x and
-// writes y), and leave the caches to the inputs. The size of the last-level cache, or
-// CBN_EXT_STREAM_MIN_BYTES (bytes; negative: never), read once; below it an output would
-// still be in the cache for the next layer. Never where the size is unknown.
+// writes y), and leave the caches to the inputs. Half the last-level cache, or
+// CBN_EXT_STREAM_MIN_BYTES (bytes; negative: never), read once: from there an output and
+// an input of its size (x, or the gradient) no longer fit in the cache together, and
+// below it the pair stays there for the call after and the next layer. Never where the
+// size is unknown.
 // A/B against ordinary stores (alternating processes, medians of 5-8 rounds), 2 cores
 // (Zen 4, 32 MiB L3), 2026-11-29/30: float32 evaluation, 64 x 64 x 56 x 56 (51 MB),
-// K = 2, 12-21 % faster in both layouts;
-// bfloat16 at that shape (26 MB) made no faster with the threshold lowered; 64 x 256 x
-// 14 x 14 float32 (13 MB, cache resident) streamed for a test: 2.3x slower.
+// K = 2, 12-21 % faster in both layouts; 64 x 256 x 14 x 14 float32 (13 MB, cache
+// resident) streamed for a test: 2.3x slower. Outputs of 26 MB (float32 64 x 128 x 28 x
+// 28, bfloat16 64 x 64 x 56 x 56), in-process A/B (the threshold halved from the whole
+// cache, every call switched, module steps, medians of 40-80), 2026-11-30: a float32
+// training step 0.79-0.93x the time (K = 1 to 4, both layouts), an evaluation
+// 0.78-0.97x; bfloat16 training 0.96-1.01x, evaluation at K = 2 0.82-0.93x, at K = 1
+// 0.96-0.98x, at K = 4 0.93x (NCHW) and 1.02-1.05x (channels-last). (An earlier
+// comparison across processes had found bfloat16 at that size no faster: its noise.)
 int64_t stream_threshold() {
   static const int64_t v = [] {
     const char* env = std::getenv("CBN_EXT_STREAM_MIN_BYTES");
@@ -262,7 +269,7 @@ int64_t stream_threshold() {
       return n < 0 ? INT64_MAX : static_cast<int64_t>(n);
     }
     const int64_t llc = last_level_cache_bytes();
-    return llc > 0 ? llc : INT64_MAX;
+    return llc > 0 ? llc / 2 : INT64_MAX;
   }();
   return v;
 }
@@ -289,16 +296,17 @@ bool stream_output(const Geometry& g, const TilePlan& plan, const Tensor& out) {
 }
 
 // Whether the channels-last evaluation prefetches y's lines ahead of its stores
-// (NormalizeArgs::prefetch_y; kernels_impl.h, kWriteAhead): y not streamed and at least a
-// quarter of stream_threshold() (the last-level cache, or CBN_EXT_STREAM_MIN_BYTES), where
-// its lines are no longer in the cache from the call before. (Measured below the
+// (NormalizeArgs::prefetch_y; kernels_impl.h, kWriteAhead): y not streamed and at least
+// half of stream_threshold() (a quarter of the last-level cache; half of
+// CBN_EXT_STREAM_MIN_BYTES where that is set), where its lines are no longer in the cache
+// from the call before. (Measured below the
 // threshold; outputs above it that are not streamed, whose rows are not whole lines or in
 // the baseline build, prefetch too, unmeasured. tests/test_stream_stores.py sets the
 // threshold to 0 to run it.)
 bool prefetch_output(const Geometry& g, const Tensor& out, bool stream) {
   if (!g.interleaved || stream) return false;
   const int64_t t = stream_threshold();
-  return t != INT64_MAX && out.numel() * static_cast<int64_t>(out.element_size()) >= t / 4;
+  return t != INT64_MAX && out.numel() * static_cast<int64_t>(out.element_size()) >= t / 2;
 }
 
 // sum_{i < n} f(i), pairwise (blocks of 16 summed in order, then a tree): the rounding

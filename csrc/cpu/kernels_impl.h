@@ -643,6 +643,52 @@ struct VExp {
   }
 };
 
+// math::softmax_in_place over two log-likelihoods of which the second is 0 (the E-step of
+// two components by pair_term: l_0 - l_1 and 0), lanes l0, l1 (stride apart), by one exp
+// where it takes two: with m = max(l_0, 0), one of l_0 - m and 0 - m is 0 (exp(0) = 1
+// exactly; NaN where l_0 = +inf, inf - inf, as there), the other -|l_0| (the same value
+// as l_0 - m or 0 - m, so the same exp). The same bits as softmax_in_place. With
+// store_interleaved_pair below, in-process A/B (cold inputs, both orders): a bfloat16
+// channels-last evaluation at K = 2 took 0.84-0.98x the time at C = 64 (56x56), 0.99-1.02x
+// at C = 256 and 512 (the E-step of a row longer there).
+template <typename V>
+C10_ALWAYS_INLINE void softmax_pair_in_place(V* l, int64_t stride) {
+  using E = lane_t<V>;
+  const V l0 = l[0];
+  const auto pos = l0 > V{};                   // m = l_0 there, 0 elsewhere (NaN too)
+  const V other = vexp(pos ? -l0 : l0);        // exp(0 - m) there, exp(l_0 - 0) elsewhere
+  const V one = (pos ? l0 - l0 : V{}) + E(1);  // exp(l_0 - m) there, exp(0 - m) elsewhere
+  const V e0 = pos ? one : other, e1 = pos ? other : one;
+  const V inv = 1 / (e0 + e1);
+  l[0] = e0 * inv;
+  l[stride] = e1 * inv;
+}
+
+// Lanes [0, n) of a and b interleaved into t: t[2 j] = a[j], t[2 j + 1] = b[j] (two
+// components' responsibilities in the (P, K) layout), by two shuffles and two stores
+// where a lane-by-lane copy took 2 n scalar loads and stores.
+template <typename T>
+C10_ALWAYS_INLINE void store_interleaved_pair(T* t, Vec<T> a, Vec<T> b, int64_t n) {
+  using I = typename VecTraits<T>::I;
+  constexpr int64_t W = kW<T>;
+  Vec<T> lo, hi;
+  if constexpr (W == 8) {
+    lo = __builtin_shuffle(a, b, I{0, 8, 1, 9, 2, 10, 3, 11});
+    hi = __builtin_shuffle(a, b, I{4, 12, 5, 13, 6, 14, 7, 15});
+  } else {
+    static_assert(W == 4);
+    lo = __builtin_shuffle(a, b, I{0, 4, 1, 5});
+    hi = __builtin_shuffle(a, b, I{2, 6, 3, 7});
+  }
+  if (n == W) {
+    vstore(t, lo);
+    vstore(t + W, hi);
+  } else {
+    vstore_part(t, lo, std::min(2 * n, W));
+    if (2 * n > W) vstore_part(t + W, hi, 2 * n - W);
+  }
+}
+
 // Blocked sums (SPEC "Accuracy"): long sums over channels or positions are cut into
 // blocks whose partial sums are added at the end, so that the rounding error grows with
 // the block length plus the number of blocks, not with the whole length.
@@ -941,7 +987,10 @@ void responsibilities_interleaved(const S* x, int64_t T, int64_t C, int64_t K,
   for_vectors<acc_t>(T, [&](auto span, int64_t j, int64_t n) {
     constexpr int P = decltype(span)::value;
     loglik_interleaved_group(x + j * C, n, C, K, mu, ha, b, pair, lanes);
-    math::softmax_in_place(lanes, K, 1, VExp{});
+    if (pair != nullptr)
+      softmax_pair_in_place(lanes, 1);
+    else
+      math::softmax_in_place(lanes, K, 1, VExp{});
     for (int64_t k = 0; k < K; ++k) st<P>(loc + k * T + j, lanes[k], n);
   });
 }
@@ -1023,13 +1072,13 @@ C10_ALWAYS_INLINE void responsibilities_planar_group(View<const S> xv, int64_t s
                                                      const acc_t* pair, Vec<acc_t>* lanes) {
   if (pair != nullptr) {
     loglik_planar_pair<NV, P>(xv, seg, o, n, C, pair, lanes);
-    for (int v = 0; v < NV; ++v) lanes[NV + v] = Vec<acc_t>{};
-  } else {
-    for_component_pairs(K, [&](auto kbc, int64_t k0) {
-      loglik_planar<NV, P, decltype(kbc)::value>(xv, seg, o, n, C, mu + k0 * C, ha + k0 * C,
-                                                 b + k0, lanes + k0 * NV);
-    });
+    for (int v = 0; v < NV; ++v) softmax_pair_in_place(lanes + v, NV);
+    return;
   }
+  for_component_pairs(K, [&](auto kbc, int64_t k0) {
+    loglik_planar<NV, P, decltype(kbc)::value>(xv, seg, o, n, C, mu + k0 * C, ha + k0 * C,
+                                               b + k0, lanes + k0 * NV);
+  });
   for (int v = 0; v < NV; ++v) math::softmax_in_place(lanes + v, K, NV, VExp{});
 }
 
@@ -1089,7 +1138,7 @@ void responsibilities_planar_pair(View<const S> xv, View<acc_t> tv, int64_t nseg
       row_span<acc_t>(n, 0, n, [&](auto span, int64_t i, int64_t w) {
         constexpr int P = decltype(span)::value;
         V l[2] = {db - ld<P>(tot + i, w), V{}};
-        math::softmax_in_place(l, 2, 1, VExp{});
+        softmax_pair_in_place(l, 1);
         st<P>(t0 + i, l[0], w);
         st<P>(t1 + i, l[1], w);
       });
@@ -1415,14 +1464,17 @@ C10_ALWAYS_INLINE void normalize_rows(const S* x, S* y, int64_t C, int64_t Kd,
   }, nt);
 }
 
+// One row, one component (K = 1, or given groups); in bfloat16 two vectors a 32-byte store
+// (store_rows: vstore2), where a store of 16 bytes a vector had made a channels-last step
+// (module level, in-process A/B, medians of 60-80, K = 1) take 1.03-1.09x the time in
+// training (28x28, 7x7) and 1.03-1.22x in evaluation (56x56 to 7x7); as dx_row_fixed.
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void normalize_row_fixed(const S* x, S* y, int64_t C, const acc_t* al,
                                            const acc_t* de, bool nt) {
-  for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+  store_rows<1, acc_t>(y, C, [&](auto span, int64_t c, int64_t n, Vec<acc_t>(&v)[1]) {
     constexpr int P = decltype(span)::value;
-    st<P>(y + c, math::normalize_term(ld<P>(x + c, n), ld<P>(al + c, n), ld<P>(de + c, n)), n,
-          nt);
-  });
+    v[0] = math::normalize_term(ld<P>(x + c, n), ld<P>(al + c, n), ld<P>(de + c, n));
+  }, nt);
 }
 
 // The channels-last evaluation's pairs of rows (soft responsibilities, K = 2 to 4)
@@ -1752,21 +1804,19 @@ C10_ALWAYS_INLINE void dx_rows(const S* x, const S* gr, S* dx, int64_t C, int64_
 }
 
 // Interleaved: dx of one row with a single component (given groups, K = 1), on the
-// component's own mean: alpha g + e1 + p (x - mean).
+// component's own mean: alpha g + e1 + p (x - mean); stored as normalize_row_fixed's y.
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void dx_row_fixed(const S* x, const S* gr, S* dx, int64_t C, int64_t o,
                                     DxPtrs<acc_t> cf, bool nt) {
   using V = Vec<acc_t>;
-  for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+  store_rows<1, acc_t>(dx, C, [&](auto span, int64_t c, int64_t n, V(&v)[1]) {
     constexpr int P = decltype(span)::value;
     V A = {}, B = {}, E = {};
     math::dx_accumulate(acc_t(1), ld<P>(cf.al + o + c, n), ld<P>(cf.p + o + c, n),
                         ld<P>(cf.e1 + o + c, n), A, B, E);
-    st<P>(dx + c,
-          math::dx_combine(ld<P>(gr + c, n), ld<P>(x + c, n) - ld<P>(cf.mean + o + c, n), A, B,
-                           E),
-          n, nt);
-  });
+    v[0] = math::dx_combine(ld<P>(gr + c, n), ld<P>(x + c, n) - ld<P>(cf.mean + o + c, n), A,
+                            B, E);
+  }, nt);
 }
 
 // The coefficients of dtau_0 - dtau_1 (GradInputArgs::pair, K = 2) as those of one
@@ -2191,9 +2241,17 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
           const int64_t n = std::min(W, tl.T - j0);
           Vec<A>* l = lanes.get();
           loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, pair, l);
-          math::softmax_in_place(l, K, 1, VExp{});
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
+          if constexpr (KS == 2) {
+            if (pair != nullptr)
+              softmax_pair_in_place(l, 1);
+            else
+              math::softmax_in_place(l, K, 1, VExp{});
+            store_interleaved_pair(tt + j0 * 2, l[0], l[1], n);
+          } else {
+            math::softmax_in_place(l, K, 1, VExp{});
+            for (int64_t j = 0; j < n; ++j)
+              for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
+          }
         }
         normalize_interleaved_rows<KS>(xt, yt, tl.T, C, K, tt, alpha, delta, NT,
                                        !NT && a.prefetch_y);
