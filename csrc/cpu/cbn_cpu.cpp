@@ -255,7 +255,7 @@ int64_t last_level_cache_bytes() {
 // cache, every call switched, module steps, medians of 40-80), 2026-11-30: a float32
 // training step 0.79-0.93x the time (K = 1 to 4, both layouts), an evaluation
 // 0.78-0.97x; bfloat16 training 0.96-1.01x, evaluation at K = 2 0.82-0.93x, at K = 1
-// 0.96-0.98x, at K = 4 0.93x (NCHW) and 1.02-1.05x (channels-last). (An earlier
+// 0.96-0.98x, at K = 4 0.93x (NCHW) and 1.02-1.07x (channels-last). (An earlier
 // comparison across processes had found bfloat16 at that size no faster: its noise.)
 int64_t stream_threshold() {
   static const int64_t v = [] {

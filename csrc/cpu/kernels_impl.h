@@ -16,8 +16,9 @@
 //   own over a tile, no scratch copy. The soft planar rows of y and dx in bfloat16 store
 //   their whole vectors two at a time (vstore2: one pack, one permute, one 32-byte store;
 //   in-process A/B 4-12 % faster NCHW evaluation), and so do the soft interleaved rows
-//   of y and dx (store_rows: two vectors of channels of a row). The rows with one
-//   component (K = 1, given groups) store one vector at a time.
+//   of y and dx (store_rows: two vectors of channels of a row), those with one
+//   component (K = 1, given groups) too (normalize_row_fixed, dx_row_fixed). The planar
+//   rows with one component store one vector at a time.
 // * A planar row (one channel of one sample in the tile) whose length is not a multiple of
 //   the vector width ends with a whole vector that overlaps the one before it (kOverlap):
 //   outputs per position are written twice with the same value, sums leave the repeated
@@ -41,15 +42,17 @@
 // * Two components (K = 2, soft): the E-step sums l_0 - l_1 as one sum, expanded about the
 //   components' midpoint (math::pair_term: a subtraction and two multiply-adds an element,
 //   against two subtractions, two products and two multiply-adds), then a softmax of
-//   (l_0 - l_1, 0): in-process A/B (2 cores, batch 64), evaluation 0.86-0.95x the time,
-//   batch statistics 0.92-0.94x (channels-last, float32 and bfloat16, 56x56 to 7x7); the
+//   (l_0 - l_1, 0) (by one exp: softmax_pair_in_place). The pair against two sums,
+//   in-process A/B (2 cores, batch 64): evaluation 0.86-0.95x the time, batch
+//   statistics 0.92-0.94x (channels-last, float32 and bfloat16, 56x56 to 7x7); the
 //   responsibilities near the boundary between components far apart are more accurate
 //   (tests/test_separated.py). Planar rows of 128 positions or more sum it one channel
 //   row at a time (responsibilities_planar_pair).
-// * Outputs larger than the last-level cache (y, dx; cbn_cpu.cpp, stream_output) are
-//   written by non-temporal stores in the AVX2 and AVX-512 builds: the kernel is
-//   instantiated for that (NT, a compile-time constant, so that the ordinary stores of
-//   the common case test nothing), and each thread fences its stores (for_each_tile).
+// * Outputs of at least half the last-level cache (y, dx; cbn_cpu.cpp, stream_threshold,
+//   stream_output) are written by non-temporal stores in the AVX2 and AVX-512 builds: the
+//   kernel is instantiated for that (NT, a compile-time constant, so that the ordinary
+//   stores of the common case test nothing), and each thread fences its stores
+//   (for_each_tile).
 // * The AVX-512 build (kernels_avx512.cpp) is this code with 32-byte vectors, compiled
 //   with the EVEX encoding (32 vector registers, mask registers, embedded broadcasts), and
 //   bfloat16 stores by vcvtneps2bf16 (vstore, vstore2). Alternating-process A/B against
@@ -646,8 +649,9 @@ struct VExp {
 // math::softmax_in_place over two log-likelihoods of which the second is 0 (the E-step of
 // two components by pair_term: l_0 - l_1 and 0), lanes l0, l1 (stride apart), by one exp
 // where it takes two: with m = max(l_0, 0), one of l_0 - m and 0 - m is 0 (exp(0) = 1
-// exactly; NaN where l_0 = +inf, inf - inf, as there), the other -|l_0| (the same value
-// as l_0 - m or 0 - m, so the same exp). The same bits as softmax_in_place. With
+// exactly; NaN where l_0 = +inf, inf - inf, as there), the other -|l_0| (l_0 itself
+// where it is NaN: the same value as l_0 - m or 0 - m, so the same exp). The same bits as
+// softmax_in_place. With
 // store_interleaved_pair below, in-process A/B (cold inputs, both orders): a bfloat16
 // channels-last evaluation at K = 2 took 0.84-0.98x the time at C = 64 (56x56), 0.99-1.02x
 // at C = 256 and 512 (the E-step of a row longer there).
