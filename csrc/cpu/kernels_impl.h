@@ -668,6 +668,16 @@ C10_ALWAYS_INLINE void softmax_pair_in_place(V* l, int64_t stride) {
   l[stride] = e1 * inv;
 }
 
+// The responsibilities of loglik_interleaved_group's K log-likelihoods (lanes l[k]), in
+// place: with pair, of (l_0 - l_1, 0) by softmax_pair_in_place.
+template <typename V>
+C10_ALWAYS_INLINE void softmax_lanes(V* l, int64_t K, bool pair) {
+  if (pair)
+    softmax_pair_in_place(l, 1);
+  else
+    math::softmax_in_place(l, K, 1, VExp{});
+}
+
 // Lanes [0, n) of a and b interleaved into t: t[2 j] = a[j], t[2 j + 1] = b[j] (two
 // components' responsibilities in the (P, K) layout), by two shuffles and two stores
 // where a lane-by-lane copy took 2 n scalar loads and stores.
@@ -991,10 +1001,7 @@ void responsibilities_interleaved(const S* x, int64_t T, int64_t C, int64_t K,
   for_vectors<acc_t>(T, [&](auto span, int64_t j, int64_t n) {
     constexpr int P = decltype(span)::value;
     loglik_interleaved_group(x + j * C, n, C, K, mu, ha, b, pair, lanes);
-    if (pair != nullptr)
-      softmax_pair_in_place(lanes, 1);
-    else
-      math::softmax_in_place(lanes, K, 1, VExp{});
+    softmax_lanes(lanes, K, pair != nullptr);
     for (int64_t k = 0; k < K; ++k) st<P>(loc + k * T + j, lanes[k], n);
   });
 }
@@ -2245,14 +2252,10 @@ void estep_normalize_kernel(const NormalizeArgs& a) {
           const int64_t n = std::min(W, tl.T - j0);
           Vec<A>* l = lanes.get();
           loglik_interleaved_group(xt + j0 * C, n, C, K, mu, ha, b, pair, l);
+          softmax_lanes(l, K, pair != nullptr);
           if constexpr (KS == 2) {
-            if (pair != nullptr)
-              softmax_pair_in_place(l, 1);
-            else
-              math::softmax_in_place(l, K, 1, VExp{});
             store_interleaved_pair(tt + j0 * 2, l[0], l[1], n);
           } else {
-            math::softmax_in_place(l, K, 1, VExp{});
             for (int64_t j = 0; j < n; ++j)
               for (int64_t k = 0; k < K; ++k) tt[(j0 + j) * K + k] = l[k][j];
           }
