@@ -25,8 +25,9 @@
 //   lanes out. Only rows (or chunks of rows) shorter than a vector take lane-by-lane
 //   loads (kPart). So 7x7 and 14x14 rows run whole vectors.
 // * Interleaved tiles are walked one row (position) at a time, two vectors of channels a
-//   step, in memory order; their Sg / Sgx sums down the columns with the sums in
-//   registers. Two rows at once (each coefficient vector serving both) stalled on the
+//   step, in memory order; their Sg / Sgx sums too at K = 1 (grad_sums_rows, the sums
+//   of a block of rows in memory), down the columns with the sums in registers at K > 1
+//   (grad_sums_interleaved). Two rows at once (each coefficient vector serving both) stalled on the
 //   loads of x and ran 1.3-1.5x slower in float32. Planar per-(k, c) coefficients are
 //   loaded once per row (a broadcast before the loop over positions); dx's as vectors in
 //   a scratch array (as broadcast scalars GCC spilled them and broadcast them again at
@@ -1600,7 +1601,9 @@ void normalize_planar(View<const S> xv, View<S> yv, View<const acc_t> tv, int64_
 // ---------------------------------------------------------------------------------------
 
 // Lines of the next tile (two arrays, the same lines of each; tile_lines) to prefetch
-// while a column of this tile is walked: step(j) prefetches line j of each, for j < n.
+// while a column of this tile is walked (K > 1, grad_sums_interleaved; K = 1 walked the
+// columns too until it moved to memory order, grad_sums_rows): step(j) prefetches line j
+// of each, for j < n.
 // A column walk reads each row's vector at a stride of C elements; left to the hardware,
 // the tile's lines came from memory in that order, a strided stream per vector of the
 // row. With the next tile prefetched into L1
@@ -1635,60 +1638,95 @@ C10_ALWAYS_INLINE NextLines next_lines(const void* a, const void* b, int64_t byt
   return r;
 }
 
-// Interleaved: Sg and Sgx of a vector of channels [c, c + n) over the tile's T rows,
-// components [0, KB) (tau in the (P, K) layout at tt, row 0), blocked over positions,
-// the sums in registers. Walking the tile's columns (the tile stays in the L2 cache
-// between them) ran 1.3-1.45x faster on float32 channels-last tiles than a walk in memory
-// order with the sums of every channel in memory.
-// NC = 2 (whole vectors, P = kWhole): two vectors of channels [c, c + 2W) in one walk, each
-// column's arithmetic as with NC = 1 (the same results): two chains of additions a sum
-// where one column had one (the walk's critical path at 7x7 and 14x14 channels-last at
-// K = 1, where the tile comes from the cache), and, where rows start on a line (C a
-// multiple of 16), both halves of each 64-byte line of a float32 row read in the same
-// step.
-// pf: lines of the next tile to prefetch, pf.step(NC j + h) at row j (NC of them a row).
-template <int P, bool One, int KB, int NC = 1, typename S, typename acc_t>
+// Interleaved, K > 1: Sg and Sgx of a vector of channels [c, c + n) over the tile's T
+// rows, components [0, KB) (tau in the (P, K) layout at tt, row 0), blocked over
+// positions, the sums in registers, walking down the tile's columns (the tile stays in the
+// L2 cache between them). In-process A/B against a walk in memory order (grad_sums_rows
+// extended to K components, the sums of each block of rows in memory, the same results;
+// not kept; 2 cores, batch 64, channels-last, K = 2, 2026-11-30), a training step
+// (module, BatchNorm's step interleaved, medians of 50, both orders) took with the walk in
+// memory order: float32 0.91-0.97x at 56x56 and 28x28, but 0.96-1.04x at 7x7, 1.01x at
+// 14x14, bfloat16 1.02-1.05x at 14x14, 1.08x at 7x7: slower where K = 2 training is
+// nearest its limit (issue 14: 1.8x BatchNorm; float32 channels-last 14x14 and 7x7).
+// K = 1 walks in memory order (grad_sums_rows).
+// pf: lines of the next tile to prefetch, pf.step(j) at row j.
+template <int P, int KB, typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_sums_interleaved(const S* x, const S* gr, int64_t T, int64_t C,
                                              int64_t c, int64_t n, const acc_t* tt, int64_t K,
                                              const acc_t* mean, acc_t* sg, acc_t* sgx,
                                              const NextLines& pf) {
-  static_assert(NC == 1 || P == kWhole, "several columns a walk: whole vectors only");
   using V = Vec<acc_t>;
-  constexpr int64_t W = kW<acc_t>;
-  V ag[NC][KB], agx[NC][KB], m[NC][KB];
-  for (int h = 0; h < NC; ++h)
-    for (int kb = 0; kb < KB; ++kb) {
-      ag[h][kb] = agx[h][kb] = V{};
-      m[h][kb] = ld<P>(mean + kb * C + c + h * W, n);
-    }
+  V ag[KB], agx[KB], m[KB];
+  for (int kb = 0; kb < KB; ++kb) {
+    ag[kb] = agx[kb] = V{};
+    m[kb] = ld<P>(mean + kb * C + c, n);
+  }
   for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
     const int64_t j1 = std::min(T, j0 + kPositionBlock);
-    V bg[NC][KB], bgx[NC][KB];
-    for (int h = 0; h < NC; ++h)
-      for (int kb = 0; kb < KB; ++kb) bg[h][kb] = bgx[h][kb] = V{};
+    V bg[KB], bgx[KB];
+    for (int kb = 0; kb < KB; ++kb) bg[kb] = bgx[kb] = V{};
     for (int64_t j = j0; j < j1; ++j) {
-      for (int h = 0; h < NC; ++h) pf.step(NC * j + h);
-      for (int h = 0; h < NC; ++h) {
-        const V g0 = ld<P>(gr + j * C + c + h * W, n);
-        const V x0 = ld<P>(x + j * C + c + h * W, n);
-        for (int kb = 0; kb < KB; ++kb) {
-          const V gt = One ? g0 : tt[j * K + kb] * g0;
-          bg[h][kb] += gt;
-          bgx[h][kb] += gt * (x0 - m[h][kb]);
-        }
-      }
-    }
-    for (int h = 0; h < NC; ++h)
+      pf.step(j);
+      const V g0 = ld<P>(gr + j * C + c, n);
+      const V x0 = ld<P>(x + j * C + c, n);
       for (int kb = 0; kb < KB; ++kb) {
-        ag[h][kb] += bg[h][kb];
-        agx[h][kb] += bgx[h][kb];
+        const V gt = tt[j * K + kb] * g0;
+        bg[kb] += gt;
+        bgx[kb] += gt * (x0 - m[kb]);
       }
-  }
-  for (int h = 0; h < NC; ++h)
-    for (int kb = 0; kb < KB; ++kb) {
-      st<P>(sg + kb * C + c + h * W, ag[h][kb], n);
-      st<P>(sgx + kb * C + c + h * W, agx[h][kb], n);
     }
+    for (int kb = 0; kb < KB; ++kb) {
+      ag[kb] += bg[kb];
+      agx[kb] += bgx[kb];
+    }
+  }
+  for (int kb = 0; kb < KB; ++kb) {
+    st<P>(sg + kb * C + c, ag[kb], n);
+    st<P>(sgx + kb * C + c, agx[kb], n);
+  }
+}
+
+// Interleaved, one component (K = 1): Sg and Sgx of the tile's T rows (at x / gr), every
+// channel, walked in memory order, blocked over positions: the sums of each block of
+// kPositionBlock rows in bs (2 C: the thread's scratch, 4 KiB in float32 at C = 512), then
+// added to the tile's (sg, sgx); no software prefetch (the hardware's follows memory
+// order). Each channel adds the same terms in the same order as the former K = 1 walk down
+// the columns (grad_sums_interleaved's, two vectors a walk, the next tile prefetched): the
+// same results. In-process A/B against that walk (2 cores, batch 64, channels-last,
+// 2026-11-30): the sums on cold inputs (5 copies in turn, both orders) took float32
+// 0.70-0.77x the time at 7x7, 0.79-0.85x at 14x14, 0.81-0.89x at 28x28 and 56x56; bfloat16
+// 0.66-0.88x at 28x28 to 7x7, 0.97-1.02x at 56x56 (but float32 7x7 on one input in cache,
+// which the column walk had been tuned on: 1.13-1.16x in three runs of four); a training
+// step (module, BatchNorm's step interleaved, medians of 60-80, both orders) float32
+// 0.93-0.97x at 56x56 to 7x7; bfloat16 0.87-0.92x at 28x28, 1.01-1.03x at 56x56, 14x14 and
+// 7x7.
+template <typename S, typename acc_t>
+C10_ALWAYS_INLINE void grad_sums_rows(const S* x, const S* gr, int64_t T, int64_t C,
+                                      const acc_t* mean, acc_t* sg, acc_t* sgx, acc_t* bs) {
+  using V = Vec<acc_t>;
+  acc_t* bg = bs;
+  acc_t* bgx = bs + C;
+  std::fill(sg, sg + C, acc_t(0));
+  std::fill(sgx, sgx + C, acc_t(0));
+  for (int64_t j0 = 0; j0 < T; j0 += kPositionBlock) {
+    const int64_t j1 = std::min(T, j0 + kPositionBlock);
+    std::fill(bs, bs + 2 * C, acc_t(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      const S* xr = x + j * C;
+      const S* grr = gr + j * C;
+      for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+        constexpr int P = decltype(span)::value;
+        const V g0 = ld<P>(grr + c, n), x0 = ld<P>(xr + c, n);
+        st<P>(bg + c, ld<P>(bg + c, n) + g0, n);
+        st<P>(bgx + c, ld<P>(bgx + c, n) + g0 * (x0 - ld<P>(mean + c, n)), n);
+      });
+    }
+    for_vectors<acc_t>(C, [&](auto span, int64_t c, int64_t n) {
+      constexpr int P = decltype(span)::value;
+      st<P>(sg + c, ld<P>(sg + c, n) + ld<P>(bg + c, n), n);
+      st<P>(sgx + c, ld<P>(sgx + c, n) + ld<P>(bgx + c, n), n);
+    });
+  }
 }
 
 template <bool One, int KB, typename S, typename acc_t>
@@ -2320,6 +2358,7 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
   auto* psg = static_cast<A*>(a.part_sg);
   auto* psgx = static_cast<A*>(a.part_sgx);
   for_each_tile(plan, [=](int64_t begin, int64_t end) {
+    Scratch<A> blk(g.interleaved && one ? 2 * C : 0);  // grad_sums_rows' block sums
     for (int64_t t = begin; t < end; ++t) {
       const Tile tl = tile_at(g, plan, t);
       A* sg = psg + t * K * C;
@@ -2328,41 +2367,19 @@ void collect_grad_stats_impl(const GradStatsArgs& a) {
         const S* xt = x + tl.p0 * C;
         const S* gt = gr + tl.p0 * C;
         const A* tt = one ? nullptr : tau + tl.p0 * K;
+        if (one) {
+          grad_sums_rows(xt, gt, tl.T, C, mean, sg, sgx, blk.get());
+          continue;
+        }
         // the next tile of this thread's range follows this one in memory
         const int64_t next_bytes =
             t + 1 < end ? tile_at(g, plan, t + 1).T * C * static_cast<int64_t>(sizeof(S)) : 0;
-        if (one) {
-          // pairs of whole vectors of channels (grad_sums_interleaved, NC = 2), then the
-          // rest a vector at a time; each walk prefetches its share of the next tile's
-          // lines. In-process A/B against a vector a walk (2 cores, batch 64, float32
-          // channels-last, 8 rounds, medians): the sums 0.69x the time at 7x7, 0.88x at
-          // 14x14, 1.03x at 28x28; a training step (forward + backward, module)
-          // 0.94-0.99x at 7x7, 1.00-1.06x at 14x14 (same results). Again with tiles of 32k
-          // elements (base_tile_plan), the sums, 10 rounds: float32 0.84x at 14x14, 0.95x
-          // at 28x28 and 56x56, bfloat16 56x56 0.95x.
-          constexpr int64_t W = kW<A>;
-          const int64_t c2 = C / (2 * W) * (2 * W);
-          const int64_t calls = c2 / (2 * W) + (C - c2 + W - 1) / W;
-          int64_t q = 0;
-          for (int64_t c = 0; c < c2; c += 2 * W, ++q)
-            grad_sums_interleaved<kWhole, true, 1, 2>(
-                xt, gt, tl.T, C, c, 2 * W, tt, K, mean, sg, sgx,
-                next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, q, calls));
-          for_vectors<A>(C - c2, [&](auto span, int64_t i, int64_t n) {
-            constexpr int P = decltype(span)::value;
-            const NextLines pf =
-                next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, q++, calls);
-            grad_sums_interleaved<P, true, 1>(xt, gt, tl.T, C, c2 + i, n, tt, K, mean, sg, sgx,
-                                              pf);
-          });
-          continue;
-        }
         const int64_t nq = (C + kW<A> - 1) / kW<A>;
         for_vectors<A>(C, [&](auto span, int64_t c, int64_t n) {
           constexpr int P = decltype(span)::value;
           const NextLines pf = next_lines(xt + tl.T * C, gt + tl.T * C, next_bytes, c / kW<A>, nq);
           for_component_blocks(K, [&](auto kbc, int64_t k0) {
-            grad_sums_interleaved<P, false, decltype(kbc)::value>(
+            grad_sums_interleaved<P, decltype(kbc)::value>(
                 xt, gt, tl.T, C, c, n, tt + k0, K, mean + k0 * C, sg + k0 * C, sgx + k0 * C,
                 k0 == 0 ? pf : NextLines{});
           });
