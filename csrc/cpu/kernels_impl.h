@@ -25,15 +25,15 @@
 //   lanes out. Only rows (or chunks of rows) shorter than a vector take lane-by-lane
 //   loads (kPart). So 7x7 and 14x14 rows run whole vectors.
 // * Interleaved tiles are walked one row (position) at a time, two vectors of channels a
-//   step, in memory order; their Sg / Sgx sums too at K = 1 (grad_sums_rows, the sums
-//   of a block of rows in memory), down the columns with the sums in registers at K > 1
-//   (grad_sums_interleaved). Two rows at once (each coefficient vector serving both) stalled on the
-//   loads of x and ran 1.3-1.5x slower in float32. Planar per-(k, c) coefficients are
-//   loaded once per row (a broadcast before the loop over positions); dx's as vectors in
-//   a scratch array (as broadcast scalars GCC spilled them and broadcast them again at
-//   every step). dtau walks the channels for each group of positions, so its
-//   coefficients are read again for every group and channel: from one array, the five
-//   of a (k, c) side by side (five separate arrays cost a pointer reload each).
+//   step, in memory order; their Sg / Sgx sums too at K = 1 (grad_sums_rows, the sums of a
+//   block of rows in memory), down the columns with the sums in registers at K > 1
+//   (grad_sums_interleaved). Two rows at once (each coefficient vector serving both)
+//   stalled on the loads of x and ran 1.3-1.5x slower in float32. Planar per-(k, c)
+//   coefficients are loaded once per row (a broadcast before the loop over positions); dx's
+//   as vectors in a scratch array (as broadcast scalars GCC spilled them and broadcast them
+//   again at every step). dtau walks the channels for each group of positions, so its
+//   coefficients are read again for every group and channel: from one array, the five of a
+//   (k, c) side by side (five separate arrays cost a pointer reload each).
 // * Evaluation: the tile's E-step (softmax over components with positions in the lanes),
 //   then its normalization while the tile is in the L2 cache: x read once from memory, y
 //   written once. (Planar: normalizing each group of 32 positions right after its E-step,
@@ -1699,7 +1699,10 @@ C10_ALWAYS_INLINE void grad_sums_interleaved(const S* x, const S* gr, int64_t T,
 // which the column walk had been tuned on: 1.13-1.16x in three runs of four); a training
 // step (module, BatchNorm's step interleaved, medians of 60-80, both orders) float32
 // 0.93-0.97x at 56x56 to 7x7; bfloat16 0.87-0.92x at 28x28, 1.01-1.03x at 56x56, 14x14 and
-// 7x7.
+// 7x7. Not written with the M-step's for_row_quads and add_block (four rows a step, the
+// block sums loaded and stored once per four rows; the same bits): its sums on cold inputs
+// took 1.35-1.49x this walk's time in float32 at 7x7 and 14x14, 1.93-2.00x in bfloat16 at
+// 14x14, 0.92-0.97x at float32 56x56.
 template <typename S, typename acc_t>
 C10_ALWAYS_INLINE void grad_sums_rows(const S* x, const S* gr, int64_t T, int64_t C,
                                       const acc_t* mean, acc_t* sg, acc_t* sgx, acc_t* bs) {
